@@ -1,0 +1,133 @@
+"""``gnnst <command>``: the command line. ``scripts/*.py`` are two-line shims over these ``main``s.
+
+Every command takes ``--config FILE`` (a YAML diff against the defaults) and trailing dotted
+overrides (``graph.k=8 train.lr=3e-4``). User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from gnnst.errors import GnnstError
+
+log = logging.getLogger("gnnst")
+
+
+def setup_logging(out: Path | None, name: str) -> None:
+    """Log to stderr and, when ``out`` is given, to ``out/<name>.log``."""
+    root = logging.getLogger("gnnst")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    root.addHandler(sh)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out / f"{name}.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.propagate = False
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (only what differs from the defaults)")
+    p.add_argument("--data-root", default=None, help="folder holding the manifest's files (else $GNNST_DATA_ROOT)")
+    p.add_argument("--manifest", default=None, help="dataset manifest (overrides data.manifest)")
+    p.add_argument("--cache-dir", default=None, help="download/embedding cache (else $GNNST_CACHE, ~/.cache/gnnst)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. graph.k=8")
+
+
+def _load(args: argparse.Namespace):
+    from gnnst.config import load_config
+
+    over = list(args.overrides)
+    if args.manifest is not None:
+        over.append(f"data.manifest={args.manifest}")
+    if args.data_root is not None:
+        over.append(f"data.data_root={args.data_root}")
+    if args.cache_dir is not None:
+        over.append(f"data.cache_dir={args.cache_dir}")
+    return load_config(args.config, over)
+
+
+def build_graphs_main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst build-graphs``: manifest -> ``OUT/<slide_id>.pt`` + ``dataset.json`` + config."""
+    p = argparse.ArgumentParser(prog="gnnst build-graphs", description=build_graphs_main.__doc__)
+    p.add_argument("--out", required=True, help="output folder for the graphs")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from gnnst.graph.dataset import build_graphs
+
+        cfg = _load(args)
+        out = Path(args.out)
+        setup_logging(None, "build")
+        res = build_graphs(cfg, out, progress=not args.quiet, use_cache=not args.no_cache)
+        _copy_log(out, "build")
+        info = res.info
+        print(f"built {len(info['slides'])} graphs in {out} ({info['total_nodes']} nodes, "
+              f"{info['num_genes']} genes, x width {info['embedding_dim']}, {res.timings['total']:.1f} s)")
+        for s, v in info["slides"].items():
+            print(f"  {s}: {v['nodes']} nodes, {v['edges']} edges, patient {v['patient_id']}, mpp {v['mpp']:.4f}")
+        return 0
+
+    return _guard(run)
+
+
+def _copy_log(out: Path, name: str) -> None:
+    """Attach a file handler now that ``out`` exists (outputs are only created once input is valid)."""
+    root = logging.getLogger("gnnst")
+    fh = logging.FileHandler(out / f"{name}.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(fh)
+    log.info("outputs in %s", out)
+
+
+def _guard(fn: Callable[[], int]) -> int:
+    """Run ``fn``; a :class:`GnnstError` becomes one line on stderr and exit status 2."""
+    try:
+        return fn()
+    except GnnstError as e:
+        print(f"gnnst: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gnnst: interrupted", file=sys.stderr)
+        return 130
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "build-graphs": build_graphs_main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst <command> [options]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: gnnst <command> [options]\n\ncommands:")
+        for name, fn in COMMANDS.items():
+            print(f"  {name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from gnnst import __version__
+
+        print(f"gnnst {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"gnnst: error: unknown command '{argv[0]}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: manifests, readers to AnnData, image access, patches, patch encoders, expression."""

@@ -1,0 +1,137 @@
+"""Patch embeddings of a slide's spots, cached on disk apart from the graphs.
+
+The cache key covers everything the embedding depends on (encoder weights and preprocessing, patch
+size in µm, µm per pixel, the image file, the spot coordinates), so a rebuild that changes only the
+graph or the gene panel re-encodes nothing, and any change that matters re-encodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gnnst import keys
+from gnnst.errors import GnnstError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from gnnst.data.encoders import PatchEncoder
+
+
+class Timer:
+    """Accumulates wall time per stage: ``with timer('decode'): ...``; ``timer.totals`` in seconds."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.totals[stage] += time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_um: float, image_id: str) -> str:
+    """Digest of everything an embedding depends on."""
+    h = hashlib.sha256()
+    mpp = adata.uns[keys.UNS_GNNST][keys.MPP]
+    for part in (encoder_identity, str(input_size), f"{size_um:.6g}", f"{mpp:.9g}", image_id):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(np.ascontiguousarray(adata.obsm[keys.SPATIAL], dtype=np.float64).tobytes())
+    h.update("\n".join(adata.obs_names).encode())
+    return h.hexdigest()[:20]
+
+
+def embed_spots(
+    adata: "AnnData",
+    encoder: "PatchEncoder",
+    *,
+    size_um: float,
+    batch_size: int = 64,
+    pad_value: int = 255,
+    device=None,
+    cache_dir: Path | None = None,
+    image_id: str | None = None,
+    timer: Timer | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings ``[N, D]`` float32 of the patches around ``adata``'s spots.
+
+    Args:
+        adata: canonical AnnData with ``obsm['spatial']`` (pixels) and ``uns['gnnst']`` holding ``mpp``
+            and ``image_path``.
+        encoder: the patch encoder.
+        size_um: patch side in micrometres.
+        batch_size: patches per forward pass.
+        device: torch device of the encoder (default CPU).
+        cache_dir: folder of cached embeddings (``None`` = no cache).
+        image_id: identity of the image file (e.g. its sha256); default: path, size and mtime.
+        timer: accumulates ``decode``, ``crop`` and ``encode`` seconds.
+    """
+    from tqdm.auto import tqdm
+
+    from gnnst.data.images import open_image
+    from gnnst.data.patches import check_inside, iter_patch_batches, patch_side_px
+    from gnnst.io import atomic_path
+
+    timer = timer or Timer()
+    meta = adata.uns[keys.UNS_GNNST]
+    slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
+    image_path = meta.get(keys.IMAGE_PATH)
+    if image_path is None:
+        raise GnnstError(f"slide '{slide_id}': no image file to cut patches from")
+    if meta.get(keys.MPP) is None:
+        raise GnnstError(f"slide '{slide_id}': micrometres per pixel unknown; give scale.mpp in the manifest")
+    if image_id is None:
+        st = Path(image_path).stat()
+        image_id = f"{Path(image_path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    path = None
+    if cache_dir is not None:
+        key = cache_key(adata, encoder_identity=encoder.identity, input_size=encoder.input_size,
+                        size_um=size_um, image_id=image_id)
+        path = Path(cache_dir) / encoder.key / f"{slide_id}-{key}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                emb = z["emb"]
+            if emb.shape == (adata.n_obs, encoder.dim):
+                return emb
+    with timer("decode"):
+        image = open_image(image_path, pad_value=pad_value)
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    check_inside(xy, image.width, image.height, slide_id=slide_id, barcodes=adata.obs_names)
+    side = patch_side_px(size_um, meta[keys.MPP])
+    out = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
+    batches = iter_patch_batches(image, xy, side_px=side, out_size=encoder.input_size, batch_size=batch_size)
+    with tqdm(total=adata.n_obs, desc=f"encode {slide_id}", unit="spot", disable=not progress, leave=False) as bar:
+        while True:
+            with timer("crop"):
+                item = next(batches, None)
+            if item is None:
+                break
+            rows, patches = item
+            with timer("encode"):
+                if device is not None:
+                    patches = patches.to(device)
+                out[rows] = encoder.embed(patches).cpu().numpy()
+            bar.update(rows.stop - rows.start)
+    image.close()
+    if not np.all(np.isfinite(out)):
+        raise GnnstError(f"slide '{slide_id}': encoder '{encoder.name}' produced NaN embeddings")
+    if path is not None:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, emb=out, barcodes=np.asarray(adata.obs_names, dtype=str))
+    return out

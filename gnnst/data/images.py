@@ -1,0 +1,129 @@
+"""Image access: openslide for whole-slide formats, Pillow for plain JPEG/PNG.
+
+``open_image(path)`` returns a :class:`SlideImage` whose ``read_region`` is the one call the rest of
+gnnst uses; regions reaching past the image border are padded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gnnst.errors import GnnstError
+
+PIL_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}  # decoded whole with Pillow
+WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".svslide", ".bif"}
+
+
+class SlideImage:
+    """A full-resolution image, read by region.
+
+    Args:
+        path: the image file.
+        pad_value: grey level used for the part of a region outside the image.
+
+    Attributes:
+        width, height: full-resolution size in pixels.
+        mpp: micrometres per pixel from the file's metadata, or ``None``.
+    """
+
+    def __init__(self, path: str | Path, *, pad_value: int = 255):
+        self.path = Path(path)
+        self.pad_value = pad_value
+        self.mpp: float | None = None
+        self._array: np.ndarray | None = None  # [H, W, 3] uint8 (Pillow backend)
+        self._slide = None  # openslide.OpenSlide (WSI backend)
+        if not self.path.is_file():
+            raise GnnstError(f"image file not found: {self.path}")
+        suffix = self.path.suffix.lower()
+        if suffix in PIL_SUFFIXES:
+            self._open_pil()
+        elif suffix in WSI_SUFFIXES:
+            self._open_openslide()
+        else:
+            raise GnnstError(f"{self.path}: unsupported image format '{suffix}' "
+                             f"(known: {', '.join(sorted(PIL_SUFFIXES | WSI_SUFFIXES))})")
+
+    def _open_pil(self) -> None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # her2st JPEGs are ~92 megapixels
+        try:
+            with Image.open(self.path) as im:
+                im.load()
+                self._array = np.asarray(im.convert("RGB"))
+        except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for corrupt files
+            raise GnnstError(f"{self.path}: cannot decode image ({type(e).__name__}: {e})") from None
+        self.height, self.width = self._array.shape[:2]
+
+    def _open_openslide(self) -> None:
+        try:
+            import openslide
+        except ImportError as e:  # pragma: no cover - declared dependency
+            raise GnnstError(f"{self.path}: reading whole-slide images needs openslide-python ({e})") from None
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except Exception as e:
+            raise GnnstError(f"{self.path}: cannot open as a whole-slide image ({type(e).__name__}: {e})") from None
+        self.width, self.height = self._slide.dimensions
+        props = self._slide.properties
+        try:
+            mx, my = float(props.get("openslide.mpp-x", "nan")), float(props.get("openslide.mpp-y", "nan"))
+        except ValueError:
+            mx = my = float("nan")
+        if np.isfinite(mx) and mx > 0:
+            self.mpp = float((mx + my) / 2 if np.isfinite(my) and my > 0 else mx)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample factor of each pyramid level (``(1.0,)`` for a plain image)."""
+        return tuple(self._slide.level_downsamples) if self._slide is not None else (1.0,)
+
+    def read_region(self, x0: int, y0: int, w: int, h: int, *, level: int = 0) -> np.ndarray:
+        """RGB region ``[h, w, 3]`` uint8 with top-left ``(x0, y0)`` in level-0 pixels.
+
+        ``w, h`` are in pixels of ``level``. Parts outside the image are ``pad_value``.
+        """
+        if self._array is not None:
+            if level != 0:
+                raise GnnstError(f"{self.path}: a plain image has only level 0, asked for level {level}")
+            out = np.full((h, w, 3), self.pad_value, dtype=np.uint8)
+            xa, ya = max(x0, 0), max(y0, 0)
+            xb, yb = min(x0 + w, self.width), min(y0 + h, self.height)
+            if xb > xa and yb > ya:
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = self._array[ya:yb, xa:xb]
+            return out
+        rgba = np.asarray(self._slide.read_region((int(x0), int(y0)), level, (int(w), int(h))))
+        alpha = rgba[..., 3:4].astype(np.float32) / 255.0  # transparent outside the slide
+        rgb = rgba[..., :3].astype(np.float32) * alpha + self.pad_value * (1.0 - alpha)
+        return rgb.round().astype(np.uint8)
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """Downsampled RGB image ``[h, w, 3]`` uint8 whose longer side is at most ``max_side``."""
+        from PIL import Image
+
+        if self._slide is not None:
+            return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert("RGB"))
+        im = Image.fromarray(self._array)
+        im.thumbnail((max_side, max_side))
+        return np.asarray(im)
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+        self._array = None
+
+    def __enter__(self) -> "SlideImage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SlideImage('{self.path.name}', {self.width}x{self.height}, mpp={self.mpp})"
+
+
+def open_image(path: str | Path, *, pad_value: int = 255) -> SlideImage:
+    """Open ``path`` with the backend its format needs."""
+    return SlideImage(path, pad_value=pad_value)

@@ -1,0 +1,229 @@
+"""The on-disk graph dataset: manifest -> one PyG ``Data`` per slide, and loading it back.
+
+``build_graphs`` writes into ``out``:
+
+- ``<slide_id>.pt``: a ``torch_geometric.data.Data`` (see :mod:`gnnst.keys` for its attributes),
+  loadable with ``torch.load(path, weights_only=False)``;
+- ``dataset.json``: gene panel, encoder, embedding width, graph parameters, node count per slide,
+  package version;
+- ``config.yaml``: the resolved config; ``build.log``: the log.
+
+Embeddings are cached apart from graphs (``<cache>/embeddings``), so a rebuild that changes only
+``graph.k`` or ``graph.radius_um`` re-encodes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from gnnst import __version__, keys
+from gnnst.errors import GnnstError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from torch_geometric.data import Data
+
+    from gnnst.config import Config
+    from gnnst.data.expression import GenePanel
+
+log = logging.getLogger("gnnst")
+
+DATASET_JSON = "dataset.json"
+
+
+def slide_to_data(
+    adata: "AnnData", emb: np.ndarray, y: np.ndarray | None, *, k: int | None, radius_um: float | None
+) -> "Data":
+    """One slide's PyG graph.
+
+    Args:
+        adata: canonical AnnData (pixels in ``obsm['spatial']``, ``uns['gnnst']['mpp']``).
+        emb: patch embeddings ``[N, D]``.
+        y: normalised expression of the panel ``[N, G]``, or ``None`` (unseen slide).
+        k, radius_um: graph parameters (see :func:`gnnst.graph.edges.spatial_edges`).
+    """
+    import torch
+    from torch_geometric.data import Data
+
+    from gnnst.graph.edges import edge_features, spatial_edges
+
+    pixel = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)  # [N, 2]
+    pos = pixel * float(adata.uns[keys.UNS_GNNST][keys.MPP])  # [N, 2] µm
+    ei = spatial_edges(pos, k=k, radius_um=radius_um)
+    data = Data(
+        x=torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
+        pos=torch.from_numpy(pos.astype(np.float32)),
+        edge_index=torch.from_numpy(ei),
+        edge_attr=torch.from_numpy(edge_features(pos, ei)),
+        num_nodes=adata.n_obs,
+    )
+    if y is not None:
+        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    data.pixel = torch.from_numpy(pixel.astype(np.float32))
+    data.slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
+    data.barcodes = [str(b) for b in adata.obs_names]
+    return data
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_graphs` did: its ``dataset.json`` content and the seconds per stage."""
+
+    info: dict
+    timings: dict[str, float]
+
+
+def build_graphs(
+    cfg: "Config",
+    out: str | Path,
+    *,
+    panel_slides: Sequence[str] | None = None,
+    panel: "GenePanel | None" = None,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> BuildResult:
+    """Manifest -> cached embeddings -> one graph per slide in ``out``.
+
+    Args:
+        cfg: resolved config (``data``, ``patch``, ``encoder``, ``expression``, ``graph``).
+        out: output folder.
+        panel_slides: slides the gene panel is chosen on (default: every slide built). Cross-validation
+            passes the training slides, so held-out slides never influence it.
+        panel: use this panel instead of choosing one.
+        use_cache: read and write the embedding cache (``False`` for cold-build benchmarks).
+    """
+    from tqdm.auto import tqdm
+
+    from gnnst.config import dump_config
+    from gnnst.data.embeddings import Timer, embed_spots
+    from gnnst.data.encoders import create_encoder, resolve_device, set_cpu_threads
+    from gnnst.data.expression import panel_expression, select_panel
+    from gnnst.data.manifest import cache_root, load_manifest
+    from gnnst.data.readers import read_slide
+    from gnnst.io import atomic_torch_save, atomic_write_json
+
+    t_start = time.perf_counter()
+    timer = Timer()
+    out = Path(out)
+    manifest = load_manifest(cfg.data.manifest)
+    entries = manifest.select(cfg.data.slides)
+    ids = [e.slide_id for e in entries]
+    if panel_slides is not None:
+        unknown = [s for s in panel_slides if s not in ids]
+        if unknown:
+            raise GnnstError(f"panel slide '{unknown[0]}' is not among the slides built ({', '.join(ids)})")
+
+    # 1. read and check every slide before writing anything
+    adatas = {}
+    for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
+        with timer("read"):
+            adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
+                                            download=cfg.data.download)
+    # 2. gene panel from the given slides only
+    with timer("panel"):
+        if panel is None:
+            panel = select_panel([adatas[s] for s in (panel_slides or ids)], cfg.expression)
+        ys = {s: panel_expression(a, panel, cfg.expression, file=f"slide '{s}'") for s, a in adatas.items()}
+    # 3. embeddings (cached)
+    set_cpu_threads(cfg.encoder.num_threads)
+    device = resolve_device(cfg.encoder.device)
+    with timer("model_load"):
+        encoder = create_encoder(cfg.encoder.name, checkpoint=None).to(device)
+    cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
+    embs = {}
+    for e in tqdm(entries, desc="embed slides", unit="slide", disable=not progress):
+        image_sha = e.files["image"].sha256 if "image" in e.files else None
+        embs[e.slide_id] = embed_spots(adatas[e.slide_id], encoder, size_um=cfg.patch.size_um,
+                                       batch_size=cfg.encoder.batch_size, pad_value=cfg.patch.pad_value,
+                                       device=device, cache_dir=cache_dir, image_id=image_sha, timer=timer,
+                                       progress=progress)
+    # 4. graphs, written under temporary names and renamed
+    slides_info = {}
+    for e in entries:
+        s = e.slide_id
+        with timer("graph"):
+            data = slide_to_data(adatas[s], embs[s], ys[s], k=cfg.graph.k, radius_um=cfg.graph.radius_um)
+            data.patient_id = e.patient_id or s
+        with timer("write"):
+            atomic_torch_save(data, out / f"{s}.pt")
+        slides_info[s] = {"nodes": int(data.num_nodes), "edges": int(data.edge_index.shape[1]),
+                          "patient_id": data.patient_id, "mpp": adatas[s].uns[keys.UNS_GNNST][keys.MPP],
+                          "file": f"{s}.pt"}
+        log.info("slide %s: %d nodes, %d edges", s, data.num_nodes, data.edge_index.shape[1])
+    info = {
+        "gnnst_version": __version__,
+        "dataset": manifest.name,
+        "manifest": str(manifest.path),
+        "encoder": {"name": encoder.name, "identity": encoder.identity, "input_size": encoder.input_size},
+        "embedding_dim": int(encoder.dim),
+        "patch_size_um": cfg.patch.size_um,
+        "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
+        "expression": {"target_sum": cfg.expression.target_sum, "log1p": cfg.expression.log1p},
+        "panel": panel.to_dict(),
+        "num_genes": len(panel.genes),
+        "slides": slides_info,
+        "total_nodes": int(sum(v["nodes"] for v in slides_info.values())),
+    }
+    atomic_write_json(out / DATASET_JSON, info)
+    dump_config(cfg, out / "config.yaml")
+    timer.totals["total"] = time.perf_counter() - t_start
+    log.info("built %d graphs (%d nodes) in %.1f s: %s", len(entries), info["total_nodes"], timer.totals["total"],
+             {k: round(v, 2) for k, v in timer.totals.items()})
+    return BuildResult(info=info, timings=dict(timer.totals))
+
+
+class GraphDataset:
+    """The graphs of a ``build_graphs`` output folder.
+
+    Args:
+        root: the folder holding ``dataset.json`` and ``<slide_id>.pt``.
+
+    ``ds[slide_id]`` is that slide's ``Data``; ``ds.slide_ids``, ``ds.panel``, ``ds.info``.
+    """
+
+    def __init__(self, root: str | Path):
+        from gnnst.data.expression import GenePanel
+
+        self.root = Path(root)
+        meta = self.root / DATASET_JSON
+        if not self.root.is_dir():
+            raise GnnstError(f"graph folder not found: {self.root}")
+        if not meta.is_file():
+            raise GnnstError(f"{self.root}: no {DATASET_JSON}; build it with `gnnst build-graphs --out {self.root}`")
+        try:
+            self.info = json.loads(meta.read_text())
+        except json.JSONDecodeError as e:
+            raise GnnstError(f"{meta}: corrupt JSON ({e})") from None
+        self.panel = GenePanel.from_dict(self.info["panel"])
+        self._cache: dict[str, "Data"] = {}
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return list(self.info["slides"])
+
+    def __len__(self) -> int:
+        return len(self.info["slides"])
+
+    def __getitem__(self, slide_id: str) -> "Data":
+        import torch
+
+        if slide_id not in self.info["slides"]:
+            raise GnnstError(f"{self.root}: no slide '{slide_id}' (slides: {', '.join(self.slide_ids)})")
+        if slide_id not in self._cache:
+            path = self.root / self.info["slides"][slide_id]["file"]
+            try:
+                self._cache[slide_id] = torch.load(path, weights_only=False)
+            except Exception as e:
+                raise GnnstError(f"{path}: cannot load graph ({type(e).__name__}: {e})") from None
+        return self._cache[slide_id]
+
+    def __repr__(self) -> str:
+        return (f"GraphDataset('{self.root}', slides={len(self)}, nodes={self.info['total_nodes']}, "
+                f"genes={self.info['num_genes']}, dim={self.info['embedding_dim']})")

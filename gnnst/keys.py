@@ -1,0 +1,39 @@
+"""Every AnnData key and PyG ``Data`` attribute name used by gnnst, spelled once.
+
+AnnData keys follow scanpy/squidpy meanings so their tools run on our objects unchanged.
+"""
+
+# --- AnnData ------------------------------------------------------------------------------
+SPATIAL = "spatial"  # obsm: [N, 2] full-resolution pixel (x, y); uns: scanpy's image dict
+SLIDE_ID = "slide_id"  # obs: slide of each spot; squidpy's library_key
+BARCODE = "barcode"  # obs index name: spot barcode / id, unique within a slide
+COUNTS = "counts"  # layers: raw counts (X holds them too when read)
+CONNECTIVITIES = "spatial_connectivities"  # obsp, squidpy's name
+DISTANCES = "spatial_distances"  # obsp, squidpy's name
+NEIGHBORS = "spatial_neighbors"  # uns, squidpy's name
+PRED = "gnnst_pred"  # layers: predicted expression, same gene order as var
+UNS_GNNST = "gnnst"  # uns: version, config, metrics
+MPP = "mpp"  # uns['gnnst'][MPP]: micrometres per full-resolution pixel
+IMAGE_PATH = "image_path"  # uns['gnnst'][IMAGE_PATH]: the slide's full-resolution image
+
+
+def img_key(encoder: str) -> str:
+    """obsm key of one encoder's patch embeddings, ``[N, D]``."""
+    return f"X_img_{encoder}"
+
+
+# --- PyG Data (one per slide) -------------------------------------------------------------
+# x          [N, D]  patch embedding (the input that exists at inference)
+# y          [N, G]  normalised expression of the gene panel
+# pos        [N, 2]  spot centre in micrometres
+# pixel      [N, 2]  spot centre in full-resolution pixels (x, y)
+# edge_index [2, E]  row 0 neighbour (source), row 1 centre spot (target)
+# edge_attr  [E, 3]  (dx, dy, distance) in micrometres, source minus target
+# slide_id   str
+# barcodes   list[str]
+DATA_X = "x"
+DATA_Y = "y"
+DATA_POS = "pos"
+DATA_PIXEL = "pixel"
+DATA_SLIDE = "slide_id"
+DATA_BARCODES = "barcodes"

@@ -1,0 +1,1 @@
+"""Models: registry, layers, neighbour branch, the gnnst model, losses."""
