@@ -84,6 +84,75 @@ def build_graphs_main(argv: Sequence[str] | None = None) -> int:
     return _guard(run)
 
 
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst train``: raw slides -> graphs -> cross-validated model, metrics and predictions."""
+    p = argparse.ArgumentParser(prog="gnnst train", description=train_main.__doc__)
+    p.add_argument("--out", required=True, help="output folder (config, log, checkpoints, predictions, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from gnnst.train.crossval import run_crossval
+        from gnnst.train.report import format_summary
+
+        cfg = _load(args)
+        out = Path(args.out)
+        setup_logging(out, "train")
+        metrics = run_crossval(cfg, out, resume=args.resume, progress=not args.quiet)
+        print(format_summary(metrics))
+        print(f"\nmetrics: {out / 'metrics.json'}; predictions: {out / 'predictions'}")
+        return 0
+
+    return _guard(run)
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots -> an .h5ad of predictions."""
+    p = argparse.ArgumentParser(prog="gnnst predict", description=predict_main.__doc__)
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `gnnst train` (OUT/folds/<fold>/)")
+    p.add_argument("--image", required=True, help="the slide's full-resolution H&E image")
+    p.add_argument("--spots", required=True, help="spot table (CSV/TSV: pixel_x, pixel_y or x, y in pixels)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="micrometres per pixel (else from the image metadata or the spot pitch)")
+    p.add_argument("--slide-id", default=None, help="slide id (default: image file stem)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (else $GNNST_CACHE, ~/.cache/gnnst)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from gnnst.data.images import open_image
+        from gnnst.data.readers.legacy_st import mpp_from_pitch
+        from gnnst.inference import load_checkpoint, predict_slide, read_spot_table
+        from gnnst.io import atomic_path
+
+        out = Path(args.out)
+        if out.suffix != ".h5ad":
+            raise GnnstError(f"--out must end in .h5ad, got {out}")
+        ck = load_checkpoint(args.checkpoint)
+        slide_id = args.slide_id or Path(args.image).stem
+        xy, bc, arr = read_spot_table(args.spots, slide_id=slide_id)
+        mpp = args.mpp
+        if mpp is None:
+            with open_image(args.image) as im:
+                mpp = im.mpp
+        if mpp is None and arr is not None and len(arr) >= 3:
+            mpp = mpp_from_pitch(arr[:, 0], arr[:, 1], xy, 200.0)
+        if mpp is None:
+            raise GnnstError(f"{args.image}: no micrometres per pixel in the image metadata; give --mpp")
+        adata = predict_slide(ck, args.image, xy, bc, slide_id=slide_id, mpp=mpp, cache_dir=args.cache_dir,
+                              device=args.device, progress=not args.quiet)
+        with atomic_path(out) as tmp:
+            adata.write_h5ad(tmp)
+        print(f"predicted {adata.n_vars} genes at {adata.n_obs} spots of '{slide_id}' -> {out}")
+        return 0
+
+    return _guard(run)
+
+
 def _copy_log(out: Path, name: str) -> None:
     """Attach a file handler now that ``out`` exists (outputs are only created once input is valid)."""
     root = logging.getLogger("gnnst")
@@ -107,6 +176,8 @@ def _guard(fn: Callable[[], int]) -> int:
 
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "build-graphs": build_graphs_main,
+    "train": train_main,
+    "predict": predict_main,
 }
 
 

@@ -35,7 +35,8 @@ class PatchConfig:
 
 @dataclass
 class EncoderConfig:
-    name: str = "efficientnet_lite0"  # registry name, "timm:<model>", or "checkpoint:<path>"
+    name: str = "efficientnet_lite0"  # registry name, "timm:<model>" or "torchscript:<path>"
+    checkpoint: str | None = None  # local weights file for the encoder (e.g. UNI for timm:vit_large_patch16_224)
     batch_size: int = 64  # patches per forward pass
     num_threads: int | None = None  # torch CPU threads; None = all cores
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:i]"

@@ -111,11 +111,22 @@ def select_panel(adatas: Sequence["AnnData"], cfg: "ExpressionConfig") -> GenePa
 
 
 def panel_expression(adata: "AnnData", panel: GenePanel, cfg: "ExpressionConfig", *, file: str = "") -> np.ndarray:
-    """Normalised expression ``[N, len(panel.genes)]`` of ``adata`` (normalised over all its genes)."""
-    missing = [g for g in panel.genes if g not in adata.var_names]
-    if missing:
-        raise GnnstError(f"{file or 'slide'}: panel gene '{missing[0]}' is not measured "
-                         f"({len(missing)} of {len(panel.genes)} panel genes missing)")
-    Y = normalise(adata, cfg)
+    """Normalised expression ``[N, len(panel.genes)]`` of ``adata`` (normalised over all its genes).
+
+    A panel gene absent from ``adata`` (count matrices often drop genes with no counts) is all zero;
+    a warning names how many. If none of the panel's genes is present it is an error.
+    """
+    import logging
+
     idx = adata.var_names.get_indexer(panel.genes)
-    return Y[:, idx]
+    missing = [g for g, i in zip(panel.genes, idx) if i < 0]
+    if len(missing) == len(panel.genes):
+        raise GnnstError(f"{file or 'slide'}: none of the {len(panel.genes)} panel genes is measured "
+                         f"(e.g. '{panel.genes[0]}')")
+    if missing:
+        logging.getLogger("gnnst").warning("%s: %d of %d panel genes not in the count matrix (taken as 0), e.g. %s",
+                                           file or "slide", len(missing), len(panel.genes), missing[0])
+    Y = normalise(adata, cfg)
+    out = np.zeros((adata.n_obs, len(panel.genes)), dtype=np.float32)
+    out[:, idx >= 0] = Y[:, idx[idx >= 0]]
+    return out

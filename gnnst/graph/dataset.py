@@ -80,6 +80,109 @@ class BuildResult:
     timings: dict[str, float]
 
 
+@dataclass
+class LoadedSlides:
+    """Slides read and embedded once, from which graphs for any gene panel are made cheaply."""
+
+    manifest: object  # gnnst.data.manifest.Manifest
+    entries: list  # the manifest's SlideEntry of each slide, in order
+    adatas: dict  # slide id -> canonical AnnData (raw counts)
+    embs: dict  # slide id -> [N, D] patch embeddings
+    encoder: dict  # name, identity, input_size, dim
+    timer: object  # gnnst.data.embeddings.Timer
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [e.slide_id for e in self.entries]
+
+    def patients(self) -> dict[str, str]:
+        return {e.slide_id: e.patient_id or e.slide_id for e in self.entries}
+
+
+def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True) -> LoadedSlides:
+    """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
+    embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false)."""
+    from tqdm.auto import tqdm
+
+    from gnnst.data.embeddings import Timer, embed_spots
+    from gnnst.data.encoders import create_encoder, resolve_device, set_cpu_threads
+    from gnnst.data.manifest import cache_root, load_manifest
+    from gnnst.data.readers import read_slide
+
+    timer = Timer()
+    manifest = load_manifest(cfg.data.manifest)
+    entries = manifest.select(cfg.data.slides)
+    adatas = {}
+    for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
+        with timer("read"):
+            adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
+                                            download=cfg.data.download)
+    set_cpu_threads(cfg.encoder.num_threads)
+    device = resolve_device(cfg.encoder.device)
+    with timer("model_load"):
+        encoder = create_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint).to(device)
+    cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
+    embs = {}
+    for e in tqdm(entries, desc="embed slides", unit="slide", disable=not progress):
+        image_sha = e.files["image"].sha256 if "image" in e.files else None
+        embs[e.slide_id] = embed_spots(adatas[e.slide_id], encoder, size_um=cfg.patch.size_um,
+                                       batch_size=cfg.encoder.batch_size, pad_value=cfg.patch.pad_value,
+                                       device=device, cache_dir=cache_dir, image_id=image_sha, timer=timer,
+                                       progress=progress)
+    enc = {"name": encoder.name, "identity": encoder.identity, "input_size": encoder.input_size, "dim": encoder.dim}
+    return LoadedSlides(manifest=manifest, entries=entries, adatas=adatas, embs=embs, encoder=enc, timer=timer)
+
+
+def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None) -> dict:
+    """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another)."""
+    from gnnst.data.expression import panel_expression
+
+    graphs = {}
+    for e in loaded.entries:
+        s = e.slide_id
+        if slide_ids is not None and s not in slide_ids:
+            continue
+        with loaded.timer("panel"):
+            y = panel_expression(loaded.adatas[s], panel, cfg.expression, file=f"slide '{s}'")
+        with loaded.timer("graph"):
+            data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um)
+            data.patient_id = e.patient_id or s
+        graphs[s] = data
+    return graphs
+
+
+def write_graphs(out: Path, graphs: dict, loaded: LoadedSlides, cfg: "Config", panel: "GenePanel") -> dict:
+    """Write ``<slide>.pt``, ``dataset.json`` and ``config.yaml`` into ``out`` (each atomically)."""
+    from gnnst.config import dump_config
+    from gnnst.io import atomic_torch_save, atomic_write_json
+
+    slides_info = {}
+    for s, data in graphs.items():
+        with loaded.timer("write"):
+            atomic_torch_save(data, out / f"{s}.pt")
+        slides_info[s] = {"nodes": int(data.num_nodes), "edges": int(data.edge_index.shape[1]),
+                          "patient_id": data.patient_id, "mpp": loaded.adatas[s].uns[keys.UNS_GNNST][keys.MPP],
+                          "file": f"{s}.pt"}
+        log.info("slide %s: %d nodes, %d edges", s, data.num_nodes, data.edge_index.shape[1])
+    info = {
+        "gnnst_version": __version__,
+        "dataset": loaded.manifest.name,
+        "manifest": str(loaded.manifest.path),
+        "encoder": {k: loaded.encoder[k] for k in ("name", "identity", "input_size")},
+        "embedding_dim": int(loaded.encoder["dim"]),
+        "patch_size_um": cfg.patch.size_um,
+        "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
+        "expression": {"target_sum": cfg.expression.target_sum, "log1p": cfg.expression.log1p},
+        "panel": panel.to_dict(),
+        "num_genes": len(panel.genes),
+        "slides": slides_info,
+        "total_nodes": int(sum(v["nodes"] for v in slides_info.values())),
+    }
+    atomic_write_json(out / DATASET_JSON, info)
+    dump_config(cfg, out / "config.yaml")
+    return info
+
+
 def build_graphs(
     cfg: "Config",
     out: str | Path,
@@ -95,86 +198,26 @@ def build_graphs(
         cfg: resolved config (``data``, ``patch``, ``encoder``, ``expression``, ``graph``).
         out: output folder.
         panel_slides: slides the gene panel is chosen on (default: every slide built). Cross-validation
-            passes the training slides, so held-out slides never influence it.
+            chooses it on the training slides, so held-out slides never influence it.
         panel: use this panel instead of choosing one.
         use_cache: read and write the embedding cache (``False`` for cold-build benchmarks).
     """
-    from tqdm.auto import tqdm
-
-    from gnnst.config import dump_config
-    from gnnst.data.embeddings import Timer, embed_spots
-    from gnnst.data.encoders import create_encoder, resolve_device, set_cpu_threads
-    from gnnst.data.expression import panel_expression, select_panel
-    from gnnst.data.manifest import cache_root, load_manifest
-    from gnnst.data.readers import read_slide
-    from gnnst.io import atomic_torch_save, atomic_write_json
+    from gnnst.data.expression import select_panel
 
     t_start = time.perf_counter()
-    timer = Timer()
-    out = Path(out)
-    manifest = load_manifest(cfg.data.manifest)
-    entries = manifest.select(cfg.data.slides)
-    ids = [e.slide_id for e in entries]
-    if panel_slides is not None:
-        unknown = [s for s in panel_slides if s not in ids]
-        if unknown:
-            raise GnnstError(f"panel slide '{unknown[0]}' is not among the slides built ({', '.join(ids)})")
-
-    # 1. read and check every slide before writing anything
-    adatas = {}
-    for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
-        with timer("read"):
-            adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
-                                            download=cfg.data.download)
-    # 2. gene panel from the given slides only
-    with timer("panel"):
-        if panel is None:
-            panel = select_panel([adatas[s] for s in (panel_slides or ids)], cfg.expression)
-        ys = {s: panel_expression(a, panel, cfg.expression, file=f"slide '{s}'") for s, a in adatas.items()}
-    # 3. embeddings (cached)
-    set_cpu_threads(cfg.encoder.num_threads)
-    device = resolve_device(cfg.encoder.device)
-    with timer("model_load"):
-        encoder = create_encoder(cfg.encoder.name, checkpoint=None).to(device)
-    cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
-    embs = {}
-    for e in tqdm(entries, desc="embed slides", unit="slide", disable=not progress):
-        image_sha = e.files["image"].sha256 if "image" in e.files else None
-        embs[e.slide_id] = embed_spots(adatas[e.slide_id], encoder, size_um=cfg.patch.size_um,
-                                       batch_size=cfg.encoder.batch_size, pad_value=cfg.patch.pad_value,
-                                       device=device, cache_dir=cache_dir, image_id=image_sha, timer=timer,
-                                       progress=progress)
-    # 4. graphs, written under temporary names and renamed
-    slides_info = {}
-    for e in entries:
-        s = e.slide_id
-        with timer("graph"):
-            data = slide_to_data(adatas[s], embs[s], ys[s], k=cfg.graph.k, radius_um=cfg.graph.radius_um)
-            data.patient_id = e.patient_id or s
-        with timer("write"):
-            atomic_torch_save(data, out / f"{s}.pt")
-        slides_info[s] = {"nodes": int(data.num_nodes), "edges": int(data.edge_index.shape[1]),
-                          "patient_id": data.patient_id, "mpp": adatas[s].uns[keys.UNS_GNNST][keys.MPP],
-                          "file": f"{s}.pt"}
-        log.info("slide %s: %d nodes, %d edges", s, data.num_nodes, data.edge_index.shape[1])
-    info = {
-        "gnnst_version": __version__,
-        "dataset": manifest.name,
-        "manifest": str(manifest.path),
-        "encoder": {"name": encoder.name, "identity": encoder.identity, "input_size": encoder.input_size},
-        "embedding_dim": int(encoder.dim),
-        "patch_size_um": cfg.patch.size_um,
-        "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
-        "expression": {"target_sum": cfg.expression.target_sum, "log1p": cfg.expression.log1p},
-        "panel": panel.to_dict(),
-        "num_genes": len(panel.genes),
-        "slides": slides_info,
-        "total_nodes": int(sum(v["nodes"] for v in slides_info.values())),
-    }
-    atomic_write_json(out / DATASET_JSON, info)
-    dump_config(cfg, out / "config.yaml")
+    loaded = load_and_embed(cfg, progress=progress, use_cache=use_cache)
+    ids = loaded.slide_ids
+    unknown = [s for s in (panel_slides or []) if s not in ids]
+    if unknown:
+        raise GnnstError(f"panel slide '{unknown[0]}' is not among the slides built ({', '.join(ids)})")
+    if panel is None:
+        with loaded.timer("panel"):
+            panel = select_panel([loaded.adatas[s] for s in (panel_slides or ids)], cfg.expression)
+    graphs = make_graphs(loaded, cfg, panel)
+    info = write_graphs(Path(out), graphs, loaded, cfg, panel)
+    timer = loaded.timer
     timer.totals["total"] = time.perf_counter() - t_start
-    log.info("built %d graphs (%d nodes) in %.1f s: %s", len(entries), info["total_nodes"], timer.totals["total"],
+    log.info("built %d graphs (%d nodes) in %.1f s: %s", len(graphs), info["total_nodes"], timer.totals["total"],
              {k: round(v, 2) for k, v in timer.totals.items()})
     return BuildResult(info=info, timings=dict(timer.totals))
 

@@ -20,7 +20,8 @@ class ModelConfig:
     hidden: int = 256  # width of every embedding inside the model
     proj_dim: int = 256  # width of the shared image/expression contrastive space (and retrieval bank)
     heads: int = 4  # attention heads per message-passing layer; must divide `hidden`
-    num_layers: int = 2  # message-passing rounds = receptive field in hops (last round: centre cross-attention); keep train.num_hops >= this
+    num_layers: int = 2  # message-passing rounds = receptive field in hops (the last is the centre's
+    #                      cross-attention read-out); keep train.num_hops >= num_layers
     dropout: float = 0.1  # dropout inside MLPs and on attention weights
     input_dropout: float = 0.1  # dropout on the patch embedding x before the query branch
     edge_scale_um: float = 200.0  # edge_attr (µm) is divided by this before the edge encoder (~ one ST spot pitch)

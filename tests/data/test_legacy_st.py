@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from conftest import write_legacy_slide
+from gnnst_testdata import write_legacy_slide
 from gnnst.data.readers.legacy_st import read_legacy_st
 from gnnst.errors import GnnstError
 

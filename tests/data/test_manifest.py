@@ -3,13 +3,13 @@ import shutil
 
 import pytest
 
-from conftest import write_legacy_slide, write_manifest
+from gnnst_testdata import write_legacy_slide, write_manifest
 from gnnst.data.manifest import load_manifest, resolve_files
 from gnnst.errors import GnnstError
 
 
 def test_her2st_manifest_is_valid():
-    from conftest import REPO
+    from gnnst_testdata import REPO
 
     m = load_manifest(REPO / "data_manifests" / "her2st.yaml")
     assert m.slide_ids == ["B4", "C2", "C3", "C4", "C5", "C6"]

@@ -77,7 +77,7 @@ def read_spaceranger(
         X, barcodes, var = _read_matrix_mtx(matrix_file)
     if "feature_types" in var.columns and (var["feature_types"] == GENE_EXPRESSION).any():
         gex = (var["feature_types"] == GENE_EXPRESSION).to_numpy()
-        X, var = X[:, gex], var[gex]
+        X, var = X[:, gex], var[gex].copy()
 
     positions_file = _find_positions(outs)
     pos = _read_positions(positions_file)

@@ -1,0 +1,1 @@
+"""Evaluation: cross-validation splits and metrics."""

@@ -1,0 +1,231 @@
+"""Honest cross-validation: per fold, everything is chosen on the training slides only.
+
+Per fold: gene panel (and so the top-50 HEG/HVG reported) from the training slides; target
+standardisation statistics from the training spots; a validation split carved from the training
+slides for early stopping and checkpoint choice; the held-out slides are predicted from their image
+side alone and only then compared with their measured expression. A ridge baseline (PCA to 256 +
+ridge, HEST-Benchmark style, ridge strength by generalised cross-validation on the training spots)
+runs on the same folds, panels and embeddings.
+
+Writes into ``out``: ``config.yaml``, ``train.log``, ``folds/<fold>/{last,best}.pt`` and
+``model.pt`` (the checkpoint used for prediction), ``predictions/<slide>.h5ad`` per held-out slide
+and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gnnst import __version__, keys
+from gnnst.errors import GnnstError
+
+if TYPE_CHECKING:
+    from gnnst.config import Config
+
+log = logging.getLogger("gnnst")
+
+SUMMARY_KEYS = ("pcc_heg50_per_slide", "pcc_hvg50_per_slide", "pcc_all_per_slide", "pcc_heg50_pooled",
+                "pcc_hvg50_pooled", "pcc_all_pooled", "spearman_heg50_per_slide", "mse", "mae")
+
+
+class TargetScaler:
+    """Per-gene standardisation with statistics of the training spots only."""
+
+    def __init__(self, y_train: np.ndarray):
+        self.mean = y_train.mean(0).astype(np.float32)  # [G]
+        self.std = np.maximum(y_train.std(0), 1e-3).astype(np.float32)  # [G]
+
+    def transform(self, y):
+        return (y - self.mean) / self.std
+
+    def inverse(self, z):
+        return z * self.std + self.mean
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TargetScaler":
+        obj = cls.__new__(cls)
+        obj.mean = np.asarray(d["mean"], dtype=np.float32)
+        obj.std = np.asarray(d["std"], dtype=np.float32)
+        return obj
+
+
+def ridge_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: dict[str, np.ndarray], seed: int) -> dict:
+    """PCA to 256 then ridge (strength by GCV on the training spots); predictions per test slide."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(x_train)
+    pca = PCA(n_components=min(256, x_train.shape[0] - 1, x_train.shape[1]), random_state=seed)
+    z = pca.fit_transform(sc.transform(x_train))
+    ridge = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(z, y_train)
+    return {s: ridge.predict(pca.transform(sc.transform(x))).astype(np.float32) for s, x in x_test.items()}
+
+
+def _to_tensor_graph(g, scaler: TargetScaler):
+    import torch
+
+    d = g.clone()
+    d.y = torch.from_numpy(scaler.transform(g.y.numpy()).astype(np.float32))
+    return d
+
+
+def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Cross-validate ``cfg`` on its manifest's slides; returns (and writes) ``metrics.json``."""
+    import torch
+
+    from gnnst.config import config_to_dict, dump_config
+    from gnnst.data.encoders import resolve_device, set_cpu_threads
+    from gnnst.data.expression import select_panel
+    from gnnst.eval.metrics import evaluate
+    from gnnst.eval.splits import make_folds
+    from gnnst.graph.dataset import load_and_embed, make_graphs
+    from gnnst.io import atomic_torch_save, atomic_write_json
+    from gnnst.models import create_model
+    from gnnst.train.trainer import carve_validation, fit, node_subgraph, predict_graphs
+
+    t_all = time.perf_counter()
+    out = Path(out)
+    loaded = load_and_embed(cfg, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    folds = make_folds(loaded.patients(), mode=cfg.eval.folds)
+    if cfg.eval.only_folds:
+        names = {f.name for f in folds} | {s for f in folds for s in f.test_slides}
+        bad = [n for n in cfg.eval.only_folds if n not in names]
+        if bad:
+            raise GnnstError(f"config key 'eval.only_folds': unknown fold '{bad[0]}' (folds: {sorted(names)})")
+        folds = [f for f in folds if f.name in cfg.eval.only_folds or set(f.test_slides) & set(cfg.eval.only_folds)]
+    set_cpu_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    fold_results = []
+    for fi, fold in enumerate(folds):
+        t_fold = time.perf_counter()
+        fdir = out / "folds" / fold.name
+        fdir.mkdir(parents=True, exist_ok=True)
+        done = fdir / "result.json"
+        if resume and done.is_file():
+            fold_results.append(json.loads(done.read_text()))
+            log.info("fold %s: already done, reusing %s", fold.name, done)
+            continue
+        log.info("fold %d/%d %s: train %s, test %s%s", fi + 1, len(folds), fold.name, fold.train_slides,
+                 fold.test_slides, " (patient-disjoint)" if fold.patient_disjoint else "")
+        panel = select_panel([loaded.adatas[s] for s in fold.train_slides], cfg.expression)
+        graphs = make_graphs(loaded, cfg, panel, fold.train_slides + fold.test_slides)
+        train_full = [graphs[s] for s in fold.train_slides]
+        val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+        train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
+        scaler = TargetScaler(np.concatenate([g.y.numpy() for g in train_parts]))
+        train_s = [_to_tensor_graph(g, scaler) for g in train_parts]
+        val_s = [_to_tensor_graph(g, scaler) for g in train_full]
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model.name, in_dim=train_s[0].x.shape[1], num_genes=len(panel.genes), cfg=cfg.model)
+        res = fit(model, train_s, val_s, val_masks, cfg, ckpt_dir=fdir, resume=resume, device=device,
+                  progress=progress)
+        test_graphs = [graphs[s] for s in fold.test_slides]
+        preds_s = predict_graphs(model, test_graphs, batch_nodes=cfg.train.batch_nodes, num_hops=cfg.train.num_hops,
+                                 device=device)
+        y_test = {s: graphs[s].y.numpy() for s in fold.test_slides}
+        p_test = {s: scaler.inverse(p) for s, p in zip(fold.test_slides, preds_s)}
+        subsets = {"all": panel.genes, "heg50": panel.top("heg", cfg.eval.n_heg), "hvg50": panel.top("hvg", cfg.eval.n_hvg)}
+        m = evaluate(y_test, p_test, panel.genes, subsets)
+        result = {**fold.to_dict(), "best_epoch": res.best_epoch, "val_pcc": res.best_score,
+                  "train_seconds": res.seconds, "nodes_per_second": res.nodes_per_second,
+                  "epochs_run": len(res.history), "genes": {k: list(v) for k, v in subsets.items()}}
+        result.update({k: m[k] for k in SUMMARY_KEYS})
+        result["per_slide"] = m["per_slide"]
+        result["per_gene"] = m["per_gene"]
+        if cfg.eval.ridge:
+            x_tr = np.concatenate([g.x.numpy() for g in train_full])
+            y_tr = np.concatenate([g.y.numpy() for g in train_full])
+            rp = ridge_baseline(x_tr, y_tr, {s: graphs[s].x.numpy() for s in fold.test_slides}, cfg.seed)
+            rm = evaluate(y_test, rp, panel.genes, subsets)
+            result["ridge"] = {k: rm[k] for k in SUMMARY_KEYS}
+        ckpt = {"model_state": model.state_dict(), "model_name": cfg.model.name, "model_cfg": config_to_dict(cfg.model),
+                "in_dim": int(train_s[0].x.shape[1]), "panel": panel.to_dict(), "scaler": scaler.to_dict(),
+                "encoder": loaded.encoder, "patch_size_um": cfg.patch.size_um,
+                "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
+                "expression": config_to_dict(cfg.expression), "train": {"num_hops": cfg.train.num_hops,
+                                                                          "batch_nodes": cfg.train.batch_nodes},
+                "fold": fold.to_dict(), "gnnst_version": __version__}
+        atomic_torch_save(ckpt, fdir / "model.pt")
+        for s in fold.test_slides:
+            _write_prediction(out / "predictions" / f"{s}.h5ad", loaded.adatas[s], y_test[s], p_test[s], panel.genes,
+                              loaded.encoder["name"], graphs[s].x.numpy(), cfg, fold, result)
+        result["fold_seconds"] = time.perf_counter() - t_fold
+        atomic_write_json(done, result)
+        fold_results.append(result)
+        log.info("fold %s: PCC HEG50 per slide %.3f (ridge %.3f), all %.3f, best epoch %d, %.1f s", fold.name,
+                 result["pcc_heg50_per_slide"], result.get("ridge", {}).get("pcc_heg50_per_slide", float("nan")),
+                 result["pcc_all_per_slide"], res.best_epoch, result["fold_seconds"])
+    metrics = summarise(fold_results)
+    metrics["gnnst_version"] = __version__
+    metrics["config"] = config_to_dict(cfg)
+    metrics["seconds_total"] = time.perf_counter() - t_all
+    metrics["embedding_timings"] = dict(loaded.timer.totals)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def summarise(fold_results: list[dict]) -> dict:
+    """Summary over folds: per-slide figures average over held-out slides; pooled and error figures
+    average the folds' own (each fold pools its held-out spots over its own panel)."""
+    def per_slide_mean(results, key):
+        vals = [v[key] for r in results for v in r["per_slide"].values()]
+        return float(np.nanmean(vals)) if vals else float("nan")
+
+    def block(results, src=None):
+        if not results:
+            return {}
+        get = (lambda r, k: r[k]) if src is None else (lambda r, k: r[src][k])
+        return {k: float(np.nanmean([get(r, k) for r in results])) for k in SUMMARY_KEYS}
+
+    summary = block(fold_results)
+    # per-slide figures weigh every held-out slide once, whatever the fold sizes
+    for sub in ("heg50", "hvg50", "all"):
+        summary[f"pcc_{sub}_per_slide"] = per_slide_mean(fold_results, f"pcc_{sub}")
+    disjoint = [r for r in fold_results if r["patient_disjoint"]]
+    out = {
+        "summary": summary,
+        "summary_patient_disjoint": block(disjoint),
+        "baselines": {"ridge": block(fold_results, "ridge") if all("ridge" in r for r in fold_results) else {}},
+        "folds": fold_results,
+        "train_seconds_per_fold": float(np.mean([r["train_seconds"] for r in fold_results])) if fold_results else 0.0,
+    }
+    return out
+
+
+def _write_prediction(path: Path, adata, y: np.ndarray, p: np.ndarray, genes, encoder: str, emb: np.ndarray,
+                      cfg, fold, result: dict) -> None:
+    """Held-out slide as AnnData: measured (normalised) expression in ``X``, predictions in
+    ``layers['gnnst_pred']``, pixels in ``obsm['spatial']``, embeddings in ``obsm['X_img_<encoder>']``."""
+    import anndata as ad
+    import pandas as pd
+
+    from gnnst.config import config_to_dict
+    from gnnst.io import atomic_path
+
+    obs = pd.DataFrame(index=pd.Index(adata.obs_names, name=keys.BARCODE))
+    obs[keys.SLIDE_ID] = pd.Categorical(adata.obs[keys.SLIDE_ID].astype(str))
+    a = ad.AnnData(X=y.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    a.layers[keys.PRED] = p.astype(np.float32)
+    a.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)
+    enc_key = "".join(c if c.isalnum() or c in "-_" else "_" for c in encoder)
+    a.obsm[keys.img_key(enc_key)] = emb.astype(np.float32)
+    a.uns[keys.UNS_GNNST] = {
+        "version": __version__, "fold": fold.name, "patient_disjoint": fold.patient_disjoint,
+        keys.MPP: adata.uns[keys.UNS_GNNST][keys.MPP], "X": "normalize_total + log1p of measured counts",
+        "config": json.dumps(config_to_dict(cfg)),
+        "metrics": json.dumps({k: result[k] for k in SUMMARY_KEYS}),
+    }
+    with atomic_path(path) as tmp:
+        a.write_h5ad(tmp)

@@ -1,0 +1,179 @@
+"""Subgraph mini-batching that works for a slide of any size, without pyg-lib or torch-sparse.
+
+Each slide is cut into spatial tiles of at most ``batch_nodes`` centre spots (a k-d split along the
+longer side), each tile gets a ``num_hops`` halo of neighbours so that message passing at the centre
+sees its full receptive field, and small tiles of several slides are packed into one ``Batch``.
+Cost per batch is proportional to the subgraph, never to the slide: a CSR index over edge targets
+is built once per slide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Batch, Data
+
+
+def spatial_tiles(pos: np.ndarray, max_nodes: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Split node ids by recursive bisection of ``pos`` ``[N, 2]`` into parts of <= ``max_nodes``.
+
+    With ``rng`` the split points are jittered, so tiles differ between epochs.
+    """
+    parts, stack = [], [np.arange(len(pos))]
+    while stack:
+        ids = stack.pop()
+        if len(ids) <= max_nodes:
+            parts.append(ids)
+            continue
+        p = pos[ids]
+        axis = int(np.argmax(p.max(0) - p.min(0)))
+        order = ids[np.argsort(p[:, axis], kind="stable")]
+        frac = 0.5 if rng is None else rng.uniform(0.35, 0.65)
+        cut = min(max(int(len(order) * frac), 1), len(order) - 1)
+        stack += [order[:cut], order[cut:]]
+    return parts
+
+
+class _CSR:
+    """Incoming edges of each target node: ``edges[indptr[i]:indptr[i+1]]`` are the edge ids into ``i``."""
+
+    def __init__(self, edge_index: np.ndarray, num_nodes: int):
+        dst = edge_index[1]
+        self.order = np.argsort(dst, kind="stable")  # edge ids sorted by target
+        self.indptr = np.zeros(num_nodes + 1, dtype=np.int64)
+        np.cumsum(np.bincount(dst, minlength=num_nodes), out=self.indptr[1:])
+        self.src = edge_index[0]
+
+    def in_edges(self, nodes: np.ndarray) -> np.ndarray:
+        """Ids of all edges whose target is in ``nodes``."""
+        starts, ends = self.indptr[nodes], self.indptr[nodes + 1]
+        lens = ends - starts
+        if lens.sum() == 0:
+            return np.zeros(0, dtype=np.int64)
+        offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+        return self.order[np.arange(lens.sum()) + offs]
+
+
+def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes within ``num_hops`` (along incoming edges) of ``centre`` and the edges among them.
+
+    Returns ``(subset, edge_ids)``: ``subset`` starts with ``centre`` in order; ``edge_ids`` are the
+    edges whose source and target both lie in ``subset``.
+    """
+    inside = np.zeros(num_nodes, dtype=bool)
+    inside[centre] = True
+    subset, frontier = [centre], centre
+    for _ in range(num_hops):
+        nb = np.unique(csr.src[csr.in_edges(frontier)])
+        nb = nb[~inside[nb]]
+        if len(nb) == 0:
+            break
+        inside[nb] = True
+        subset.append(nb)
+        frontier = nb
+    subset = np.concatenate(subset)
+    e = csr.in_edges(subset)
+    e = e[inside[csr.src[e]]]
+    return subset, np.sort(e)
+
+
+@dataclass
+class _Slide:
+    data: "Data"
+    pos: np.ndarray
+    edge_index: np.ndarray
+    csr: _CSR
+    node_mask: np.ndarray | None  # nodes that may be centres (e.g. the training part of a slide)
+
+
+class SubgraphLoader:
+    """Iterate mini-batches of spatial-tile subgraphs over a list of slide graphs.
+
+    Args:
+        graphs: one ``Data`` per slide with ``x``, ``pos``, ``edge_index``, ``edge_attr`` (``y`` optional).
+        batch_nodes: most centre spots per batch; small tiles of several slides are packed together.
+        num_hops: halo depth (at least the model's message-passing rounds).
+        shuffle: new tiles and a new order every epoch (needs ``seed``).
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+        centre_masks: optional ``[N]`` bool per slide: only these nodes are centres (loss-bearing).
+
+    Each batch is a ``torch_geometric.data.Batch`` with ``center_mask`` ``[N]`` (bool, the centre
+    spots), ``node_id`` ``[N]`` (node number within its slide) and ``slide`` ``[N]`` (slide number in
+    ``graphs``). Call :meth:`set_epoch` before iterating when shuffling.
+    """
+
+    def __init__(self, graphs: Sequence["Data"], *, batch_nodes: int = 512, num_hops: int = 2,
+                 shuffle: bool = False, seed: int = 0, centre_masks: Sequence[np.ndarray | None] | None = None):
+        self.slides = []
+        for i, g in enumerate(graphs):
+            ei = g.edge_index.cpu().numpy()
+            mask = None if centre_masks is None else centre_masks[i]
+            self.slides.append(_Slide(g, g.pos.cpu().numpy(), ei, _CSR(ei, g.num_nodes), mask))
+        self.batch_nodes = batch_nodes
+        self.num_hops = num_hops
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _parts(self) -> list[tuple[int, np.ndarray]]:
+        rng = np.random.default_rng(self.seed + self.epoch) if self.shuffle else None
+        parts = []
+        for si, s in enumerate(self.slides):
+            nodes = np.arange(s.data.num_nodes) if s.node_mask is None else np.where(s.node_mask)[0]
+            for t in spatial_tiles(s.pos[nodes], self.batch_nodes, rng):
+                parts.append((si, nodes[t]))
+        if rng is not None:
+            parts = [parts[i] for i in rng.permutation(len(parts))]
+        return parts
+
+    def batches_of_parts(self) -> list[list[tuple[int, np.ndarray]]]:
+        """The epoch's tiles, packed greedily into batches of at most ``batch_nodes`` centres."""
+        groups, cur, n = [], [], 0
+        for part in self._parts():
+            if cur and n + len(part[1]) > self.batch_nodes:
+                groups.append(cur)
+                cur, n = [], 0
+            cur.append(part)
+            n += len(part[1])
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def __len__(self) -> int:
+        return len(self.batches_of_parts())
+
+    def make_batch(self, group: list[tuple[int, np.ndarray]]) -> "Batch":
+        import torch
+        from torch_geometric.data import Batch, Data
+
+        items = []
+        for si, centre in group:
+            s = self.slides[si]
+            g = s.data
+            subset, eids = halo_subgraph(s.csr, centre, g.num_nodes, self.num_hops)
+            remap = np.full(g.num_nodes, -1, dtype=np.int64)
+            remap[subset] = np.arange(len(subset))
+            sub_ei = remap[s.edge_index[:, eids]]
+            sub_t = torch.from_numpy(subset)
+            d = Data(x=g.x[sub_t], pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
+                     edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
+            if getattr(g, "y", None) is not None:
+                d.y = g.y[sub_t]
+            cm = torch.zeros(len(subset), dtype=torch.bool)
+            cm[: len(centre)] = True
+            d.center_mask = cm
+            d.node_id = sub_t.clone()
+            d.slide = torch.full((len(subset),), si, dtype=torch.long)
+            items.append(d)
+        return Batch.from_data_list(items)
+
+    def __iter__(self) -> Iterator["Batch"]:
+        for group in self.batches_of_parts():
+            yield self.make_batch(group)
