@@ -95,14 +95,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         from gnnst.train.crossval import run_crossval
+        from gnnst.train.distributed import cleanup, init_distributed
         from gnnst.train.report import format_summary
 
         cfg = _load(args)
         out = Path(args.out)
-        setup_logging(out, "train")
-        metrics = run_crossval(cfg, out, resume=args.resume, progress=not args.quiet)
-        print(format_summary(metrics))
-        print(f"\nmetrics: {out / 'metrics.json'}; predictions: {out / 'predictions'}")
+        dist = init_distributed(cfg.train.device)  # DDP when started by torchrun, else a no-op
+        setup_logging(out if dist.is_main else None, "train")
+        try:
+            metrics = run_crossval(cfg, out, resume=args.resume, progress=not args.quiet)
+        finally:
+            cleanup()
+        if dist.is_main:
+            print(format_summary(metrics))
+            print(f"\nmetrics: {out / 'metrics.json'}; predictions: {out / 'predictions'}")
         return 0
 
     return _guard(run)

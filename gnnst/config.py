@@ -70,6 +70,8 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     num_threads: int | None = None  # torch CPU threads; None = all cores
+    ensemble: int = 3  # models trained per fold with seeds seed..seed+ensemble-1; predictions averaged
+    select_blend: bool = True  # choose the head/retrieval blend weight on the validation spots (per fold)
 
 
 @dataclass

@@ -40,15 +40,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return ck
 
 
-def model_from_checkpoint(ck: dict):
+def models_from_checkpoint(ck: dict) -> list:
+    """The checkpoint's ensemble members, in eval mode."""
     from gnnst.config import _from_dict
     from gnnst.models import create_model
     from gnnst.models.config import ModelConfig
 
     mcfg = _from_dict(ModelConfig, ck["model_cfg"], prefix="model.")
-    model = create_model(ck["model_name"], in_dim=ck["in_dim"], num_genes=len(ck["panel"]["genes"]), cfg=mcfg)
-    model.load_state_dict(ck["model_state"])
-    return model.eval()
+    models = []
+    for state in ck.get("model_states") or [ck["model_state"]]:
+        model = create_model(ck["model_name"], in_dim=ck["in_dim"], num_genes=len(ck["panel"]["genes"]), cfg=mcfg)
+        model.load_state_dict(state)
+        models.append(model.eval())
+    return models
 
 
 def read_spot_table(path: str | Path, *, slide_id: str) -> tuple[np.ndarray, list[str], np.ndarray | None]:
@@ -148,10 +152,18 @@ def predict_graph_to_anndata(ck: dict, g, a: "AnnData", emb: np.ndarray, *, devi
 
     if g.x.shape[1] != ck["in_dim"]:
         raise GnnstError(f"embedding width mismatch: graph has {g.x.shape[1]}, checkpoint expects {ck['in_dim']}")
-    model = model_from_checkpoint(ck).to(device)
     tr = ck.get("train", {})
-    (p,) = predict_graphs(model, [g], batch_nodes=tr.get("batch_nodes", 512), num_hops=tr.get("num_hops", 2),
-                          device=device)
+    kw = dict(batch_nodes=tr.get("batch_nodes", 512), num_hops=tr.get("num_hops", 2), device=device)
+    alpha = float(ck.get("blend_alpha", 1.0))
+    preds = []
+    for model in models_from_checkpoint(ck):
+        model.to(device)
+        (h,) = predict_graphs(model, [g], mode="head", **kw)
+        if alpha < 1.0:
+            (r,) = predict_graphs(model, [g], mode="retrieval", **kw)
+            h = alpha * h + (1 - alpha) * r
+        preds.append(h)
+    p = np.mean(preds, axis=0)  # [N, G] standardised
     p = TargetScaler.from_dict(ck["scaler"]).inverse(p).astype(np.float32)
     genes = ck["panel"]["genes"]
     out = ad.AnnData(X=p, obs=a.obs.copy(), var=pd.DataFrame(index=genes))

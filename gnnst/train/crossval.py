@@ -93,11 +93,16 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     from gnnst.models import create_model
     from gnnst.train.trainer import carve_validation, fit, node_subgraph, predict_graphs
 
+    from gnnst.train.distributed import current
+
     t_all = time.perf_counter()
     out = Path(out)
+    main = current().is_main  # only the main process writes outputs
+    progress = progress and main
     loaded = load_and_embed(cfg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
     folds = make_folds(loaded.patients(), mode=cfg.eval.folds)
     if cfg.eval.only_folds:
         names = {f.name for f in folds} | {s for f in folds for s in f.test_slides}
@@ -127,20 +132,20 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
         scaler = TargetScaler(np.concatenate([g.y.numpy() for g in train_parts]))
         train_s = [_to_tensor_graph(g, scaler) for g in train_parts]
         val_s = [_to_tensor_graph(g, scaler) for g in train_full]
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model.name, in_dim=train_s[0].x.shape[1], num_genes=len(panel.genes), cfg=cfg.model)
-        res = fit(model, train_s, val_s, val_masks, cfg, ckpt_dir=fdir, resume=resume, device=device,
-                  progress=progress)
         test_graphs = [graphs[s] for s in fold.test_slides]
-        preds_s = predict_graphs(model, test_graphs, batch_nodes=cfg.train.batch_nodes, num_hops=cfg.train.num_hops,
-                                 device=device)
+        ens = fit_ensemble(cfg, panel, train_s, val_s, val_masks, test_graphs, fdir, resume=resume, device=device,
+                           progress=progress)
+        res = ens["fits"][0]
+        p_test = {s: scaler.inverse(p) for s, p in zip(fold.test_slides, ens["test"])}
         y_test = {s: graphs[s].y.numpy() for s in fold.test_slides}
-        p_test = {s: scaler.inverse(p) for s, p in zip(fold.test_slides, preds_s)}
         subsets = {"all": panel.genes, "heg50": panel.top("heg", cfg.eval.n_heg), "hvg50": panel.top("hvg", cfg.eval.n_hvg)}
         m = evaluate(y_test, p_test, panel.genes, subsets)
-        result = {**fold.to_dict(), "best_epoch": res.best_epoch, "val_pcc": res.best_score,
-                  "train_seconds": res.seconds, "nodes_per_second": res.nodes_per_second,
-                  "epochs_run": len(res.history), "genes": {k: list(v) for k, v in subsets.items()}}
+        result = {**fold.to_dict(), "best_epochs": [f.best_epoch for f in ens["fits"]],
+                  "val_pcc_members": [f.best_score for f in ens["fits"]], "val_pcc_ensemble": ens["val_score"],
+                  "blend_alpha": ens["alpha"], "train_seconds": sum(f.seconds for f in ens["fits"]),
+                  "nodes_per_second": float(np.mean([f.nodes_per_second for f in ens["fits"]])),
+                  "epochs_run": [len(f.history) for f in ens["fits"]],
+                  "genes": {k: list(v) for k, v in subsets.items()}}
         result.update({k: m[k] for k in SUMMARY_KEYS})
         result["per_slide"] = m["per_slide"]
         result["per_gene"] = m["per_gene"]
@@ -150,30 +155,94 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
             rp = ridge_baseline(x_tr, y_tr, {s: graphs[s].x.numpy() for s in fold.test_slides}, cfg.seed)
             rm = evaluate(y_test, rp, panel.genes, subsets)
             result["ridge"] = {k: rm[k] for k in SUMMARY_KEYS}
-        ckpt = {"model_state": model.state_dict(), "model_name": cfg.model.name, "model_cfg": config_to_dict(cfg.model),
+        ckpt = {"model_state": ens["states"][0], "model_states": ens["states"], "blend_alpha": ens["alpha"],
+                "model_name": cfg.model.name, "model_cfg": config_to_dict(cfg.model),
                 "in_dim": int(train_s[0].x.shape[1]), "panel": panel.to_dict(), "scaler": scaler.to_dict(),
                 "encoder": loaded.encoder, "patch_size_um": cfg.patch.size_um,
                 "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
                 "expression": config_to_dict(cfg.expression), "train": {"num_hops": cfg.train.num_hops,
                                                                           "batch_nodes": cfg.train.batch_nodes},
                 "fold": fold.to_dict(), "gnnst_version": __version__}
-        atomic_torch_save(ckpt, fdir / "model.pt")
-        for s in fold.test_slides:
+        if main:
+            atomic_torch_save(ckpt, fdir / "model.pt")
+        for s in fold.test_slides if main else []:
             _write_prediction(out / "predictions" / f"{s}.h5ad", loaded.adatas[s], y_test[s], p_test[s], panel.genes,
                               loaded.encoder["name"], graphs[s].x.numpy(), cfg, fold, result)
         result["fold_seconds"] = time.perf_counter() - t_fold
-        atomic_write_json(done, result)
+        if main:
+            atomic_write_json(done, result)
         fold_results.append(result)
-        log.info("fold %s: PCC HEG50 per slide %.3f (ridge %.3f), all %.3f, best epoch %d, %.1f s", fold.name,
+        log.info("fold %s: PCC HEG50 per slide %.3f (ridge %.3f), all %.3f, blend alpha %s, %.1f s", fold.name,
                  result["pcc_heg50_per_slide"], result.get("ridge", {}).get("pcc_heg50_per_slide", float("nan")),
-                 result["pcc_all_per_slide"], res.best_epoch, result["fold_seconds"])
+                 result["pcc_all_per_slide"], ens["alpha"], result["fold_seconds"])
     metrics = summarise(fold_results)
     metrics["gnnst_version"] = __version__
     metrics["config"] = config_to_dict(cfg)
     metrics["seconds_total"] = time.perf_counter() - t_all
     metrics["embedding_timings"] = dict(loaded.timer.totals)
-    atomic_write_json(out / "metrics.json", metrics)
+    if main:
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+BLEND_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # weights of the regression head tried on the validation spots
+
+
+def fit_ensemble(cfg: "Config", panel, train_s, val_s, val_masks, test_graphs, fdir: Path, *, resume: bool, device,
+                 progress: bool) -> dict:
+    """Train ``cfg.train.ensemble`` models (seeds ``cfg.seed + i``) and average their predictions.
+
+    The blend between the regression head and retrieval is chosen on the validation spots of the
+    training slides (never on the test slides) when ``cfg.train.select_blend``; otherwise the model's
+    own ``predict_mode``/``blend_alpha`` is used. Returns ``{'fits', 'states', 'alpha', 'val_score',
+    'test'}`` with ``test`` the standardised predictions ``[N_s, G]`` per test graph.
+    """
+    import dataclasses
+
+    import torch
+
+    from gnnst.models import create_model
+    from gnnst.train.trainer import _val_score, fit, predict_graphs
+
+    tc = cfg.train
+    modes = ("head", "retrieval") if cfg.model.use_contrastive else ("head",)
+    kw = dict(batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, device=device)
+    fits, states = [], []
+    val_sum = {m: None for m in modes}
+    test_sum = {m: None for m in modes}
+    for i in range(max(tc.ensemble, 1)):
+        mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
+        torch.manual_seed(mcfg.seed)
+        model = create_model(cfg.model.name, in_dim=train_s[0].x.shape[1], num_genes=len(panel.genes), cfg=cfg.model)
+        fits.append(fit(model, train_s, val_s, val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
+                        device=device, progress=progress))
+        states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        for m in modes:
+            v = predict_graphs(model, val_s, mode=m, **kw)
+            t = predict_graphs(model, test_graphs, mode=m, **kw)
+            val_sum[m] = v if val_sum[m] is None else [a + b for a, b in zip(val_sum[m], v)]
+            test_sum[m] = t if test_sum[m] is None else [a + b for a, b in zip(test_sum[m], t)]
+    n = len(fits)
+    val_avg = {m: [a / n for a in val_sum[m]] for m in modes}
+    test_avg = {m: [a / n for a in test_sum[m]] for m in modes}
+    val_y = [g.y.numpy()[mk] for g, mk in zip(val_s, val_masks)]
+
+    def mix(preds: dict, a: float) -> list[np.ndarray]:
+        if "retrieval" not in preds:
+            return preds["head"]
+        return [a * h + (1 - a) * r for h, r in zip(preds["head"], preds["retrieval"])]
+
+    if "retrieval" not in modes:
+        alpha = 1.0
+    elif tc.select_blend and sum(len(v) for v in val_y) > 1:
+        scores = {a: _val_score(val_y, [p[mk] for p, mk in zip(mix(val_avg, a), val_masks)]) for a in BLEND_ALPHAS}
+        alpha = max(scores, key=lambda a: (scores[a], a))
+        log.info("blend weight of the head chosen on validation spots: %s (scores %s)", alpha,
+                 {a: round(v, 4) for a, v in scores.items()})
+    else:
+        alpha = {"head": 1.0, "retrieval": 0.0}.get(cfg.model.predict_mode, cfg.model.blend_alpha)
+    val_score = _val_score(val_y, [p[mk] for p, mk in zip(mix(val_avg, alpha), val_masks)]) if val_y else float("nan")
+    return {"fits": fits, "states": states, "alpha": alpha, "val_score": val_score, "test": mix(test_avg, alpha)}
 
 
 def summarise(fold_results: list[dict]) -> dict:

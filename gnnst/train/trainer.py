@@ -80,8 +80,12 @@ def lr_factor(epoch_float: float, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def predict_graphs(model, graphs: Sequence["Data"], *, batch_nodes: int, num_hops: int, device) -> list[np.ndarray]:
-    """Image-side predictions ``[N_s, G]`` for each graph, by halo subgraphs (any slide size)."""
+def predict_graphs(model, graphs: Sequence["Data"], *, batch_nodes: int, num_hops: int, device,
+                   mode: str | None = None) -> list[np.ndarray]:
+    """Image-side predictions ``[N_s, G]`` for each graph, by halo subgraphs (any slide size).
+
+    ``mode``: the model's ``predict`` mode (``"head"``, ``"retrieval"``, ``"blend"``; default its config).
+    """
     import torch
 
     from gnnst.train.sampler import SubgraphLoader
@@ -97,7 +101,7 @@ def predict_graphs(model, graphs: Sequence["Data"], *, batch_nodes: int, num_hop
     with torch.no_grad():
         for b in loader:
             b = b.to(device)
-            p = model.predict(b)[b.center_mask].float().cpu().numpy()
+            p = model.predict(b, mode=mode)[b.center_mask].float().cpu().numpy()
             sl, nid = b.slide[b.center_mask].cpu().numpy(), b.node_id[b.center_mask].cpu().numpy()
             for s in np.unique(sl):
                 outs[s][nid[sl == s]] = p[sl == s]
@@ -152,7 +156,7 @@ def fit(
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)  # logit_scale is used in the loss, outside forward
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     use_amp = tc.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -180,8 +184,9 @@ def fit(
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same randomness
         loader.set_epoch(epoch)
         groups = loader.batches_of_parts()
-        if distributed:  # every rank gets the same number of batches
-            groups = [groups[i % len(groups)] for i in range(rank, max(len(groups), world) * 1, world)]
+        if distributed:  # every rank gets the same number of batches (DDP needs matching steps)
+            per_rank = -(-len(groups) // world)
+            groups = [groups[(rank + world * j) % len(groups)] for j in range(per_rank)]
         net.train()
         tot, steps = 0.0, 0
         for i, group in enumerate(groups):
@@ -197,7 +202,7 @@ def fit(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             scaler.step(opt)
             scaler.update()
-            tot += float(losses["total"])
+            tot += float(losses["total"].detach())
             steps += 1
             nodes_seen += int(b.center_mask.sum())
         rec = {"epoch": epoch, "loss": tot / max(steps, 1)}
