@@ -37,7 +37,7 @@ class PatchConfig:
 class EncoderConfig:
     name: str = "efficientnet_lite0"  # registry name, "timm:<model>" or "torchscript:<path>"
     checkpoint: str | None = None  # local weights file for the encoder (e.g. UNI for timm:vit_large_patch16_224)
-    batch_size: int = 64  # patches per forward pass
+    batch_size: int = 16  # patches per forward pass (16 was fastest on a 2-core CPU; larger on GPUs)
     num_threads: int | None = None  # torch CPU threads; None = all cores
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:i]"
 
@@ -81,6 +81,19 @@ class EvalConfig:
     folds: str = "auto"  # "auto" (patients if >= 3, else slides), "patient" or "slide"
     only_folds: list[str] | None = None  # run only these folds (by test slide id); None = all
     ridge: bool = True  # fit the ridge baseline in the same run
+    figures: bool = True  # write PNG figures (maps, per-gene PCC, Moran's I) into OUT/figures after training
+
+
+ABLATION_SETTINGS = ["none", "k=4", "k=6", "k=8", "r=300", "r=450", "r=600"]  # default of AblationConfig.settings
+
+
+@dataclass
+class AblationConfig:
+    settings: list[str] = field(default_factory=lambda: list(ABLATION_SETTINGS))  # neighbourhoods compared:
+    #   "none" (model.use_graph=false), "k=<int>" (k nearest), "r=<µm>" (radius), "k=<int>,r=<µm>" (both)
+    ensemble: int = 1  # models per fold in every setting (replaces train.ensemble; 1 keeps the run short)
+    ridge: bool = True  # also report the graph-free ridge baseline (fitted once, in the first setting)
+    keep_checkpoints: bool = False  # keep each setting's per-member last/best.pt (model.pt is always kept)
 
 
 @dataclass
@@ -93,6 +106,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     seed: int = 0  # seed for every random choice
     num_workers: int = 0  # reserved for data loading processes
 

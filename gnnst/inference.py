@@ -17,6 +17,8 @@ from gnnst.errors import GnnstError
 if TYPE_CHECKING:
     from anndata import AnnData
 
+    from gnnst.data.encoders import PatchEncoder
+
 CKPT_KEYS = ("model_state", "model_name", "model_cfg", "in_dim", "panel", "scaler", "encoder", "patch_size_um", "graph")
 
 
@@ -37,7 +39,39 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise GnnstError(f"{path}: not a gnnst model checkpoint (key '{missing[0]}' missing); "
                          "use the model.pt that `gnnst train` writes in OUT/folds/<fold>/")
+    check_checkpoint(ck, path)
     return ck
+
+
+def check_checkpoint(ck: dict, path: str | Path) -> None:
+    """Raise when the parts of a checkpoint disagree (gene panel, normalisation, model, encoder width)."""
+    genes = list(ck["panel"].get("genes", []))
+    if not genes or len(set(genes)) != len(genes):
+        raise GnnstError(f"{path}: the gene panel ('panel.genes') is empty or lists a gene twice")
+    for part in ("mean", "std"):
+        n = len(ck["scaler"].get(part, []))
+        if n != len(genes):
+            raise GnnstError(f"{path}: 'scaler.{part}' has {n} values for a panel of {len(genes)} genes")
+    for kind in ("heg", "hvg"):
+        extra = [g for g in ck["panel"].get(kind, []) if g not in set(genes)]
+        if extra:
+            raise GnnstError(f"{path}: 'panel.{kind}' gene '{extra[0]}' is not in the panel")
+    if int(ck["encoder"].get("dim", ck["in_dim"])) != int(ck["in_dim"]):
+        raise GnnstError(f"{path}: encoder width {ck['encoder'].get('dim')} != model input width {ck['in_dim']}")
+    if not float(ck["patch_size_um"]) > 0:
+        raise GnnstError(f"{path}: 'patch_size_um' must be > 0, got {ck['patch_size_um']}")
+
+
+def encoder_for_checkpoint(ck: dict, device) -> "PatchEncoder":
+    """The checkpoint's patch encoder on ``device``; an encoder that differs from the training one raises."""
+    from gnnst.data.encoders import create_encoder
+
+    enc = create_encoder(ck["encoder"]["name"]).to(device)
+    if enc.identity != ck["encoder"]["identity"] or enc.dim != ck["in_dim"]:
+        raise GnnstError(f"encoder mismatch: the checkpoint was trained on '{ck['encoder']['identity']}' "
+                         f"embeddings (width {ck['in_dim']}), this machine's encoder is '{enc.identity}' "
+                         f"(width {enc.dim})")
+    return enc
 
 
 def models_from_checkpoint(ck: dict) -> list:
@@ -50,7 +84,11 @@ def models_from_checkpoint(ck: dict) -> list:
     models = []
     for state in ck.get("model_states") or [ck["model_state"]]:
         model = create_model(ck["model_name"], in_dim=ck["in_dim"], num_genes=len(ck["panel"]["genes"]), cfg=mcfg)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # shapes disagree: another panel size or embedding width
+            raise GnnstError(f"checkpoint: the model weights do not fit a panel of {len(ck['panel']['genes'])} "
+                             f"genes and input width {ck['in_dim']} ({str(e).splitlines()[-1].strip()})") from None
         models.append(model.eval())
     return models
 
@@ -120,16 +158,12 @@ def predict_slide(
     import scipy.sparse as sp
 
     from gnnst.data.embeddings import embed_spots
-    from gnnst.data.encoders import create_encoder, resolve_device
+    from gnnst.data.encoders import resolve_device
     from gnnst.data.manifest import cache_root
     from gnnst.graph.dataset import slide_to_data
 
     dev = resolve_device(device)
-    enc = create_encoder(ck["encoder"]["name"]).to(dev)
-    if enc.identity != ck["encoder"]["identity"] or enc.dim != ck["in_dim"]:
-        raise GnnstError(f"encoder mismatch: the checkpoint was trained on '{ck['encoder']['identity']}' "
-                         f"embeddings (width {ck['in_dim']}), this machine's encoder is '{enc.identity}' "
-                         f"(width {enc.dim})")
+    enc = encoder_for_checkpoint(ck, dev)
     a = ad.AnnData(X=sp.csr_matrix((len(barcodes), 0), dtype=np.float32),
                    obs=pd.DataFrame(index=pd.Index(barcodes, name=keys.BARCODE)))
     a.obsm[keys.SPATIAL] = np.asarray(pixel_xy, dtype=np.float64)
@@ -145,8 +179,8 @@ def predict_graph_to_anndata(ck: dict, g, a: "AnnData", emb: np.ndarray, *, devi
     """Run the checkpoint's model on graph ``g`` and package the result (see :func:`predict_slide`)."""
     import anndata as ad
     import pandas as pd
-    import scipy.sparse as sp
 
+    from gnnst.export.anndata import add_spatial_graph
     from gnnst.train.crossval import TargetScaler
     from gnnst.train.trainer import predict_graphs
 
@@ -171,15 +205,8 @@ def predict_graph_to_anndata(ck: dict, g, a: "AnnData", emb: np.ndarray, *, devi
     out.obsm[keys.SPATIAL] = a.obsm[keys.SPATIAL]
     enc_key = "".join(c if c.isalnum() or c in "-_" else "_" for c in ck["encoder"]["name"])
     out.obsm[keys.img_key(enc_key)] = emb.astype(np.float32)
-    n = g.num_nodes
-    src, dst = g.edge_index.numpy()
-    dist = g.edge_attr[:, 2].numpy().astype(np.float64)
-    # squidpy convention: row = spot, column = its neighbour
-    out.obsp[keys.CONNECTIVITIES] = sp.csr_matrix((np.ones(len(src)), (dst, src)), shape=(n, n))
-    out.obsp[keys.DISTANCES] = sp.csr_matrix((dist, (dst, src)), shape=(n, n))
-    out.uns[keys.NEIGHBORS] = {"connectivities_key": keys.CONNECTIVITIES, "distances_key": keys.DISTANCES,
-                               "params": {"n_neighbors": ck["graph"]["k"], "radius": ck["graph"]["radius_um"],
-                                          "coord_type": "generic", "units": "um", "transform": None}}
+    add_spatial_graph(out, g.edge_index.numpy(), g.edge_attr[:, 2].numpy(), k=ck["graph"]["k"],
+                      radius_um=ck["graph"]["radius_um"])
     out.uns[keys.UNS_GNNST] = {"version": __version__, keys.MPP: a.uns[keys.UNS_GNNST][keys.MPP],
                                keys.IMAGE_PATH: a.uns[keys.UNS_GNNST].get(keys.IMAGE_PATH),
                                "encoder": ck["encoder"]["name"], "fold": str(ck.get("fold", {}).get("name", "")),

@@ -15,6 +15,12 @@ PRED = "gnnst_pred"  # layers: predicted expression, same gene order as var
 UNS_GNNST = "gnnst"  # uns: version, config, metrics
 MPP = "mpp"  # uns['gnnst'][MPP]: micrometres per full-resolution pixel
 IMAGE_PATH = "image_path"  # uns['gnnst'][IMAGE_PATH]: the slide's full-resolution image
+# uns['spatial'][<slide_id>], scanpy's Visium convention (squidpy's library_id = slide id)
+IMAGES = "images"  # {'hires': [h, w, 3] uint8 image}
+HIRES = "hires"  # the downsampled H&E under IMAGES
+SCALEFACTORS = "scalefactors"  # {'tissue_hires_scalef', 'spot_diameter_fullres'}
+HIRES_SCALEF = "tissue_hires_scalef"  # hires pixels per full-resolution pixel
+SPOT_DIAMETER = "spot_diameter_fullres"  # spot diameter in full-resolution pixels
 
 
 def img_key(encoder: str) -> str:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from gnnst.data.encoders import PatchEncoder
+    from gnnst.data.images import SlideImage
 
 
 class Timer:
@@ -55,16 +56,42 @@ def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_
     return h.hexdigest()[:20]
 
 
+def cache_path(
+    adata: "AnnData", encoder: "PatchEncoder", *, size_um: float, cache_dir: Path, image_id: str | None = None
+) -> Path:
+    """Where the embeddings of ``adata``'s spots are cached under ``cache_dir``."""
+    meta = adata.uns[keys.UNS_GNNST]
+    if image_id is None:
+        st = Path(meta[keys.IMAGE_PATH]).stat()
+        image_id = f"{Path(meta[keys.IMAGE_PATH]).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = cache_key(adata, encoder_identity=encoder.identity, input_size=encoder.input_size, size_um=size_um,
+                    image_id=image_id)
+    return Path(cache_dir) / encoder.key / f"{adata.obs[keys.SLIDE_ID].iloc[0]}-{key}.npz"
+
+
+def load_cached(path: Path | None, n: int, dim: int) -> np.ndarray | None:
+    """Cached embeddings ``[n, dim]`` at ``path``, or ``None`` when absent or of another shape."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            emb = z["emb"]
+    except Exception:  # a damaged cache entry is recomputed
+        return None
+    return emb if emb.shape == (n, dim) else None
+
+
 def embed_spots(
     adata: "AnnData",
     encoder: "PatchEncoder",
     *,
     size_um: float,
-    batch_size: int = 64,
+    batch_size: int = 16,
     pad_value: int = 255,
     device=None,
     cache_dir: Path | None = None,
     image_id: str | None = None,
+    image: "SlideImage | None" = None,
     timer: Timer | None = None,
     progress: bool = True,
 ) -> np.ndarray:
@@ -79,6 +106,7 @@ def embed_spots(
         device: torch device of the encoder (default CPU).
         cache_dir: folder of cached embeddings (``None`` = no cache).
         image_id: identity of the image file (e.g. its sha256); default: path, size and mtime.
+        image: the slide, already opened (e.g. decoded in a background thread); else opened here.
         timer: accumulates ``decode``, ``crop`` and ``encode`` seconds.
     """
     from tqdm.auto import tqdm
@@ -95,21 +123,15 @@ def embed_spots(
         raise GnnstError(f"slide '{slide_id}': no image file to cut patches from")
     if meta.get(keys.MPP) is None:
         raise GnnstError(f"slide '{slide_id}': micrometres per pixel unknown; give scale.mpp in the manifest")
-    if image_id is None:
-        st = Path(image_path).stat()
-        image_id = f"{Path(image_path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
     path = None
     if cache_dir is not None:
-        key = cache_key(adata, encoder_identity=encoder.identity, input_size=encoder.input_size,
-                        size_um=size_um, image_id=image_id)
-        path = Path(cache_dir) / encoder.key / f"{slide_id}-{key}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                emb = z["emb"]
-            if emb.shape == (adata.n_obs, encoder.dim):
-                return emb
-    with timer("decode"):
-        image = open_image(image_path, pad_value=pad_value)
+        path = cache_path(adata, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_id)
+        cached = load_cached(path, adata.n_obs, encoder.dim)
+        if cached is not None:
+            return cached
+    if image is None:
+        with timer("decode"):
+            image = open_image(image_path, pad_value=pad_value)
     xy = np.asarray(adata.obsm[keys.SPATIAL])
     check_inside(xy, image.width, image.height, slide_id=slide_id, barcodes=adata.obs_names)
     side = patch_side_px(size_um, meta[keys.MPP])

@@ -32,7 +32,7 @@ class SlideImage:
         self.path = Path(path)
         self.pad_value = pad_value
         self.mpp: float | None = None
-        self._array: np.ndarray | None = None  # [H, W, 3] uint8 (Pillow backend)
+        self._pil = None  # decoded PIL.Image in RGB (Pillow backend); regions are cropped from it
         self._slide = None  # openslide.OpenSlide (WSI backend)
         if not self.path.is_file():
             raise GnnstError(f"image file not found: {self.path}")
@@ -50,12 +50,12 @@ class SlideImage:
 
         Image.MAX_IMAGE_PIXELS = None  # her2st JPEGs are ~92 megapixels
         try:
-            with Image.open(self.path) as im:
-                im.load()
-                self._array = np.asarray(im.convert("RGB"))
+            im = Image.open(self.path)
+            im.load()
+            self._pil = im if im.mode == "RGB" else im.convert("RGB")  # no copy when already RGB
         except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError for corrupt files
             raise GnnstError(f"{self.path}: cannot decode image ({type(e).__name__}: {e})") from None
-        self.height, self.width = self._array.shape[:2]
+        self.width, self.height = self._pil.size
 
     def _open_openslide(self) -> None:
         try:
@@ -85,14 +85,16 @@ class SlideImage:
 
         ``w, h`` are in pixels of ``level``. Parts outside the image are ``pad_value``.
         """
-        if self._array is not None:
+        if self._pil is not None:
             if level != 0:
                 raise GnnstError(f"{self.path}: a plain image has only level 0, asked for level {level}")
-            out = np.full((h, w, 3), self.pad_value, dtype=np.uint8)
             xa, ya = max(x0, 0), max(y0, 0)
             xb, yb = min(x0 + w, self.width), min(y0 + h, self.height)
+            if xa == x0 and ya == y0 and xb == x0 + w and yb == y0 + h:
+                return np.asarray(self._pil.crop((x0, y0, x0 + w, y0 + h)))
+            out = np.full((h, w, 3), self.pad_value, dtype=np.uint8)  # part of the region is off the image
             if xb > xa and yb > ya:
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = self._array[ya:yb, xa:xb]
+                out[ya - y0:yb - y0, xa - x0:xb - x0] = np.asarray(self._pil.crop((xa, ya, xb, yb)))
             return out
         rgba = np.asarray(self._slide.read_region((int(x0), int(y0)), level, (int(w), int(h))))
         alpha = rgba[..., 3:4].astype(np.float32) / 255.0  # transparent outside the slide
@@ -104,15 +106,41 @@ class SlideImage:
         from PIL import Image
 
         if self._slide is not None:
-            return np.asarray(self._slide.get_thumbnail((max_side, max_side)).convert("RGB"))
-        im = Image.fromarray(self._array)
+            return self._tiled_thumbnail(max_side)
+        im = self._pil.copy()
         im.thumbnail((max_side, max_side))
         return np.asarray(im)
+
+    def _tiled_thumbnail(self, max_side: int, tile: int = 2048) -> np.ndarray:
+        """Thumbnail assembled tile by tile from the best pyramid level.
+
+        Memory stays at one ``tile`` x ``tile`` region plus the result even when the slide has no
+        low-resolution level (openslide's ``get_thumbnail`` reads that level whole).
+        """
+        from PIL import Image
+
+        scale = min(max_side / max(self.width, self.height), 1.0)
+        tw, th = max(int(self.width * scale), 1), max(int(self.height * scale), 1)
+        level = self._slide.get_best_level_for_downsample(1.0 / scale)
+        ds = self._slide.level_downsamples[level]
+        lw, lh = self._slide.level_dimensions[level]
+        out = Image.new("RGB", (tw, th), (self.pad_value,) * 3)
+        for ly in range(0, lh, tile):
+            for lx in range(0, lw, tile):
+                w, h = min(tile, lw - lx), min(tile, lh - ly)
+                x0, y0 = round(lx * tw / lw), round(ly * th / lh)
+                x1, y1 = round((lx + w) * tw / lw), round((ly + h) * th / lh)
+                if x1 > x0 and y1 > y0:
+                    region = self.read_region(int(lx * ds), int(ly * ds), w, h, level=level)  # [h, w, 3]
+                    out.paste(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BOX), (x0, y0))
+        return np.asarray(out)
 
     def close(self) -> None:
         if self._slide is not None:
             self._slide.close()
-        self._array = None
+        if self._pil is not None:
+            self._pil.close()
+        self._pil = None
 
     def __enter__(self) -> "SlideImage":
         return self

@@ -30,10 +30,24 @@ def patch_side_px(size_um: float, mpp: float) -> int:
     return max(int(round(size_um / mpp)), 1)
 
 
+def choose_level(downsamples: tuple[float, ...], side_px: int, out_size: int) -> int:
+    """The coarsest pyramid level at which a ``side_px`` (level-0) patch still spans ``>= out_size`` pixels.
+
+    Level 0 when no level qualifies (the patch is then upsampled from full resolution).
+    """
+    best = 0
+    for level, ds in enumerate(downsamples):
+        if side_px / ds >= out_size and ds > downsamples[best]:
+            best = level
+    return best
+
+
 def iter_patch_batches(
-    image: "SlideImage", xy: np.ndarray, *, side_px: int, out_size: int, batch_size: int
+    image: "SlideImage", xy: np.ndarray, *, side_px: int, out_size: int, batch_size: int, level: int | None = None
 ) -> Iterator[tuple[slice, "torch.Tensor"]]:
     """Yield ``(rows, patches)`` with patches ``[B, 3, out_size, out_size]`` float32 in [0, 1].
+
+    Only ``batch_size`` patches are in memory at a time, whatever the slide's size.
 
     Args:
         image: the slide.
@@ -41,19 +55,23 @@ def iter_patch_batches(
         side_px: patch side in full-resolution pixels.
         out_size: encoder input side.
         batch_size: spots per batch.
+        level: pyramid level to read from; ``None`` = :func:`choose_level`.
     """
     import torch
     import torch.nn.functional as F
 
+    if level is None:
+        level = choose_level(image.level_downsamples, side_px, out_size)
+    read_px = max(int(round(side_px / image.level_downsamples[level])), 1)  # patch side at that level
     half = side_px / 2.0
     for start in range(0, len(xy), batch_size):
         rows = slice(start, min(start + batch_size, len(xy)))
         crops = np.stack([
-            image.read_region(int(round(x - half)), int(round(y - half)), side_px, side_px)
+            image.read_region(int(round(x - half)), int(round(y - half)), read_px, read_px, level=level)
             for x, y in xy[rows]
-        ])  # [B, side, side, 3] uint8
-        t = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, side, side]
-        if side_px != out_size:
-            t = F.interpolate(t, size=(out_size, out_size), mode="bilinear", antialias=side_px > out_size,
+        ])  # [B, read, read, 3] uint8
+        t = torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, read, read]
+        if read_px != out_size:
+            t = F.interpolate(t, size=(out_size, out_size), mode="bilinear", antialias=read_px > out_size,
                               align_corners=False)
         yield rows, t.contiguous(memory_format=torch.channels_last)

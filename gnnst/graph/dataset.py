@@ -104,8 +104,11 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false)."""
     from tqdm.auto import tqdm
 
-    from gnnst.data.embeddings import Timer, embed_spots
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gnnst.data.embeddings import Timer, cache_path, embed_spots, load_cached
     from gnnst.data.encoders import create_encoder, resolve_device, set_cpu_threads
+    from gnnst.data.images import open_image
     from gnnst.data.manifest import cache_root, load_manifest
     from gnnst.data.readers import read_slide
 
@@ -122,13 +125,37 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     with timer("model_load"):
         encoder = create_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint).to(device)
     cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
-    embs = {}
-    for e in tqdm(entries, desc="embed slides", unit="slide", disable=not progress):
+    embs, todo = {}, []
+    for e in entries:
+        a = adatas[e.slide_id]
         image_sha = e.files["image"].sha256 if "image" in e.files else None
-        embs[e.slide_id] = embed_spots(adatas[e.slide_id], encoder, size_um=cfg.patch.size_um,
-                                       batch_size=cfg.encoder.batch_size, pad_value=cfg.patch.pad_value,
-                                       device=device, cache_dir=cache_dir, image_id=image_sha, timer=timer,
-                                       progress=progress)
+        path = None
+        if cache_dir is not None and a.uns[keys.UNS_GNNST].get(keys.IMAGE_PATH):
+            path = cache_path(a, encoder, size_um=cfg.patch.size_um, cache_dir=cache_dir, image_id=image_sha)
+        cached = load_cached(path, a.n_obs, encoder.dim)
+        if cached is not None:
+            embs[e.slide_id] = cached
+        else:
+            todo.append((e, image_sha))
+    # decode the next slide's image in a background thread while this one is encoded (Pillow and
+    # openslide release the GIL while decoding)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        def decode(entry):
+            t0 = time.perf_counter()
+            img = open_image(adatas[entry.slide_id].uns[keys.UNS_GNNST][keys.IMAGE_PATH], pad_value=cfg.patch.pad_value)
+            return img, time.perf_counter() - t0
+
+        futures = [pool.submit(decode, todo[0][0])] if todo else []
+        for i, (e, image_sha) in enumerate(tqdm(todo, desc="embed slides", unit="slide", disable=not progress)):
+            with timer("decode_wait"):
+                image, seconds = futures[i].result()
+            timer.totals["decode"] += seconds
+            if i + 1 < len(todo):
+                futures.append(pool.submit(decode, todo[i + 1][0]))
+            embs[e.slide_id] = embed_spots(adatas[e.slide_id], encoder, size_um=cfg.patch.size_um,
+                                           batch_size=cfg.encoder.batch_size, pad_value=cfg.patch.pad_value,
+                                           device=device, cache_dir=cache_dir, image_id=image_sha, image=image,
+                                           timer=timer, progress=progress)
     enc = {"name": encoder.name, "identity": encoder.identity, "input_size": encoder.input_size, "dim": encoder.dim}
     return LoadedSlides(manifest=manifest, entries=entries, adatas=adatas, embs=embs, encoder=enc, timer=timer)
 

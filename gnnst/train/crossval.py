@@ -79,8 +79,14 @@ def _to_tensor_graph(g, scaler: TargetScaler):
     return d
 
 
-def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Cross-validate ``cfg`` on its manifest's slides; returns (and writes) ``metrics.json``."""
+def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progress: bool = True,
+                 loaded=None) -> dict:
+    """Cross-validate ``cfg`` on its manifest's slides; returns (and writes) ``metrics.json``.
+
+    ``loaded``: slides already read and embedded by :func:`gnnst.graph.dataset.load_and_embed` with
+    the same ``data``/``patch``/``encoder`` config (reused across the settings of ``gnnst ablate``).
+    With ``cfg.eval.figures`` the figures of :mod:`gnnst.eval.figures` are written into ``out/figures``.
+    """
     import torch
 
     from gnnst.config import config_to_dict, dump_config
@@ -99,7 +105,8 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     out = Path(out)
     main = current().is_main  # only the main process writes outputs
     progress = progress and main
-    loaded = load_and_embed(cfg, progress=progress)
+    if loaded is None:
+        loaded = load_and_embed(cfg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         dump_config(cfg, out / "config.yaml")
@@ -182,7 +189,21 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     metrics["embedding_timings"] = dict(loaded.timer.totals)
     if main:
         atomic_write_json(out / "metrics.json", metrics)
+    if main and cfg.eval.figures:
+        _write_figures(out)
     return metrics
+
+
+def _write_figures(out: Path) -> None:
+    """The run's figures; a failure is logged, not raised (metrics and predictions are already written)."""
+    from gnnst.eval.figures import plot_run
+
+    try:
+        paths = plot_run(out)
+    except Exception as e:  # figures must not turn a finished training run into a failure
+        log.warning("figures not written (%s: %s); retry with `gnnst plot --run %s`", type(e).__name__, e, out)
+        return
+    log.info("figures: %s", ", ".join(p.name for p in paths))
 
 
 BLEND_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # weights of the regression head tried on the validation spots
@@ -293,8 +314,13 @@ def _write_prediction(path: Path, adata, y: np.ndarray, p: np.ndarray, genes, en
     a.uns[keys.UNS_GNNST] = {
         "version": __version__, "fold": fold.name, "patient_disjoint": fold.patient_disjoint,
         keys.MPP: adata.uns[keys.UNS_GNNST][keys.MPP], "X": "normalize_total + log1p of measured counts",
+        keys.IMAGE_PATH: _abs_or_none(adata.uns[keys.UNS_GNNST].get(keys.IMAGE_PATH)),
         "config": json.dumps(config_to_dict(cfg)),
         "metrics": json.dumps({k: result[k] for k in SUMMARY_KEYS}),
     }
     with atomic_path(path) as tmp:
         a.write_h5ad(tmp)
+
+
+def _abs_or_none(path: str | None) -> str | None:
+    return None if not path else str(Path(path).resolve())
