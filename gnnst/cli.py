@@ -115,14 +115,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots -> an .h5ad of predictions."""
+    """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots (or a tissue grid) -> an .h5ad."""
     p = argparse.ArgumentParser(prog="gnnst predict", description=predict_main.__doc__)
     p.add_argument("--checkpoint", required=True, help="model.pt written by `gnnst train` (OUT/folds/<fold>/)")
     p.add_argument("--image", required=True, help="the slide's full-resolution H&E image")
-    p.add_argument("--spots", required=True, help="spot table (CSV/TSV: pixel_x, pixel_y or x, y in pixels)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spots", help="spot table (CSV/TSV: pixel_x, pixel_y or x, y in pixels)")
+    where.add_argument("--grid-um", type=float, help="H&E only: predict on a regular grid of this pitch (µm) "
+                                                     "laid over the detected tissue")
+    p.add_argument("--grid", choices=("hex", "square"), default="hex", help="grid layout with --grid-um")
+    p.add_argument("--plot-genes", default=None,
+                   help="with --grid-um: comma-separated genes mapped to <out>_<gene>.png (default: top-3 HEG)")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--mpp", type=float, default=None,
-                   help="micrometres per pixel (else from the image metadata or the spot pitch)")
+                   help="micrometres per pixel (else from the image metadata, or in spot mode the spot pitch)")
     p.add_argument("--slide-id", default=None, help="slide id (default: image file stem)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (else $GNNST_CACHE, ~/.cache/gnnst)")
     p.add_argument("--device", default="auto")
@@ -132,14 +138,33 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.data.images import open_image
         from gnnst.data.readers.legacy_st import mpp_from_pitch
-        from gnnst.inference import load_checkpoint, predict_slide, read_spot_table
+        from gnnst.inference import load_checkpoint, plot_gene_maps, predict_grid, predict_slide, read_spot_table
         from gnnst.io import atomic_path
 
         out = Path(args.out)
         if out.suffix != ".h5ad":
             raise GnnstError(f"--out must end in .h5ad, got {out}")
+        if args.mpp is not None and not args.mpp > 0:
+            raise GnnstError(f"--mpp must be > 0, got {args.mpp}")
         ck = load_checkpoint(args.checkpoint)
         slide_id = args.slide_id or Path(args.image).stem
+        if args.grid_um is not None:
+            genes = ck["panel"]["heg"][:3] if args.plot_genes is None else \
+                [g.strip() for g in args.plot_genes.split(",") if g.strip()]
+            missing = [g for g in genes if g not in ck["panel"]["genes"]]
+            if missing:
+                raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
+            setup_logging(None, "predict")
+            adata = predict_grid(ck, args.image, grid_um=args.grid_um, kind=args.grid, slide_id=slide_id,
+                                 mpp=args.mpp, cache_dir=args.cache_dir, device=args.device,
+                                 progress=not args.quiet)
+            with atomic_path(out) as tmp:
+                adata.write_h5ad(tmp)
+            maps = plot_gene_maps(adata, genes, out.with_suffix(""))
+            print(f"predicted {adata.n_vars} genes at {adata.n_obs} {args.grid} grid spots ({args.grid_um:g} µm) "
+                  f"over the tissue of '{slide_id}' -> {out}" + (f"; maps: {', '.join(m.name for m in maps)}"
+                                                                 if maps else ""))
+            return 0
         xy, bc, arr = read_spot_table(args.spots, slide_id=slide_id)
         mpp = args.mpp
         if mpp is None:

@@ -1,11 +1,15 @@
 """Prediction for unseen slides: a trained checkpoint plus an H&E image and spot coordinates, no expression.
 
+``predict_slide`` predicts at given spots; ``predict_grid`` lays a regular grid of spots over the
+tissue of an H&E-only whole slide and predicts there (``plot_gene_maps`` draws the result).
+
 The checkpoint carries everything needed (encoder name and identity, patch size in µm, gene panel,
 graph parameters, normalisation, target scaling); a mismatch is an error, not a silent wrong answer.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +22,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from gnnst.data.encoders import PatchEncoder
+
+log = logging.getLogger("gnnst")
 
 CKPT_KEYS = ("model_state", "model_name", "model_cfg", "in_dim", "panel", "scaler", "encoder", "patch_size_um", "graph")
 
@@ -212,3 +218,108 @@ def predict_graph_to_anndata(ck: dict, g, a: "AnnData", emb: np.ndarray, *, devi
                                "encoder": ck["encoder"]["name"], "fold": str(ck.get("fold", {}).get("name", "")),
                                "X": "predicted normalize_total + log1p expression"}
     return out
+
+
+def predict_grid(
+    ck: dict,
+    image: str | Path,
+    *,
+    grid_um: float,
+    kind: str = "hex",
+    slide_id: str,
+    mpp: float | None = None,
+    cache_dir: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> "AnnData":
+    """Predicted expression over an H&E-only slide, at a regular grid of spots laid over its tissue.
+
+    Tissue is detected on a thumbnail (:mod:`gnnst.data.tissue`); grid points (:mod:`gnnst.data.grid`)
+    on glass are dropped before anything is encoded. Patches are read at the pyramid level closest to
+    the checkpoint's patch size and streamed in batches, so memory does not grow with the slide.
+
+    Args:
+        ck: a checkpoint from :func:`load_checkpoint`.
+        image: the slide (openslide formats or JPEG/PNG).
+        grid_um: centre-to-centre distance of neighbouring grid spots, µm.
+        kind: ``"hex"`` or ``"square"``.
+        slide_id: key of the slide in ``obs['slide_id']`` and ``uns['spatial']``.
+        mpp: micrometres per pixel; ``None`` = from the slide's metadata (an error when absent).
+
+    Sets the fields of :func:`predict_slide` plus ``uns['spatial'][slide_id]`` (thumbnail and scanpy's
+    Visium scale factors; ``spot_diameter_fullres`` = the grid pitch, so the spots tile the map) and
+    ``uns['gnnst']['grid']`` (kind, pitch in µm and pixels, tissue threshold and fraction).
+    """
+    from gnnst.data.grid import tissue_grid
+    from gnnst.data.images import open_image
+    from gnnst.data.tissue import detect_tissue
+    from gnnst.export.anndata import add_image
+
+    if not np.isfinite(grid_um) or grid_um <= 0:
+        raise GnnstError(f"--grid-um must be > 0, got {grid_um}")
+    with open_image(image) as im:
+        if mpp is None:
+            mpp = im.mpp
+        if mpp is None:
+            raise GnnstError(f"{image}: no micrometres per pixel in the slide's metadata (openslide mpp-x/mpp-y "
+                             "or TIFF resolution tags); give --mpp")
+        tissue = detect_tissue(im, mpp=mpp)
+        xy, barcodes = tissue_grid(tissue, width=im.width, height=im.height, pitch_px=grid_um / mpp, kind=kind)
+        size = (im.width, im.height)
+    log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm",
+             slide_id, size[0], size[1], mpp, 100 * tissue.fraction, len(xy), kind, grid_um)
+    out = predict_slide(ck, image, xy, barcodes, slide_id=slide_id, mpp=mpp, cache_dir=cache_dir,
+                        batch_size=batch_size, device=device, progress=progress)
+    add_image(out, image, library_id=slide_id, mpp=mpp, spot_diameter_um=grid_um)
+    out.uns[keys.UNS_GNNST]["grid"] = {"kind": kind, "pitch_um": float(grid_um), "pitch_px": float(grid_um / mpp),
+                                       "tissue_threshold": float(tissue.threshold),
+                                       "tissue_fraction": float(tissue.fraction)}
+    return out
+
+
+def plot_gene_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, *, dpi: int = 150) -> list[Path]:
+    """PNG maps of predicted ``genes`` over the slide's thumbnail: ``<out_prefix>_<gene>.png``.
+
+    Needs ``uns['spatial'][<slide_id>]`` (see :func:`predict_grid`). Returns the files written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from gnnst.io import atomic_path
+
+    slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
+    lib = adata.uns[keys.SPATIAL][slide_id]
+    img = lib[keys.IMAGES][keys.HIRES]  # [h, w, 3]
+    scalef = float(lib[keys.SCALEFACTORS][keys.HIRES_SCALEF])
+    diameter = float(lib[keys.SCALEFACTORS][keys.SPOT_DIAMETER]) * scalef  # thumbnail pixels
+    unknown = [g for g in genes if g not in adata.var_names]
+    if unknown:
+        raise GnnstError(f"--plot-genes: gene '{unknown[0]}' is not in the checkpoint's panel "
+                         f"({adata.n_vars} genes, e.g. {', '.join(map(str, adata.var_names[:5]))})")
+    hex_grid = adata.uns[keys.UNS_GNNST].get("grid", {}).get("kind", "hex") == "hex"
+    h, w = img.shape[:2]
+    xy = np.asarray(adata.obsm[keys.SPATIAL]) * scalef
+    width_in = 7.0
+    pts_per_px = width_in * 72.0 / w
+    size = (diameter * pts_per_px * (1.16 if hex_grid else 1.0)) ** 2  # marker area, points^2
+    written = []
+    for gene in genes:
+        v = np.asarray(adata[:, gene].layers[keys.PRED]).ravel()
+        fig = Figure(figsize=(width_in + 1.3, width_in * h / w + 0.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.0, 0.0, width_in / (width_in + 1.3), width_in * h / w / (width_in * h / w + 0.5)))
+        ax.imshow(img)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=size, marker="h" if hex_grid else "s", cmap="viridis",
+                        linewidths=0, alpha=0.85)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_axis_off()
+        ax.set_title(f"{slide_id}: {gene}", fontsize=10)
+        fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.02, label="predicted log1p(CP10k)")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in gene)
+        path = Path(f"{out_prefix}_{safe}.png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+        written.append(path)
+    return written

@@ -23,12 +23,14 @@ from gnnst import keys
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
+    import pandas as pd
     from anndata import AnnData
     from matplotlib.figure import Figure
 
 log = logging.getLogger("gnnst")
 
-FIG_DPI = 110  # resolution of every PNG
+FIG_DPI = 110  # resolution of the PNGs
+MAP_DPI = 90  # resolution of the maps (the H&E under them makes the PNGs large)
 IMAGE_MAX_SIDE = 1200  # longer side of the H&E loaded for the maps (before cropping to the spots)
 
 
@@ -173,7 +175,7 @@ def plot_pcc_distribution(adatas: dict[str, "AnnData"], *, heg: dict[str, Sequen
 
 
 def moran_table(adatas: dict[str, "AnnData"], *, layer: str = keys.PRED,
-                connectivity_key: str = keys.CONNECTIVITIES) -> "pd.DataFrame":  # noqa: F821
+                connectivity_key: str = keys.CONNECTIVITIES) -> "pd.DataFrame":
     """Moran's I of measured (``X``) and predicted (``layers[layer]``) expression per slide and gene.
 
     Uses ``sq.gr.spatial_autocorr(mode='moran')`` on the slide's gnnst graph (no permutations).
@@ -195,7 +197,7 @@ def moran_table(adatas: dict[str, "AnnData"], *, layer: str = keys.PRED,
     return pd.concat(rows, ignore_index=True)
 
 
-def plot_moran(table: "pd.DataFrame") -> "Figure":  # noqa: F821
+def plot_moran(table: "pd.DataFrame") -> "Figure":
     """Moran's I of the predicted against the measured expression, one point per gene and slide."""
     plt = _plt()
     t = table.dropna(subset=["moran_measured", "moran_predicted"])
@@ -215,8 +217,8 @@ def plot_moran(table: "pd.DataFrame") -> "Figure":  # noqa: F821
     rho = t[["moran_measured", "moran_predicted"]].corr(method="spearman").iloc[0, 1] if len(t) > 2 else np.nan
     ax.set_title(f"spatial autocorrelation per gene on the gnnst graph\n(Spearman rho = {rho:.2f}, "
                  f"{len(t)} gene x slide pairs)", fontsize=10)
-    ax.legend(fontsize=7, frameon=False, loc="upper left", title="slide (median I meas. / pred.)",
-              title_fontsize=7)
+    ax.legend(fontsize=7, frameon=True, framealpha=0.9, loc="lower right", markerscale=2,
+              title="slide (median I measured / predicted)", title_fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -261,15 +263,15 @@ def plot_run(run: str | Path, *, out: str | Path | None = None, slides: Sequence
                 heg[s] = f["genes"]["heg50"]
     written = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, name: str, dpi: int = FIG_DPI) -> None:
         path = out / name
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=FIG_DPI, format="png")
+            fig.savefig(tmp, dpi=dpi, format="png")
         plt.close(fig)
         written.append(path)
 
     for s, a in adatas.items():
-        save(plot_gene_maps(a), f"maps_{s}.png")
+        save(plot_gene_maps(a), f"maps_{s}.png", dpi=MAP_DPI)
     save(plot_pcc_distribution(adatas, heg={s: heg[s] for s in adatas if s in heg} or None), "pcc_per_gene.png")
     table = moran_table(adatas)
     with atomic_path(out / "moran.csv") as tmp:
