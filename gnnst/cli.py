@@ -184,6 +184,75 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     return _guard(run)
 
 
+def ablate_main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst ablate``: the same cross-validation for each neighbourhood of ``ablation.settings`` -> table + plot."""
+    p = argparse.ArgumentParser(prog="gnnst ablate", description=ablate_main.__doc__)
+    p.add_argument("--out", required=True, help="output folder (ablation.csv/.md/.png, settings/<setting>/ runs)")
+    p.add_argument("--resume", action="store_true", help="reuse finished settings and folds in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from gnnst.train.ablation import parse_settings, run_ablation
+
+        cfg = _load(args)
+        parse_settings(cfg)  # bad settings fail before anything is read or written
+        out = Path(args.out)
+        setup_logging(out, "ablate")
+        run_ablation(cfg, out, resume=args.resume, progress=not args.quiet)
+        print((out / "ablation.md").read_text())
+        print(f"table: {out / 'ablation.csv'}; plot: {out / 'ablation.png'}")
+        return 0
+
+    return _guard(run)
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst export``: a train run's held-out slides -> scanpy/squidpy-ready .h5ad (graph, image, predictions)."""
+    p = argparse.ArgumentParser(prog="gnnst export", description=export_main.__doc__)
+    p.add_argument("--run", required=True, help="output folder of `gnnst train`")
+    p.add_argument("--out", required=True, help="folder for <slide>.h5ad (or all_slides.h5ad with --concat)")
+    p.add_argument("--concat", action="store_true", help="one file, obs['slide_id'], block-diagonal graph")
+    p.add_argument("--slides", nargs="+", default=None, help="only these held-out slides")
+    p.add_argument("--no-image", action="store_true", help="leave out the H&E (uns['spatial'])")
+    p.add_argument("--hires-max-side", type=int, default=2000, help="longer side of the stored H&E in pixels")
+    p.add_argument("--spot-diameter-um", type=float, default=None, help="spot diameter (default: half the pitch)")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from gnnst.export.anndata import export_run
+
+        setup_logging(None, "export")
+        paths = export_run(args.run, args.out, slides=args.slides, concat=args.concat, image=not args.no_image,
+                           max_side=args.hires_max_side, spot_diameter_um=args.spot_diameter_um)
+        for path in paths:
+            print(f"wrote {path}")
+        return 0
+
+    return _guard(run)
+
+
+def plot_main(argv: Sequence[str] | None = None) -> int:
+    """``gnnst plot``: figures of a train run (maps over the H&E, per-gene PCC, Moran's I) as PNG."""
+    p = argparse.ArgumentParser(prog="gnnst plot", description=plot_main.__doc__)
+    p.add_argument("--run", required=True, help="output folder of `gnnst train`")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default RUN/figures)")
+    p.add_argument("--slides", nargs="+", default=None, help="maps for these held-out slides only")
+    p.add_argument("--no-image", action="store_true", help="maps without the H&E")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from gnnst.eval.figures import plot_run
+
+        setup_logging(None, "plot")
+        for path in plot_run(args.run, out=args.out, slides=args.slides, image=not args.no_image):
+            print(f"wrote {path}")
+        return 0
+
+    return _guard(run)
+
+
 def _copy_log(out: Path, name: str) -> None:
     """Attach a file handler now that ``out`` exists (outputs are only created once input is valid)."""
     root = logging.getLogger("gnnst")
@@ -209,6 +278,9 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "build-graphs": build_graphs_main,
     "train": train_main,
     "predict": predict_main,
+    "ablate": ablate_main,
+    "export": export_main,
+    "plot": plot_main,
 }
 
 

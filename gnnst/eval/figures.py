@@ -181,6 +181,8 @@ def moran_table(adatas: dict[str, "AnnData"], *, layer: str = keys.PRED,
     Uses ``sq.gr.spatial_autocorr(mode='moran')`` on the slide's gnnst graph (no permutations).
     Columns: ``slide_id, gene, moran_measured, moran_predicted, pcc``.
     """
+    import warnings
+
     import pandas as pd
     import squidpy as sq
 
@@ -189,8 +191,10 @@ def moran_table(adatas: dict[str, "AnnData"], *, layer: str = keys.PRED,
         genes = list(a.var_names)
         kw = dict(connectivity_key=connectivity_key, genes=genes, mode="moran", n_perms=None, copy=True,
                   use_raw=False)
-        m = sq.gr.spatial_autocorr(a, **kw)["I"]
-        p = sq.gr.spatial_autocorr(a, layer=layer, **kw)["I"]
+        with warnings.catch_warnings():  # a gene constant on a slide has no Moran's I (NaN), not an error
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = sq.gr.spatial_autocorr(a, **kw)["I"]
+            p = sq.gr.spatial_autocorr(a, layer=layer, **kw)["I"]
         r = per_gene_pcc(a, layer=layer)
         rows.append(pd.DataFrame({keys.SLIDE_ID: s, "gene": genes, "moran_measured": m.reindex(genes).to_numpy(),
                                   "moran_predicted": p.reindex(genes).to_numpy(), "pcc": r}))

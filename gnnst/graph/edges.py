@@ -46,12 +46,10 @@ def spatial_edges(pos: np.ndarray, *, k: int | None = 6, radius_um: float | None
         q = min(n, k + 1 + 8)
         dist, idx = tree.query(pos, k=q)  # [N, q]
         dist = np.round(dist, 6)
-        for i in range(n):
-            cand = idx[i][idx[i] != i]
-            d = dist[i][idx[i] != i]
-            order = np.lexsort((cand, d))[:k]
-            src_parts.append(cand[order])
-            dst_parts.append(np.full(k, i))
+        dist[idx == np.arange(n)[:, None]] = np.inf  # the spot itself sorts last, never among the first k
+        order = np.lexsort((idx, dist), axis=-1)[:, :k]  # per row: by distance, then index  [N, k]
+        src_parts.append(np.take_along_axis(idx, order, axis=1).reshape(-1))
+        dst_parts.append(np.repeat(np.arange(n), k))
     if radius_um is not None:
         pairs = tree.query_pairs(r=radius_um, output_type="ndarray")  # [P, 2], i < j
         if len(pairs):
@@ -61,8 +59,8 @@ def spatial_edges(pos: np.ndarray, *, k: int | None = 6, radius_um: float | None
         return np.zeros((2, 0), dtype=np.int64)
     src = np.concatenate(src_parts).astype(np.int64)
     dst = np.concatenate(dst_parts).astype(np.int64)
-    ei = np.unique(np.stack([dst, src], 1), axis=0)  # dedupe; (target, source) rows
-    dst, src = ei[:, 0], ei[:, 1]
+    key = np.unique(dst * n + src)  # dedupe (target, source) pairs; one int64 key sorts much faster than rows
+    dst, src = key // n, key % n
     d = np.round(np.linalg.norm(pos[src] - pos[dst], axis=1), 6)
     order = np.lexsort((src, d, dst))
     return np.stack([src[order], dst[order]])

@@ -106,17 +106,20 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     main = current().is_main  # only the main process writes outputs
     progress = progress and main
     if loaded is None:
-        loaded = load_and_embed(cfg, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_config(cfg, out / "config.yaml")
-    folds = make_folds(loaded.patients(), mode=cfg.eval.folds)
+        from gnnst.data.manifest import load_manifest
+
+    entries = load_manifest(cfg.data.manifest).select(cfg.data.slides)
+    folds = make_folds({e.slide_id: e.patient_id or e.slide_id for e in entries}, mode=cfg.eval.folds)
     if cfg.eval.only_folds:
         names = {f.name for f in folds} | {s for f in folds for s in f.test_slides}
         bad = [n for n in cfg.eval.only_folds if n not in names]
         if bad:
             raise GnnstError(f"config key 'eval.only_folds': unknown fold '{bad[0]}' (folds: {sorted(names)})")
         folds = [f for f in folds if f.name in cfg.eval.only_folds or set(f.test_slides) & set(cfg.eval.only_folds)]
+    loaded = load_and_embed(cfg, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        dump_config(cfg, out / "config.yaml")
     set_cpu_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     fold_results = []

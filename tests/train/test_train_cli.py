@@ -9,8 +9,8 @@ import pytest
 from gnnst.cli import main
 from gnnst_testdata import write_legacy_slide, write_manifest
 
-TINY = ["train.epochs=4", "train.ensemble=2", "train.patience=10", "model.hidden=32", "model.proj_dim=16",
-        "model.heads=2", "expression.n_top_expressed=6", "expression.n_top_variable=6", "eval.n_heg=3",
+TINY = ["train.epochs=3", "train.num_threads=1", "encoder.num_threads=1", "train.ensemble=2", "train.patience=10",
+        "model.hidden=32", "model.proj_dim=16", "model.heads=2", "expression.n_top_expressed=6", "expression.n_top_variable=6", "eval.n_heg=3",
         "eval.n_hvg=3", "train.val_fraction=0.25", "train.batch_nodes=16"]
 
 
@@ -66,7 +66,7 @@ def test_resume_reproduces_uninterrupted_run(three_patients, monkeypatch):
         real_save(obj, path)
         if str(path).endswith("last.pt"):
             calls["n"] += 1
-            if calls["n"] == 6:  # second fold, first member, mid-training
+            if calls["n"] == 8:  # 3 epochs x 2 members per fold: second fold, first member, mid-training
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(gnnst.io, "atomic_torch_save", interrupt_after_some_epochs)

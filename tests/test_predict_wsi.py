@@ -1,0 +1,191 @@
+"""`gnnst predict --grid-um` on a small pyramidal TIFF: spots over the tissue only, outputs, errors."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from gnnst.cli import main
+
+MPP = 0.5  # µm per level-0 pixel, written as TIFF resolution tags
+SIZE = (3000, 2400)  # level-0 width, height
+BLOB = (1100.0, 1300.0, 700.0, 600.0)  # tissue ellipse: centre x, y and radii, pixels
+SPECK = (2000.0, 80 + 2 * 160 * np.sqrt(3) / 2, 20.0)  # a stained speck on grid point 12x2 of an 80 µm hex grid
+GENES = [f"G{i}" for i in range(8)]
+
+
+def draw_slide(width: int, height: int, step: int = 1) -> np.ndarray:
+    """RGB ``[height // step, width // step, 3]``: white glass, a textured pink ellipse, a speck."""
+    yy, xx = np.mgrid[0:height:step, 0:width:step].astype(np.float32)
+    img = np.full(yy.shape + (3,), 246, np.uint8)
+    cx, cy, rx, ry = BLOB
+    tissue = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+    shade = (np.sin(xx / 9.0) * np.cos(yy / 7.0) * 30).astype(np.int16)  # some texture for the encoder
+    for c, v in enumerate((215, 120, 185)):
+        img[..., c][tissue] = np.clip(v + shade[tissue], 0, 255)
+    sx, sy, sr = SPECK
+    img[(xx - sx) ** 2 + (yy - sy) ** 2 <= sr * sr] = (200, 90, 170)
+    return img
+
+
+def write_pyramid_tiff(path, *, mpp: float | None = MPP, levels=(1, 2, 4), tile=256) -> None:
+    """Tiled pyramidal TIFF, one page per level (the layout openslide reads as 'generic-tiff')."""
+    import tifffile
+
+    w, h = SIZE
+    with tifffile.TiffWriter(path) as tw:
+        for i, ds in enumerate(levels):
+            img = draw_slide(w, h, ds)
+            kw = dict(resolution=(1e4 / (mpp * ds),) * 2, resolutionunit="CENTIMETER") if mpp else \
+                dict(resolution=(1.0, 1.0), resolutionunit="NONE")
+            tw.write(img, tile=(tile, tile), photometric="rgb", compression="zlib",
+                     subfiletype=0 if i == 0 else 1, **kw)
+
+
+def make_checkpoint(path, *, patch_size_um: float = 250.0) -> dict:
+    """A tiny untrained GNNST for the default encoder's 1280-wide embeddings, saved as crossval writes it."""
+    import torch
+
+    from gnnst.config import config_to_dict
+    from gnnst.data.encoders import create_encoder
+    from gnnst.models import create_model
+    from gnnst.models.config import ModelConfig
+
+    enc = create_encoder("efficientnet_lite0")
+    mcfg = ModelConfig(hidden=32, proj_dim=16, heads=2, predict_mode="head")
+    torch.manual_seed(0)
+    model = create_model("gnnst", in_dim=enc.dim, num_genes=len(GENES), cfg=mcfg)
+    ck = {"model_state": model.state_dict(), "model_states": [model.state_dict()], "blend_alpha": 1.0,
+          "model_name": "gnnst", "model_cfg": config_to_dict(mcfg), "in_dim": enc.dim,
+          "panel": {"genes": GENES, "heg": GENES[:4], "hvg": GENES[4:], "source_slides": ["S1"]},
+          "scaler": {"mean": [1.0] * len(GENES), "std": [0.5] * len(GENES)},
+          "encoder": {"name": enc.name, "identity": enc.identity, "input_size": enc.input_size, "dim": enc.dim},
+          "patch_size_um": patch_size_um, "graph": {"k": 6, "radius_um": None},
+          "train": {"num_hops": 2, "batch_nodes": 64}, "fold": {"name": "S1"}}
+    torch.save(ck, path)
+    return ck
+
+
+@pytest.fixture(scope="module")
+def wsi(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wsi")
+    write_pyramid_tiff(d / "slide.tif")
+    make_checkpoint(d / "model.pt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def grid_run(wsi):
+    out = wsi / "run" / "slide_pred.h5ad"
+    rc = main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
+               "--grid-um", "80", "--out", str(out), "--cache-dir", str(wsi / "cache"), "--quiet"])
+    return rc, out
+
+
+def test_openslide_reads_the_test_tiff_as_a_pyramid_with_mpp(wsi):
+    from gnnst.data.images import open_image
+
+    with open_image(wsi / "slide.tif") as im:
+        assert im._slide.properties["openslide.vendor"] == "generic-tiff"
+        assert im.level_downsamples == pytest.approx((1.0, 2.0, 4.0))
+        assert im.mpp == pytest.approx(MPP)
+        thumb = im.thumbnail(600)  # assembled tile by tile from level 2
+        ref = np.asarray(im._slide.get_thumbnail((600, 600)).convert("RGB"))
+    assert thumb.shape == ref.shape == (480, 600, 3)
+    assert np.abs(thumb.astype(int) - ref.astype(int)).mean() < 3
+
+
+def test_patches_come_from_the_level_that_keeps_the_encoder_input():
+    from gnnst.data.patches import choose_level
+
+    ds = (1.0, 2.0, 4.0, 16.0)
+    assert choose_level(ds, 500, 224) == 1  # 500 / 2 = 250 >= 224 > 500 / 4
+    assert choose_level(ds, 4000, 224) == 3
+    assert choose_level(ds, 100, 224) == 0  # smaller than the input everywhere: full resolution
+    assert choose_level((1.0,), 1000, 224) == 0
+
+
+def test_grid_predict_covers_the_tissue_only(grid_run):
+    rc, out = grid_run
+    assert rc == 0
+    a = ad.read_h5ad(out)
+    xy = a.obsm["spatial"]
+    cx, cy, rx, ry = BLOB
+    r = np.sqrt(((xy[:, 0] - cx) / rx) ** 2 + ((xy[:, 1] - cy) / ry) ** 2)
+    assert (r <= 1.03).all()  # every spot is on the tissue (mask resolution ~ 1.5 px of 3000)
+    pitch = 80 / MPP
+    expected = np.pi * rx * ry / (pitch * pitch * np.sqrt(3) / 2)  # hex cells inside the ellipse
+    assert 0.85 * expected <= a.n_obs <= 1.1 * expected
+    assert "12x2" not in a.obs_names  # the speck's grid point: specks are not tissue
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(xy).query(xy, k=2)
+    assert np.allclose(d[:, 1], pitch)  # a hexagonal grid at the requested pitch
+
+
+def test_grid_predict_output_fields(grid_run):
+    rc, out = grid_run
+    a = ad.read_h5ad(out)
+    assert list(a.var_names) == GENES
+    assert np.allclose(a.X, a.layers["gnnst_pred"]) and np.isfinite(a.X).all()
+    assert a.obsm["X_img_efficientnet_lite0"].shape == (a.n_obs, 1280)
+    assert a.obsp["spatial_connectivities"].shape == (a.n_obs, a.n_obs)
+    assert (a.obsp["spatial_connectivities"].sum(1) == 6).all()  # the checkpoint's k
+    assert a.uns["spatial_neighbors"]["connectivities_key"] == "spatial_connectivities"
+    lib = a.uns["spatial"]["slide"]
+    hires = lib["images"]["hires"]
+    sf = lib["scalefactors"]
+    assert hires.dtype == np.uint8 and hires.shape[2] == 3
+    assert sf["tissue_hires_scalef"] == pytest.approx(hires.shape[1] / SIZE[0])
+    assert sf["spot_diameter_fullres"] == pytest.approx(80 / MPP)
+    assert a.uns["gnnst"]["mpp"] == pytest.approx(MPP)
+    assert a.uns["gnnst"]["grid"]["kind"] == "hex"
+    for g in GENES[:3]:  # default maps: the panel's top-3 HEG
+        assert (out.parent / f"slide_pred_{g}.png").stat().st_size > 1000
+
+
+def test_square_grid_and_chosen_genes(wsi):
+    out = wsi / "sq" / "p.h5ad"
+    assert main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
+                 "--grid-um", "120", "--grid", "square", "--plot-genes", "G5,G7", "--out", str(out),
+                 "--cache-dir", str(wsi / "cache"), "--quiet"]) == 0
+    a = ad.read_h5ad(out)
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(a.obsm["spatial"]).query(a.obsm["spatial"], k=5)
+    assert np.allclose(d[:, 1], 120 / MPP) and a.uns["gnnst"]["grid"]["kind"] == "square"
+    assert sorted(p.name for p in out.parent.glob("*.png")) == ["p_G5.png", "p_G7.png"]
+
+
+def test_slide_without_mpp_is_an_error(wsi, tmp_path, capsys):
+    write_pyramid_tiff(tmp_path / "nompp.tif", mpp=None, levels=(1, 4))
+    rc = main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(tmp_path / "nompp.tif"),
+               "--grid-um", "80", "--out", str(tmp_path / "p.h5ad"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nompp.tif" in err and "no micrometres per pixel" in err and "--mpp" in err
+    assert not (tmp_path / "p.h5ad").exists()
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("gene", "gene 'NOPE' is not in the panel"),
+    ("encoder", "encoder mismatch"),
+    ("scaler", "'scaler.mean' has 7 values for a panel of 8 genes"),
+])
+def test_mismatches_are_errors(wsi, tmp_path, capsys, case, pattern):
+    import torch
+
+    ck = torch.load(wsi / "model.pt", weights_only=False)
+    extra = []
+    if case == "gene":
+        extra = ["--plot-genes", "G1,NOPE"]
+    elif case == "encoder":
+        ck["encoder"]["identity"] = "efficientnet_lite0:other-weights"
+    else:
+        ck["scaler"]["mean"] = ck["scaler"]["mean"][:-1]
+    torch.save(ck, tmp_path / "model.pt")
+    rc = main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--image", str(wsi / "slide.tif"),
+               "--grid-um", "80", "--out", str(tmp_path / "p.h5ad"), "--quiet", *extra])
+    assert rc == 2 and pattern in capsys.readouterr().err
+    assert not (tmp_path / "p.h5ad").exists()
