@@ -48,8 +48,13 @@ METHODS = {
                                                                          "train.ensemble=1"]),
     "gnnst_full_e1": ("gnnst, full (ens 1)", "gnnst", ["train.ensemble=1"]),
     "gnnst": ("gnnst, full (defaults, ens 3)", "gnnst", []),
+    "gnnst_leaky_e1": ("gnnst, full, LEAKY protocol (ens 1)", "leaky", ["train.ensemble=1"]),
     "gnnst_leaky": ("gnnst, full, LEAKY protocol (ens 3)", "leaky", []),
 }
+# the order the (method, fold) tasks run in: cheap and central rows first, so that a run cut short by
+# --budget-min still gives complete rows (the table keeps the order of METHODS)
+RUN_ORDER = ("mean", "ridge", "gnnst_full_e1", "gnnst_leaky_e1", "bleep", "gnnst_no_graph", "gnnst_no_contrastive",
+             "gnnst_no_nbhd", "mclstexp", "gnnst", "gnnst_leaky")
 
 log = logging.getLogger("gnnst")
 
@@ -224,64 +229,141 @@ def summarise_method(records: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- run
-def run(cache_dir: str | None, methods: list[str], only_folds: list[str] | None, overrides: list[str]) -> dict:
-    import torch
+_WORKER: dict = {}  # per process: the config, the loaded slides and the methods' configs
+
+
+def _init_worker(cache_dir: str | None, methods: list[str], overrides: list[str], threads: int | None) -> None:
+    """Read and embed the slides once per process (warm cache): every method sees the same embeddings."""
+    import logging as _logging
 
     from gnnst.config import load_config
-    from gnnst.data.encoders import resolve_device, set_cpu_threads
-    from gnnst.eval.metrics import evaluate
-    from gnnst.eval.splits import make_folds
+    from gnnst.data.encoders import set_cpu_threads
     from gnnst.graph.dataset import load_and_embed
 
+    _logging.getLogger("gnnst").setLevel(_logging.WARNING)
     base_over = list(overrides) + ([f"data.cache_dir={cache_dir}"] if cache_dir else [])
     base = load_config(REPO / "configs" / "her2st.yaml", base_over)
-    t_load = time.perf_counter()
-    loaded = load_and_embed(base, progress=False)  # once: every method sees the same embeddings
-    t_load = time.perf_counter() - t_load
+    t0 = time.perf_counter()
+    loaded = load_and_embed(base, progress=False)
+    _WORKER.update(base=base, loaded=loaded, load_seconds=time.perf_counter() - t0, base_over=base_over,
+                   cfgs={m: load_config(REPO / "configs" / "her2st.yaml", base_over + METHODS[m][2]) for m in methods})
+    set_cpu_threads(threads if threads is not None else base.train.num_threads)
+
+
+def _run_task(m: str, fold_name: str) -> dict:
+    """One method on one fold, in this process; returns its record (predictions included)."""
+    import torch
+
+    from gnnst.data.encoders import resolve_device
+    from gnnst.eval.metrics import evaluate
+    from gnnst.eval.splits import make_folds
+
+    base, loaded, cfgs = _WORKER["base"], _WORKER["loaded"], _WORKER["cfgs"]
+    fold = next(f for f in make_folds(loaded.patients(), mode=base.eval.folds) if f.name == fold_name)
+    kind = METHODS[m][1]
+    leaky = kind == "leaky"
+    prepared = _WORKER.setdefault("prepared", {})
+    if (fold_name, leaky) not in prepared:
+        prepared[(fold_name, leaky)] = prepare_fold(loaded, base, fold, leaky=leaky)
+    fd = prepared[(fold_name, leaky)]
+    with tempfile.TemporaryDirectory(prefix="gnnst-acc-") as tmp:
+        t0 = time.perf_counter()
+        torch.manual_seed(cfgs[m].seed)
+        preds, details = run_method(kind, cfgs[m], fd, Path(tmp), resolve_device(base.train.device))
+        seconds = time.perf_counter() - t0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        met = evaluate(fd["y_test"], preds, fd["panel"].genes, fd["subsets"])
+    met.pop("per_gene")
+    if kind == "mean":  # a constant: PCC on a slide is undefined (float rounding is not signal)
+        for v in [met, *met["per_slide"].values()]:
+            for k in [k for k in v if k.startswith(("pcc_", "spearman_"))]:
+                v[k] = float("nan")
+    print(f"  fold {fold.name:>3} {m:22s} PCC HEG50 "
+          + ", ".join(f"{s} {v['pcc_heg50']:.3f}" for s, v in met["per_slide"].items())
+          + f"  MSE {met['mse']:.4f}  {seconds:6.1f} s", flush=True)
+    return {"method": m, "fold": fold.name, "patient_disjoint": fold.patient_disjoint, "seconds": seconds,
+            "metrics": met, "details": details, "genes": list(fd["panel"].genes),
+            "subsets": {k: list(v) for k, v in fd["subsets"].items()}, "y": fd["y_test"], "p": preds}
+
+
+def run(cache_dir: str | None, methods: list[str], only_folds: list[str] | None, overrides: list[str],
+        jobs: int = 1, workdir: Path | None = None, budget_min: float | None = None) -> dict:
+    """Every method on every fold, as (method, fold) tasks in :data:`RUN_ORDER`, ``jobs`` at a time in
+    worker processes of ``cores // jobs`` torch threads each (``jobs=1``: in this process, all cores).
+
+    ``workdir``: each finished task is saved there and reused by a later run with the same folder
+    (so a run cut short is completed, not redone). ``budget_min``: no task starts after this many
+    minutes; rows missing a fold are then reported as unfinished.
+    """
+    import multiprocessing as mp
+    import pickle
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from gnnst.eval.splits import make_folds
+
+    cores = len(os.sched_getaffinity(0))
+    threads = None if jobs == 1 else max(cores // jobs, 1)
+    t_all = time.perf_counter()
+    _init_worker(cache_dir, methods, overrides, threads)
+    loaded, base = _WORKER["loaded"], _WORKER["base"]
     folds = make_folds(loaded.patients(), mode=base.eval.folds)
     if only_folds:
         folds = [f for f in folds if f.name in only_folds or set(f.test_slides) & set(only_folds)]
-    set_cpu_threads(base.train.num_threads)
-    device = resolve_device(base.train.device)
-    cfgs = {m: load_config(REPO / "configs" / "her2st.yaml", base_over + METHODS[m][2]) for m in methods}
-    records: dict[str, list] = {m: [] for m in methods}
-    t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gnnst-acc-") as tmp:
-        for fold in folds:
-            prepared = {}
-            for m in methods:
-                kind = METHODS[m][1]
-                leaky = kind == "leaky"
-                if leaky not in prepared:
-                    prepared[leaky] = prepare_fold(loaded, base, fold, leaky=leaky)
-                fd = prepared[leaky]
-                t0 = time.perf_counter()
-                torch.manual_seed(cfgs[m].seed)
-                preds, details = run_method(kind, cfgs[m], fd, Path(tmp) / m / fold.name, device)
-                seconds = time.perf_counter() - t0
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    met = evaluate(fd["y_test"], preds, fd["panel"].genes, fd["subsets"])
-                met.pop("per_gene")
-                if kind == "mean":  # a constant: PCC on a slide is undefined (float rounding is not signal)
-                    for v in [met, *met["per_slide"].values()]:
-                        for k in [k for k in v if k.startswith(("pcc_", "spearman_"))]:
-                            v[k] = float("nan")
-                records[m].append({"fold": fold.name, "patient_disjoint": fold.patient_disjoint, "seconds": seconds,
-                                   "metrics": met, "details": details, "genes": list(fd["panel"].genes),
-                                   "subsets": {k: list(v) for k, v in fd["subsets"].items()},
-                                   "y": fd["y_test"], "p": preds})
-                ps = met["per_slide"]
-                print(f"  fold {fold.name:>3} {m:22s} PCC HEG50 "
-                      + ", ".join(f"{s} {v['pcc_heg50']:.3f}" for s, v in ps.items())
-                      + f"  MSE {met['mse']:.4f}  {seconds:6.1f} s", flush=True)
+    done: dict[tuple[str, str], dict] = {}
+    todo = []
+    for m in [m for m in RUN_ORDER if m in methods]:
+        for f in folds:
+            path = workdir / m / f"{f.name}.pkl" if workdir else None
+            if path is not None and path.is_file():
+                done[(m, f.name)] = pickle.loads(path.read_bytes())
+            else:
+                todo.append((m, f.name))
+    n_reused = len(done)
+    if done:
+        print(f"reusing {len(done)} finished (method, fold) results from {workdir}", flush=True)
+
+    def over_budget() -> bool:
+        return budget_min is not None and time.perf_counter() - t_all > 60 * budget_min
+
+    def keep(rec: dict) -> None:
+        done[(rec["method"], rec["fold"])] = rec
+        if workdir is not None:
+            path = workdir / rec["method"] / f"{rec['fold']}.pkl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(rec))
+            os.replace(tmp, path)
+
+    if jobs == 1:
+        for m, f in todo:
+            if over_budget():
+                break
+            keep(_run_task(m, f))
+    elif todo:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(cache_dir, methods, overrides, threads)) as pool:
+            queue, pending = list(todo), set()
+            while queue or pending:
+                while queue and len(pending) < jobs and not over_budget():
+                    pending.add(pool.submit(_run_task, *queue.pop(0)))
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    keep(fut.result())
+    complete = [m for m in methods if all((m, f.name) in done for f in folds)]
+    unfinished = {m: sum((m, f.name) in done for f in folds) for m in methods if m not in complete}
+    records = {m: [done[(m, f.name)] for f in folds] for m in complete}
     with np.errstate(invalid="ignore"):
-        summary = {m: summarise_method(records[m]) for m in methods}
-    folds_info = [f.to_dict() for f in folds]
-    for m in methods:  # keep the per-fold details, drop the arrays
+        summary = {m: summarise_method(records[m]) for m in complete}
+    for m in complete:  # keep the per-fold details, drop the arrays
         summary[m]["folds"] = [{k: r[k] for k in ("fold", "patient_disjoint", "seconds", "details")} for r in records[m]]
-    return {"summary": summary, "folds": folds_info, "load_seconds": t_load, "seconds": time.perf_counter() - t_all,
-            "n_spots": int(sum(a.n_obs for a in loaded.adatas.values())), "methods": methods,
-            "overrides": base_over}
+    return {"summary": summary, "folds": [f.to_dict() for f in folds], "load_seconds": _WORKER["load_seconds"],
+            "seconds": time.perf_counter() - t_all, "jobs": jobs, "threads_per_job": threads or cores,
+            "n_spots": int(sum(a.n_obs for a in loaded.adatas.values())), "methods": complete,
+            "unfinished": unfinished, "reused": n_reused,
+            "overrides": _WORKER["base_over"]}
 
 
 def _f(v: float, nd: int = 3) -> str:
@@ -325,8 +407,9 @@ def notes(r: dict) -> str:
         "uses the same gene panel (chosen on the five training slides), the same normalisation (normalize_total "
         "+ log1p) and, where a model is trained, the same validation blocks, standardisation, epochs (60), "
         "patience (15), learning rate and seed (0).",
-        "- `time` = wall seconds over the six folds for fitting and predicting (ensembles: all members; includes "
-        "the per-epoch validation pass).",
+        "- `time` = wall seconds summed over the six folds for fitting and predicting (ensembles: all members; "
+        f"includes the per-epoch validation pass); folds ran {r['jobs']} at a time with {r['threads_per_job']} torch "
+        "thread(s) each.",
         "- Mean predictor: a constant per fold, so its per-slide PCC is undefined (—). Its pooled PCC is not: "
         "pooled across folds, the fold-wise training means still differ, so pooled figures reward slide-level "
         "offsets; per-slide figures are the primary ones.",
@@ -337,15 +420,23 @@ def notes(r: dict) -> str:
         "- Ablation rows use `train.ensemble=1` (one seed) to keep the run short; compare them with "
         "\"gnnst, full (ens 1)\". The defaults row is exactly what `gnnst train --config configs/her2st.yaml` runs.",
     ]
-    if "gnnst_leaky" in S and "gnnst" in S:
-        h, lk = S["gnnst"], S["gnnst_leaky"]
+    pairs = [(lk, h) for lk, h in (("gnnst_leaky_e1", "gnnst_full_e1"), ("gnnst_leaky", "gnnst")) if lk in S and h in S]
+    if pairs:
         out.append(
-            "- LEAKY row (not a valid result, shown for comparison with published numbers): gene panel and "
+            "- LEAKY rows (not valid results, shown for comparison with published numbers): gene panel and "
             "top-50 lists chosen on all six slides including the held-out one, and the held-out slide used as "
             "the validation set, so early stopping, checkpoint and head/retrieval blend are picked on it. "
-            f"PCC HEG50 per slide {_f(lk['pcc_heg50_per_slide'])} vs {_f(h['pcc_heg50_per_slide'])} honest "
-            f"({lk['pcc_heg50_per_slide'] - h['pcc_heg50_per_slide']:+.3f}).")
-    out.append(f"- Whole benchmark: {r['seconds'] / 60:.1f} min on this machine.")
+            + "; ".join(f"{METHODS[lk][0]}: PCC HEG50 per slide {_f(S[lk]['pcc_heg50_per_slide'])} vs "
+                        f"{_f(S[h]['pcc_heg50_per_slide'])} honest "
+                        f"({S[lk]['pcc_heg50_per_slide'] - S[h]['pcc_heg50_per_slide']:+.3f})" for lk, h in pairs) + ".")
+    if r["unfinished"]:
+        out.append("- Not finished within the run's time budget (rows left out; folds done of "
+                   f"{len(r['folds'])}): " + ", ".join(f"{METHODS[m][0]} ({k})" for m, k in r["unfinished"].items())
+                   + ". `--resume` completes them.")
+    if r["reused"]:
+        out.append(f"- {r['reused']} of the (method, fold) results were computed by an earlier invocation of this "
+                   "script with the same code and reused (`--resume`).")
+    out.append(f"- This invocation: {r['seconds'] / 60:.1f} min on this machine.")
     return "\n".join(out)
 
 
@@ -354,13 +445,24 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None, help="embedding cache (data.cache_dir); a warm one saves encoding")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--folds", nargs="+", default=None, help="only these folds (test slide ids); default all")
+    p.add_argument("--jobs", type=int, default=1, help="tasks run at once, in worker processes sharing the cores")
+    p.add_argument("--workdir", default=str(REPO / "runs" / "bench_accuracy"),
+                   help="finished (method, fold) results are kept here")
+    p.add_argument("--resume", action="store_true", help="reuse the results in --workdir (else it is emptied first)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="start no task after this many minutes; unfinished rows are reported as such")
     p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     p.add_argument("--note", default="", help="a remark recorded with the table (e.g. a shared machine)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every row (e.g. train.epochs=5)")
     args = p.parse_args(argv)
     logging.getLogger("gnnst").setLevel(logging.WARNING)
     load_before = os.getloadavg()
-    r = run(args.cache_dir, args.methods, args.folds, args.overrides)
+    workdir = Path(args.workdir)
+    if not args.resume and workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir)
+    r = run(args.cache_dir, args.methods, args.folds, args.overrides, args.jobs, workdir, args.budget_min)
     r["loadavg_before"], r["loadavg_after"] = load_before, os.getloadavg()
     text = format_tables(r) + "\n\n" + notes(r)
     text += (f"\n- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in r['loadavg_before'])}, after "

@@ -124,6 +124,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--grid-um", type=float, help="H&E only: predict on a regular grid of this pitch (µm) "
                                                      "laid over the detected tissue")
     p.add_argument("--grid", choices=("hex", "square"), default="hex", help="grid layout with --grid-um")
+    p.add_argument("--supersample", type=int, default=2,
+                   help="with --grid-um: each spot is the mean over S x S sub-positions of its cell (S^2 patches "
+                        "per spot); 1 = one patch at the spot centre, ~4x faster than the default 2")
     p.add_argument("--plot-genes", default=None,
                    help="with --grid-um: comma-separated genes mapped to <out>_<gene>.png (default: top-3 HEG)")
     p.add_argument("--out", required=True, help="output .h5ad")
@@ -155,9 +158,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
             setup_logging(None, "predict")
-            adata = predict_grid(ck, args.image, grid_um=args.grid_um, kind=args.grid, slide_id=slide_id,
-                                 mpp=args.mpp, cache_dir=args.cache_dir, device=args.device,
-                                 progress=not args.quiet)
+            adata = predict_grid(ck, args.image, grid_um=args.grid_um, kind=args.grid,
+                                 supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
+                                 cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
             with atomic_path(out) as tmp:
                 adata.write_h5ad(tmp)
             maps = plot_gene_maps(adata, genes, out.with_suffix(""))

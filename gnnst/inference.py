@@ -159,10 +159,6 @@ def predict_slide(
     ``obsm['spatial']`` (pixels), ``obsm['X_img_<encoder>']``, ``obsp['spatial_connectivities']`` and
     ``obsp['spatial_distances']`` (the gnnst graph), ``uns['spatial_neighbors']`` and ``uns['gnnst']``.
     """
-    import anndata as ad
-    import pandas as pd
-    import scipy.sparse as sp
-
     from gnnst.data.embeddings import embed_spots
     from gnnst.data.encoders import resolve_device
     from gnnst.data.manifest import cache_root
@@ -170,15 +166,26 @@ def predict_slide(
 
     dev = resolve_device(device)
     enc = encoder_for_checkpoint(ck, dev)
+    a = spots_anndata(pixel_xy, barcodes, slide_id=slide_id, mpp=mpp, image=image)
+    emb = embed_spots(a, enc, size_um=ck["patch_size_um"], batch_size=batch_size, device=dev,
+                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress)
+    g = slide_to_data(a, emb, None, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
+    return predict_graph_to_anndata(ck, g, a, emb, device=dev)
+
+
+def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, mpp: float,
+                  image: str | Path) -> "AnnData":
+    """Canonical AnnData of spots without expression: ``obsm['spatial']``, ``obs['slide_id']``, ``uns['gnnst']``."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
     a = ad.AnnData(X=sp.csr_matrix((len(barcodes), 0), dtype=np.float32),
                    obs=pd.DataFrame(index=pd.Index(barcodes, name=keys.BARCODE)))
     a.obsm[keys.SPATIAL] = np.asarray(pixel_xy, dtype=np.float64)
     a.obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * len(barcodes))
     a.uns[keys.UNS_GNNST] = {keys.MPP: float(mpp), keys.IMAGE_PATH: str(image)}
-    emb = embed_spots(a, enc, size_um=ck["patch_size_um"], batch_size=batch_size, device=dev,
-                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress)
-    g = slide_to_data(a, emb, None, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
-    return predict_graph_to_anndata(ck, g, a, emb, device=dev)
+    return a
 
 
 def predict_graph_to_anndata(ck: dict, g, a: "AnnData", emb: np.ndarray, *, device) -> "AnnData":
@@ -226,6 +233,7 @@ def predict_grid(
     *,
     grid_um: float,
     kind: str = "hex",
+    supersample: int = 2,
     slide_id: str,
     mpp: float | None = None,
     cache_dir: str | None = None,
@@ -239,22 +247,35 @@ def predict_grid(
     on glass are dropped before anything is encoded. Patches are read at the pyramid level closest to
     the checkpoint's patch size and streamed in batches, so memory does not grow with the slide.
 
+    With ``supersample = S > 1`` the grid is predicted ``S * S`` times, shifted to sub-positions spread
+    over each cell (:func:`gnnst.data.grid.cell_offsets`); every copy is a grid of the same pitch with
+    its graph built as in training, and a spot's value is the mean over its cell (``S * S`` patches
+    per spot). ``S = 1`` is a point sample at the spot centre, ~S² times faster.
+
     Args:
         ck: a checkpoint from :func:`load_checkpoint`.
         image: the slide (openslide formats or JPEG/PNG).
         grid_um: centre-to-centre distance of neighbouring grid spots, µm.
         kind: ``"hex"`` or ``"square"``.
+        supersample: sub-positions per cell side (see above).
         slide_id: key of the slide in ``obs['slide_id']`` and ``uns['spatial']``.
         mpp: micrometres per pixel; ``None`` = from the slide's metadata (an error when absent).
 
-    Sets the fields of :func:`predict_slide` plus ``uns['spatial'][slide_id]`` (thumbnail and scanpy's
+    Sets the fields of :func:`predict_slide` (``obsm['spatial']``: cell centres; the image embedding
+    is the mean over the sub-positions) plus ``uns['spatial'][slide_id]`` (thumbnail and scanpy's
     Visium scale factors; ``spot_diameter_fullres`` = the grid pitch, so the spots tile the map) and
-    ``uns['gnnst']['grid']`` (kind, pitch in µm and pixels, tissue threshold and fraction).
+    ``uns['gnnst']['grid']`` (kind, pitch in µm and pixels, supersample, tissue threshold and fraction).
     """
-    from gnnst.data.grid import tissue_grid
+    import pandas as pd
+
+    from gnnst.data.embeddings import embed_spots
+    from gnnst.data.encoders import resolve_device
+    from gnnst.data.grid import cell_offsets, tissue_grid
     from gnnst.data.images import open_image
+    from gnnst.data.manifest import cache_root
     from gnnst.data.tissue import detect_tissue
-    from gnnst.export.anndata import add_image
+    from gnnst.export.anndata import add_image, add_spatial_graph, graph_from_pixels
+    from gnnst.graph.dataset import slide_to_data
 
     if not np.isfinite(grid_um) or grid_um <= 0:
         raise GnnstError(f"--grid-um must be > 0, got {grid_um}")
@@ -264,15 +285,41 @@ def predict_grid(
         if mpp is None:
             raise GnnstError(f"{image}: no micrometres per pixel in the slide's metadata (openslide mpp-x/mpp-y "
                              "or TIFF resolution tags); give --mpp")
+        pitch_px = grid_um / mpp
+        offsets = cell_offsets(pitch_px, kind=kind, supersample=supersample)  # [K, 2]
         tissue = detect_tissue(im, mpp=mpp)
-        xy, barcodes = tissue_grid(tissue, width=im.width, height=im.height, pitch_px=grid_um / mpp, kind=kind)
+        xy, barcodes = tissue_grid(tissue, width=im.width, height=im.height, pitch_px=pitch_px, kind=kind)
         size = (im.width, im.height)
-    log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm",
-             slide_id, size[0], size[1], mpp, 100 * tissue.fraction, len(xy), kind, grid_um)
-    out = predict_slide(ck, image, xy, barcodes, slide_id=slide_id, mpp=mpp, cache_dir=cache_dir,
-                        batch_size=batch_size, device=device, progress=progress)
+    n, n_sub = len(xy), len(offsets)
+    log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm, %d patch(es) each",
+             slide_id, size[0], size[1], mpp, 100 * tissue.fraction, n, kind, grid_um, n_sub)
+    dev = resolve_device(device)
+    enc = encoder_for_checkpoint(ck, dev)
+    sub_xy = np.concatenate([np.clip(xy + off, 0, (size[0] - 1, size[1] - 1)) for off in offsets])  # [K*N, 2]
+    sub = spots_anndata(sub_xy, [f"{b}/{k}" for k in range(n_sub) for b in barcodes], slide_id=slide_id,
+                        mpp=mpp, image=image)
+    emb = embed_spots(sub, enc, size_um=ck["patch_size_um"], batch_size=batch_size, device=dev,
+                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress)  # [K*N, D]
+    preds = []
+    for k in range(n_sub):  # each shifted copy is a whole grid: its graph is built as in training
+        rows = slice(k * n, (k + 1) * n)
+        a_k = sub[rows]
+        g = slide_to_data(a_k, emb[rows], None, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
+        preds.append(predict_graph_to_anndata(ck, g, a_k, emb[rows], device=dev))
+    out = preds[0]
+    out.obs.index = pd.Index(barcodes, name=keys.BARCODE)
+    out.obsm[keys.SPATIAL] = np.asarray(xy, dtype=np.float64)  # cell centres
+    if n_sub > 1:
+        p = np.mean([np.asarray(q.X) for q in preds], axis=0).astype(np.float32)  # [N, G]
+        out.X = p
+        out.layers[keys.PRED] = p.copy()
+        emb_key = next(key for key in out.obsm if key.startswith(keys.img_key("")))
+        out.obsm[emb_key] = emb.reshape(n_sub, n, -1).mean(0).astype(np.float32)  # [N, D]
+        ei, dist = graph_from_pixels(xy, mpp, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
+        add_spatial_graph(out, ei, dist, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
     add_image(out, image, library_id=slide_id, mpp=mpp, spot_diameter_um=grid_um)
-    out.uns[keys.UNS_GNNST]["grid"] = {"kind": kind, "pitch_um": float(grid_um), "pitch_px": float(grid_um / mpp),
+    out.uns[keys.UNS_GNNST]["grid"] = {"kind": kind, "pitch_um": float(grid_um), "pitch_px": float(pitch_px),
+                                       "supersample": int(supersample), "patches_per_spot": int(n_sub),
                                        "tissue_threshold": float(tissue.threshold),
                                        "tissue_fraction": float(tissue.fraction)}
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import anndata as ad
 import numpy as np
 import pytest
@@ -79,7 +80,8 @@ def wsi(tmp_path_factory):
 def grid_run(wsi):
     out = wsi / "run" / "slide_pred.h5ad"
     rc = main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
-               "--grid-um", "80", "--out", str(out), "--cache-dir", str(wsi / "cache"), "--quiet"])
+               "--grid-um", "80", "--supersample", "1", "--out", str(out), "--cache-dir", str(wsi / "cache"),
+               "--quiet"])
     return rc, out
 
 
@@ -117,6 +119,8 @@ def test_grid_predict_covers_the_tissue_only(grid_run):
     pitch = 80 / MPP
     expected = np.pi * rx * ry / (pitch * pitch * np.sqrt(3) / 2)  # hex cells inside the ellipse
     assert 0.85 * expected <= a.n_obs <= 1.1 * expected
+    assert all(re.fullmatch(r"\d+x\d+", b) for b in a.obs_names)  # "<col>x<row>"
+    assert "6x9" in a.obs_names  # the grid point at the blob's centre, (1120, 1327)
     assert "12x2" not in a.obs_names  # the speck's grid point: specks are not tissue
     from scipy.spatial import cKDTree
 
@@ -145,17 +149,27 @@ def test_grid_predict_output_fields(grid_run):
         assert (out.parent / f"slide_pred_{g}.png").stat().st_size > 1000
 
 
-def test_square_grid_and_chosen_genes(wsi):
-    out = wsi / "sq" / "p.h5ad"
-    assert main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
-                 "--grid-um", "120", "--grid", "square", "--plot-genes", "G5,G7", "--out", str(out),
-                 "--cache-dir", str(wsi / "cache"), "--quiet"]) == 0
-    a = ad.read_h5ad(out)
+def test_supersampled_square_grid_is_the_mean_of_its_shifted_copies(wsi):
     from scipy.spatial import cKDTree
 
-    d, _ = cKDTree(a.obsm["spatial"]).query(a.obsm["spatial"], k=5)
-    assert np.allclose(d[:, 1], 120 / MPP) and a.uns["gnnst"]["grid"]["kind"] == "square"
-    assert sorted(p.name for p in out.parent.glob("*.png")) == ["p_G5.png", "p_G7.png"]
+    from gnnst.data.grid import cell_offsets
+    from gnnst.inference import load_checkpoint, plot_gene_maps, predict_grid, predict_slide
+
+    ck = load_checkpoint(wsi / "model.pt")
+    a = predict_grid(ck, wsi / "slide.tif", grid_um=160, kind="square", supersample=2, slide_id="slide",
+                     cache_dir=str(wsi / "cache"), progress=False)
+    xy = a.obsm["spatial"]
+    d, _ = cKDTree(xy).query(xy, k=5)
+    assert np.allclose(d[:, 1], 160 / MPP) and a.uns["gnnst"]["grid"]["kind"] == "square"
+    assert a.uns["gnnst"]["grid"]["patches_per_spot"] == 4 and (a.obsp["spatial_connectivities"].sum(1) == 6).all()
+    offs = cell_offsets(160 / MPP, kind="square", supersample=2)
+    assert sorted(map(tuple, offs / (160 / MPP))) == [(-0.25, -0.25), (-0.25, 0.25), (0.25, -0.25), (0.25, 0.25)]
+    # each copy is the whole grid shifted within its cells and predicted with its own graph
+    copies = [predict_slide(ck, wsi / "slide.tif", xy + o, list(a.obs_names), slide_id="slide", mpp=MPP,
+                            cache_dir=str(wsi / "cache"), progress=False).X for o in offs]
+    np.testing.assert_allclose(a.X, np.mean(copies, 0), rtol=1e-4, atol=1e-4)
+    maps = plot_gene_maps(a, ["G5", "G7"], wsi / "sq" / "p")
+    assert [m.name for m in maps] == ["p_G5.png", "p_G7.png"] and all(m.stat().st_size > 1000 for m in maps)
 
 
 def test_slide_without_mpp_is_an_error(wsi, tmp_path, capsys):

@@ -70,3 +70,21 @@ def tissue_grid(
         raise GnnstError(f"no grid point at a pitch of {pitch_px:.1f} px falls on the detected tissue; "
                          "use a smaller --grid-um")
     return xy, [f"{c}x{r}" for c, r in colrow]
+
+
+def cell_offsets(pitch_px: float, *, kind: str = "hex", supersample: int = 1) -> np.ndarray:
+    """``[S*S, 2]`` offsets (pixels) of ``S x S`` sub-positions spread evenly over a grid spot's cell.
+
+    ``S = 1`` gives the centre only. For ``S = 2``: ``(±pitch/4, ±dy/4)`` with ``dy`` the row spacing
+    (``pitch`` square, ``pitch * sqrt(3)/2`` hex), all inside the cell. Averaging the predictions at
+    these positions makes a grid spot's value the mean over its cell rather than a point sample.
+    """
+    if kind not in GRID_KINDS:
+        raise GnnstError(f"--grid must be one of {', '.join(GRID_KINDS)}, got '{kind}'")
+    if int(supersample) != supersample or supersample < 1:
+        raise GnnstError(f"--supersample must be an integer >= 1, got {supersample}")
+    s = int(supersample)
+    dy = pitch_px * (np.sqrt(3.0) / 2.0 if kind == "hex" else 1.0)
+    f = (np.arange(s) + 0.5) / s - 0.5  # [S] in (-0.5, 0.5)
+    fx, fy = np.meshgrid(f, f)
+    return np.stack([fx.ravel() * pitch_px, fy.ravel() * dy], 1)

@@ -77,12 +77,13 @@ def tissue_mask(
     Returns:
         ``([h, w] bool mask, threshold)``.
     """
-    from skimage.color import rgb2hsv
     from skimage.filters import gaussian, threshold_otsu
 
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise GnnstError(f"tissue detection needs an RGB image [h, w, 3], got shape {rgb.shape}")
-    sat = rgb2hsv(rgb)[..., 1]  # [h, w] in [0, 1]
+    hi = rgb.max(axis=2).astype(np.float32)
+    lo = rgb.min(axis=2).astype(np.float32)
+    sat = (hi - lo) / np.maximum(hi, 1.0)  # [h, w] HSV saturation in [0, 1]
     sigma = smooth_um / um_per_px
     if sigma >= 0.5:
         sat = gaussian(sat, sigma=sigma)
@@ -135,13 +136,17 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
     return keep[lab]
 
 
-def detect_tissue(image: "SlideImage", *, mpp: float, max_side: int = 2048, **kwargs) -> TissueMask:
-    """Tissue of ``image`` detected on a thumbnail whose longer side is at most ``max_side`` pixels.
+def detect_tissue(
+    image: "SlideImage", *, mpp: float, um_per_px: float = 4.0, max_side: int = 2048, **kwargs
+) -> TissueMask:
+    """Tissue of ``image`` detected on a thumbnail of ``um_per_px`` (coarser if needed to keep its
+    longer side at most ``max_side`` pixels).
 
     The thumbnail is read from the pyramid's low-resolution levels (tile by tile), never from the
     full-resolution image at once. ``kwargs`` go to :func:`tissue_mask`.
     """
-    thumb = image.thumbnail(max_side)  # [h, w, 3]
+    side = min(max_side, int(np.ceil(max(image.width, image.height) * mpp / um_per_px)))
+    thumb = image.thumbnail(max(side, 64))  # [h, w, 3]
     scale = (thumb.shape[1] / image.width, thumb.shape[0] / image.height)
     mask, thr = tissue_mask(thumb, um_per_px=mpp / min(scale), **kwargs)
     return TissueMask(mask=mask, thumbnail=thumb, scale=scale, threshold=thr)

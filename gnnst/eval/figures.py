@@ -1,4 +1,4 @@
-"""Figures of a train run (PNG, matplotlib's Agg backend): what the metrics look like on tissue.
+"""Figures of a train run (PNG, drawn on matplotlib's Agg canvas): what the metrics look like on tissue.
 
 ``plot_run(run)`` writes into ``run/figures``:
 
@@ -34,13 +34,14 @@ MAP_DPI = 90  # resolution of the maps (the H&E under them makes the PNGs large)
 IMAGE_MAX_SIDE = 1200  # longer side of the H&E loaded for the maps (before cropping to the spots)
 
 
-def _plt():
-    import matplotlib
+def agg_figure(**kw) -> "Figure":
+    """A matplotlib Figure on the Agg canvas, without pyplot (no global backend or figure state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def per_gene_pcc(adata: "AnnData", *, layer: str = keys.PRED) -> np.ndarray:
@@ -71,10 +72,10 @@ def plot_gene_maps(adata: "AnnData", *, genes: dict[str, tuple[str, float]] | No
         genes: row label -> (gene, r); default :func:`pick_genes` (best, median, worst).
         layer: the layer holding the predictions.
     """
-    plt = _plt()
     genes = pick_genes(adata, layer=layer) if genes is None else genes
     slide = _slide(adata)
-    fig, axes = plt.subplots(len(genes), 2, figsize=(8.6, 3.7 * len(genes)), squeeze=False)
+    fig = agg_figure(figsize=(8.6, 3.7 * len(genes)))
+    axes = fig.subplots(len(genes), 2, squeeze=False)
     for row, (label, (gene, r)) in enumerate(genes.items()):
         j = adata.var_names.get_loc(gene)
         for col, (name, values) in enumerate((("measured", _dense(adata.X)[:, j]),
@@ -140,16 +141,17 @@ def plot_pcc_distribution(adatas: dict[str, "AnnData"], *, heg: dict[str, Sequen
         heg: slide id -> the fold's top highly expressed genes (chosen on its training slides), marked
             separately when given.
     """
-    plt = _plt()
     r = {s: per_gene_pcc(a, layer=layer) for s, a in adatas.items()}
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    fig = agg_figure(figsize=(11, 4.2))
+    ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
     all_r = np.concatenate([v[np.isfinite(v)] for v in r.values()])
     bins = np.linspace(min(-0.4, np.floor(all_r.min() * 10) / 10), max(0.8, np.ceil(all_r.max() * 10) / 10), 41)
     ax0.hist(all_r, bins=bins, color="#8da0cb", alpha=0.85, label=f"all panel genes (n = {len(all_r)})")
     if heg:
         h = np.concatenate([r[s][np.isin(adatas[s].var_names, list(heg[s]))] for s in adatas if s in heg])
         h = h[np.isfinite(h)]
-        ax0.hist(h, bins=bins, color="#fc8d62", alpha=0.85, label=f"top-{len(next(iter(heg.values())))} HEG (n = {len(h)})")
+        n_heg = len(next(iter(heg.values())))
+        ax0.hist(h, bins=bins, color="#fc8d62", alpha=0.85, label=f"top-{n_heg} HEG (n = {len(h)})")
         ax0.axvline(np.median(h), color="#d95f02", ls="--", lw=1.2, label=f"HEG median {np.median(h):.2f}")
     ax0.axvline(np.median(all_r), color="#4c5b9c", ls="--", lw=1.2, label=f"all median {np.median(all_r):.2f}")
     ax0.axvline(0, color="k", lw=0.6)
@@ -193,6 +195,7 @@ def moran_table(adatas: dict[str, "AnnData"], *, layer: str = keys.PRED,
                   use_raw=False)
         with warnings.catch_warnings():  # a gene constant on a slide has no Moran's I (NaN), not an error
             warnings.simplefilter("ignore", RuntimeWarning)
+            warnings.filterwarnings("ignore", message=".*were constant, will return nan")
             m = sq.gr.spatial_autocorr(a, **kw)["I"]
             p = sq.gr.spatial_autocorr(a, layer=layer, **kw)["I"]
         r = per_gene_pcc(a, layer=layer)
@@ -203,10 +206,12 @@ def moran_table(adatas: dict[str, "AnnData"], *, layer: str = keys.PRED,
 
 def plot_moran(table: "pd.DataFrame") -> "Figure":
     """Moran's I of the predicted against the measured expression, one point per gene and slide."""
-    plt = _plt()
+    import matplotlib
+
     t = table.dropna(subset=["moran_measured", "moran_predicted"])
-    fig, ax = plt.subplots(figsize=(5.8, 5.4))
-    cmap = plt.get_cmap("tab10")
+    fig = agg_figure(figsize=(5.8, 5.4))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10"]
     for i, (s, d) in enumerate(t.groupby(keys.SLIDE_ID, observed=True, sort=False)):
         ax.scatter(d["moran_measured"], d["moran_predicted"], s=7, alpha=0.55, color=cmap(i % 10), lw=0,
                    label=f"{s} (median I: {d['moran_measured'].median():.2f} / {d['moran_predicted'].median():.2f})")
@@ -242,7 +247,6 @@ def plot_run(run: str | Path, *, out: str | Path | None = None, slides: Sequence
     from gnnst.export.anndata import read_run_metrics, run_slides, slide_from_run
     from gnnst.io import atomic_path
 
-    plt = _plt()
     run = Path(run)
     out = run / "figures" if out is None else Path(out)
     have = run_slides(run)
@@ -271,7 +275,6 @@ def plot_run(run: str | Path, *, out: str | Path | None = None, slides: Sequence
         path = out / name
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
-        plt.close(fig)
         written.append(path)
 
     for s, a in adatas.items():

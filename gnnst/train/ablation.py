@@ -107,34 +107,42 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     from gnnst.config import dump_config
     from gnnst.graph.dataset import load_and_embed
 
+    from gnnst.io import atomic_write_json
+
     t0 = time.perf_counter()
     out = Path(out)
     settings = parse_settings(cfg)
     loaded = load_and_embed(cfg, progress=progress)  # read + embed once (from the cache when warm)
+    load_seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     results = []
     for i, st in enumerate(settings):
         sdir = out / "settings" / st.slug
         scfg = setting_config(cfg, st, ridge=cfg.ablation.ridge and i == 0)
+        timing_file = sdir / "ablation_timing.json"
         if resume and (sdir / "metrics.json").is_file():
             log.info("setting %s: already done, reusing %s", st.name, sdir / "metrics.json")
             metrics = json.loads((sdir / "metrics.json").read_text())
-            seconds = float(metrics.get("seconds_total", float("nan")))
+            timing = (json.loads(timing_file.read_text()) if timing_file.is_file()
+                      else {"seconds": float(metrics.get("seconds_total", float("nan"))), "cpu_seconds": float("nan")})
         else:
-            log.info("setting %d/%d %s (%s)", i + 1, len(settings), st.name, " ".join(st.overrides()))
-            ts = time.perf_counter()
             from gnnst.train.crossval import run_crossval
 
+            log.info("setting %d/%d %s (%s)", i + 1, len(settings), st.name, " ".join(st.overrides()))
+            ts, cs = time.perf_counter(), time.process_time()
             metrics = run_crossval(scfg, sdir, resume=resume, progress=progress, loaded=loaded)
-            seconds = time.perf_counter() - ts
+            timing = {"seconds": time.perf_counter() - ts, "cpu_seconds": time.process_time() - cs}
+            atomic_write_json(timing_file, timing)
             if not cfg.ablation.keep_checkpoints:
                 for d in sorted((sdir / "folds").glob("*/member*")):
                     shutil.rmtree(d)
-        results.append({"setting": st, "metrics": metrics, "seconds": seconds,
-                        "degree": mean_degree(loaded, scfg, st), "dir": sdir})
+        results.append({"setting": st, "metrics": metrics, **timing, "degree": mean_degree(loaded, scfg, st),
+                        "dir": sdir})
     rows = ablation_rows(results)
-    write_table(rows, out, seconds_total=time.perf_counter() - t0, cfg=cfg)
+    write_table(rows, out, cfg=cfg, timing={
+        "load_seconds": load_seconds, "seconds": sum(r["seconds"] for r in results),
+        "cpu_seconds": sum(r["cpu_seconds"] for r in results)})
     plot_ablation(rows, out / "ablation.png")
     return rows
 
@@ -205,6 +213,7 @@ def ablation_rows(results: list[dict]) -> list[dict]:
         row.update(_pooled(res["dir"], folds))
         row["train_seconds"] = float(sum(f["train_seconds"] for f in folds))
         row["seconds"] = float(res["seconds"])
+        row["cpu_seconds"] = float(res.get("cpu_seconds", float("nan")))
         rows.append(row)
     first = results[0]["metrics"]["folds"] if results else []
     if first and all("ridge" in f for f in first):
@@ -222,15 +231,19 @@ def ablation_rows(results: list[dict]) -> list[dict]:
 CSV_COLUMNS = ("setting", "k", "radius_um", "use_graph", "neighbours_per_spot", "folds",
                "pcc_heg50_per_slide_mean", "pcc_heg50_per_slide_sd", "pcc_all_per_slide_mean", "pcc_all_per_slide_sd",
                "delta_heg50_vs_none_mean", "delta_heg50_vs_none_sd", "pcc_heg50_pooled", "pcc_all_pooled",
-               "n_heg_pooled", "n_genes_pooled", "mse_mean", "mse_sd", "train_seconds", "seconds")
+               "n_heg_pooled", "n_genes_pooled", "mse_mean", "mse_sd", "train_seconds", "seconds", "cpu_seconds")
 
 
 def _f(v, spec: str = ".3f") -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
 
-def write_table(rows: list[dict], out: Path, *, seconds_total: float, cfg: "Config") -> None:
-    """``ablation.csv`` (every column) and ``ablation.md`` (the table for the README)."""
+def write_table(rows: list[dict], out: Path, *, cfg: "Config", timing: dict) -> None:
+    """``ablation.csv`` (every column) and ``ablation.md`` (the table for the README).
+
+    ``timing``: ``seconds`` and ``cpu_seconds`` summed over the settings, ``load_seconds`` (reading and
+    embedding, once).
+    """
     import pandas as pd
 
     from gnnst.io import atomic_path, atomic_write_text
@@ -258,18 +271,16 @@ def write_table(rows: list[dict], out: Path, *, seconds_total: float, cfg: "Conf
         f"slides); {cfg.ablation.ensemble} model(s) per fold. Δ: per-fold difference to \"none\" (same folds, "
         f"seeds and panels). Pooled: per-gene Pearson over the held-out spots of all folds, averaged over the "
         f"{pooled.get('n_heg_pooled', '?')} HEG50 / {pooled.get('n_genes_pooled', '?')} panel genes shared by "
-        f"every fold. Train s: training time summed over folds. Total wall time {seconds_total / 60:.1f} min.",
+        f"every fold. Train s: training time summed over folds. Wall time {timing['seconds'] / 60:.1f} min for "
+        f"the settings + {timing['load_seconds']:.0f} s reading the slides and cached embeddings once; CPU time "
+        f"(user + system, all threads) {_f(timing['cpu_seconds'] / 60, '.1f')} min.",
     ]
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
 
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
     """PCC (mean ± sd over folds) against k and against radius; "no graph" and ridge as reference lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from gnnst.eval.figures import agg_figure
     from gnnst.io import atomic_path
 
     ks = sorted((r for r in rows if r["k"] is not None and r["radius_um"] is None), key=lambda r: r["k"])
@@ -280,8 +291,8 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
     if both:
         panels.append((both, "k and radius", None))
     panels = panels or [([], "setting", None)]
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels) + 0.6, 7.2), squeeze=False,
-                             sharey="row", gridspec_kw={"height_ratios": [1.6, 1]})
+    fig = agg_figure(figsize=(4.6 * len(panels) + 0.6, 7.8))
+    axes = fig.subplots(2, len(panels), squeeze=False, sharey="row", gridspec_kw={"height_ratios": [1.6, 1]})
     series = (("pcc_heg50_per_slide", "top-50 HEG", "#1b9e77", "o"), ("pcc_all_per_slide", "all panel genes",
                                                                        "#7570b3", "s"))
     for j, (pts, label, xkey) in enumerate(panels):
@@ -300,11 +311,11 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
             if "ridge" in refs:
                 ax.axhline(refs["ridge"][f"{key}_mean"], color=colour, ls=":", lw=1.1, label=f"ridge, {name}")
         for xi, r in zip(x, pts):
-            ax.annotate(f"{r['neighbours_per_spot']:.1f} nb", (xi, r["pcc_heg50_per_slide_mean"]),
+            ax.annotate(f"{r['neighbours_per_spot']:.1f} nbrs", (xi, r["pcc_heg50_per_slide_mean"]),
                         textcoords="offset points", xytext=(0, 9), ha="center", fontsize=7, color="#555555")
         if len(pts):
-            axd.errorbar(x, [r["delta_heg50_vs_none_mean"] for r in pts], yerr=[r["delta_heg50_vs_none_sd"] for r in pts],
-                         color="#1b9e77", marker="o", capsize=3, lw=1.5)
+            axd.errorbar(x, [r["delta_heg50_vs_none_mean"] for r in pts],
+                         yerr=[r["delta_heg50_vs_none_sd"] for r in pts], color="#1b9e77", marker="o", capsize=3, lw=1.5)
         axd.axhline(0, color="k", lw=0.8, ls="--")
         if xkey is None:
             for a in (ax, axd):
@@ -312,13 +323,16 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
         else:
             for a in (ax, axd):
                 a.set_xticks(x)
+        ax.margins(x=0.12)
+        axd.margins(x=0.12)
         ax.set_title(f"graph by {label}", fontsize=10)
         axd.set_xlabel(label)
     axes[0, 0].set_ylabel("PCC per held-out slide\n(mean ± sd over folds)")
     axes[1, 0].set_ylabel("Δ PCC HEG50 vs no graph\n(paired per fold, mean ± sd)")
-    axes[0, -1].legend(fontsize=7, frameon=False, loc="best")
-    fig.suptitle("neighbourhood ablation: leave-one-out cross-validation", fontsize=11)
-    fig.tight_layout()
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("neighbourhood ablation: leave-one-out cross-validation (nbrs = mean neighbours per spot)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)

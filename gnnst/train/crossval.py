@@ -92,6 +92,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     from gnnst.config import config_to_dict, dump_config
     from gnnst.data.encoders import resolve_device, set_cpu_threads
     from gnnst.data.expression import select_panel
+    from gnnst.data.manifest import load_manifest
     from gnnst.eval.metrics import evaluate
     from gnnst.eval.splits import make_folds
     from gnnst.graph.dataset import load_and_embed, make_graphs
@@ -105,9 +106,6 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     out = Path(out)
     main = current().is_main  # only the main process writes outputs
     progress = progress and main
-    if loaded is None:
-        from gnnst.data.manifest import load_manifest
-
     entries = load_manifest(cfg.data.manifest).select(cfg.data.slides)
     folds = make_folds({e.slide_id: e.patient_id or e.slide_id for e in entries}, mode=cfg.eval.folds)
     if cfg.eval.only_folds:
@@ -116,7 +114,8 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
         if bad:
             raise GnnstError(f"config key 'eval.only_folds': unknown fold '{bad[0]}' (folds: {sorted(names)})")
         folds = [f for f in folds if f.name in cfg.eval.only_folds or set(f.test_slides) & set(cfg.eval.only_folds)]
-    loaded = load_and_embed(cfg, progress=progress)
+    if loaded is None:
+        loaded = load_and_embed(cfg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         dump_config(cfg, out / "config.yaml")

@@ -38,6 +38,11 @@ def spatial_tiles(pos: np.ndarray, max_nodes: int, rng: np.random.Generator | No
     return parts
 
 
+def _widen(t):
+    """float16/bfloat16 rows (a large slide stored at half the memory) -> float32 for the model."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
 class _CSR:
     """Incoming edges of each target node: ``edges[indptr[i]:indptr[i+1]]`` are the edge ids into ``i``."""
 
@@ -58,26 +63,36 @@ class _CSR:
         return self.order[np.arange(lens.sum()) + offs]
 
 
-def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int) -> tuple[np.ndarray, np.ndarray]:
+def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
+                  inside: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nodes within ``num_hops`` (along incoming edges) of ``centre`` and the edges among them.
 
     Returns ``(subset, edge_ids)``: ``subset`` starts with ``centre`` in order; ``edge_ids`` are the
     edges whose source and target both lie in ``subset``.
+
+    ``inside``: an all-False ``[num_nodes]`` bool scratch array to reuse across calls (it is all-False
+    again on return), so that a call costs in proportion to the subgraph, not to the slide.
     """
-    inside = np.zeros(num_nodes, dtype=bool)
-    inside[centre] = True
-    subset, frontier = [centre], centre
-    for _ in range(num_hops):
-        nb = np.unique(csr.src[csr.in_edges(frontier)])
-        nb = nb[~inside[nb]]
-        if len(nb) == 0:
-            break
-        inside[nb] = True
-        subset.append(nb)
-        frontier = nb
-    subset = np.concatenate(subset)
-    e = csr.in_edges(subset)
-    e = e[inside[csr.src[e]]]
+    if inside is None:
+        inside = np.zeros(num_nodes, dtype=bool)
+    subset = [centre]
+    try:
+        inside[centre] = True
+        frontier = centre
+        for _ in range(num_hops):
+            nb = np.unique(csr.src[csr.in_edges(frontier)])
+            nb = nb[~inside[nb]]
+            if len(nb) == 0:
+                break
+            inside[nb] = True
+            subset.append(nb)
+            frontier = nb
+        subset = np.concatenate(subset)
+        e = csr.in_edges(subset)
+        e = e[inside[csr.src[e]]]
+    finally:
+        for part in subset if isinstance(subset, list) else [subset]:
+            inside[part] = False
     return subset, np.sort(e)
 
 
@@ -88,6 +103,15 @@ class _Slide:
     edge_index: np.ndarray
     csr: _CSR
     node_mask: np.ndarray | None  # nodes that may be centres (e.g. the training part of a slide)
+    inside: np.ndarray | None = None  # [N] bool scratch of halo_subgraph, all False between calls
+    remap: np.ndarray | None = None  # [N] int64 scratch: slide node -> batch node, all -1 between calls
+
+    def scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-slide scratch arrays, allocated once, so a batch costs O(subgraph), not O(slide)."""
+        if self.inside is None:
+            self.inside = np.zeros(self.data.num_nodes, dtype=bool)
+            self.remap = np.full(self.data.num_nodes, -1, dtype=np.int64)
+        return self.inside, self.remap
 
 
 class SubgraphLoader:
@@ -101,7 +125,8 @@ class SubgraphLoader:
         seed: base seed; epoch ``e`` uses ``seed + e``.
         centre_masks: optional ``[N]`` bool per slide: only these nodes are centres (loss-bearing).
 
-    Each batch is a ``torch_geometric.data.Batch`` with ``center_mask`` ``[N]`` (bool, the centre
+    ``x`` and ``y`` may be stored as float16/bfloat16 (half the memory of a large slide); each batch
+    gets them as float32. Each batch is a ``torch_geometric.data.Batch`` with ``center_mask`` ``[N]`` (bool, the centre
     spots), ``node_id`` ``[N]`` (node number within its slide) and ``slide`` ``[N]`` (slide number in
     ``graphs``). Call :meth:`set_epoch` before iterating when shuffling.
     """
@@ -157,15 +182,16 @@ class SubgraphLoader:
         for si, centre in group:
             s = self.slides[si]
             g = s.data
-            subset, eids = halo_subgraph(s.csr, centre, g.num_nodes, self.num_hops)
-            remap = np.full(g.num_nodes, -1, dtype=np.int64)
+            inside, remap = s.scratch()
+            subset, eids = halo_subgraph(s.csr, centre, g.num_nodes, self.num_hops, inside)
             remap[subset] = np.arange(len(subset))
             sub_ei = remap[s.edge_index[:, eids]]
+            remap[subset] = -1
             sub_t = torch.from_numpy(subset)
-            d = Data(x=g.x[sub_t], pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
+            d = Data(x=_widen(g.x[sub_t]), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
                      edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
             if getattr(g, "y", None) is not None:
-                d.y = g.y[sub_t]
+                d.y = _widen(g.y[sub_t])
             cm = torch.zeros(len(subset), dtype=torch.bool)
             cm[: len(centre)] = True
             d.center_mask = cm

@@ -59,3 +59,18 @@ def test_tissue_grid_errors_name_the_problem():
         tissue_grid(_mask(4, 4, (slice(0, 0),)), width=40, height=40, pitch_px=10)
     with pytest.raises(GnnstError, match="smaller --grid-um"):  # one mask pixel of tissue, pitch far larger
         tissue_grid(_mask(40, 40, (slice(1, 2), slice(1, 2))), width=400, height=400, pitch_px=300)
+
+
+def test_cell_offsets_spread_inside_the_cell():
+    from gnnst.data.grid import cell_offsets
+
+    assert cell_offsets(10, kind="hex", supersample=1).tolist() == [[0.0, 0.0]]
+    hex4 = cell_offsets(20, kind="hex", supersample=2)
+    dy = 20 * np.sqrt(3) / 2
+    assert np.allclose(sorted(map(tuple, hex4)), sorted((sx * 5, sy * dy / 4) for sx in (-1, 1) for sy in (-1, 1)))
+    assert np.allclose(hex4.mean(0), 0)  # centred on the spot
+    assert (np.linalg.norm(hex4, axis=1) < 10).all()  # inside the hexagon's inscribed circle
+    sq9 = cell_offsets(30, kind="square", supersample=3)
+    assert np.allclose(sorted(set(np.round(sq9[:, 0], 9))), [-10, 0, 10]) and len(sq9) == 9
+    with pytest.raises(GnnstError, match="--supersample must be an integer >= 1"):
+        cell_offsets(10, supersample=0)

@@ -1,0 +1,261 @@
+"""Benchmark: scaling to Visium-HD-sized slides (10k, 100k, 1M spots) on synthetic data.
+
+    python benchmarks/scale.py [--sizes 10000 100000 1000000] [--no-write]
+
+Per size, in a fresh child process: a square grid of spots at an 8 µm pitch (Visium HD's 8 µm
+bins), random patch embeddings of the default encoder's width (1280) and random expression of a
+her2st-sized panel (492 genes); graph construction (:func:`gnnst.graph.edges.spatial_edges`, k=6,
+plus edge features), then one training epoch of the default GNNST model over
+:class:`gnnst.train.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
+Memory is read from the child's own ``/proc/self/status`` (peak RSS reset before each phase), so
+each phase's peak is its own. The 1M-spot slide is run twice: embeddings and expression stored as
+float32 (the default) and as float16 (the loader widens each batch to float32).
+
+Prints its table and writes the section ``scale`` of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PITCH_UM = 8.0  # Visium HD 8 µm bins
+EMB_DIM = 1280  # width of the default encoder (efficientnet_lite0)
+NUM_GENES = 492  # panel size of her2st-6 with the default expression config
+K = 6  # graph.k default
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux ``clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches: int, threads: int | None,
+          seed: int = 0) -> dict:
+    import numpy as np
+    import torch
+    from torch_geometric.data import Data
+
+    from gnnst.config import Config
+    from gnnst.graph.edges import edge_features, spatial_edges
+    from gnnst.models import compute_losses, create_model
+    from gnnst.train.sampler import SubgraphLoader
+
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    r = {"n": n, "dtype": dtype, "threads": torch.get_num_threads()}
+    r["rss_start_mb"] = _status_mb("VmRSS")
+    side = int(np.ceil(np.sqrt(n)))
+    pos = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n] * PITCH_UM).astype(np.float64)
+
+    # --- graph construction (repeated; the last result is kept)
+    times = []
+    _reset_peak()
+    base = _status_mb("VmRSS")
+    for _ in range(graph_repeats):
+        ei = ea = None
+        t0 = time.perf_counter()
+        ei = spatial_edges(pos, k=K)
+        ea = edge_features(pos, ei)
+        times.append(time.perf_counter() - t0)
+    r["graph_seconds"] = times
+    r["graph_seconds_median"] = statistics.median(times)
+    r["graph_peak_above_start_mb"] = _status_mb("VmHWM") - base
+    r["edges"] = int(ei.shape[1])
+
+    # --- the slide's arrays: embeddings, expression, edges
+    tdt = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    x = torch.empty(n, EMB_DIM, dtype=tdt)
+    y = torch.empty(n, NUM_GENES, dtype=tdt)
+    gen = torch.Generator().manual_seed(seed)
+    for s in range(0, n, 65536):  # fill in chunks: no float32 copy of a float16 matrix
+        e = min(s + 65536, n)
+        x[s:e] = torch.randn(e - s, EMB_DIM, generator=gen).to(tdt)
+        y[s:e] = torch.randn(e - s, NUM_GENES, generator=gen).to(tdt)
+    data = Data(x=x, y=y, pos=torch.from_numpy(pos.astype(np.float32)), edge_index=torch.from_numpy(ei),
+                edge_attr=torch.from_numpy(ea), num_nodes=n)
+    r["slide_arrays_mb"] = sum(t.numel() * t.element_size() for t in (x, y, data.pos, data.edge_index, data.edge_attr)) / 2**20
+    r["rss_with_slide_mb"] = _status_mb("VmRSS")
+
+    # --- one training epoch of the default model over subgraph mini-batches
+    cfg = Config()
+    t0 = time.perf_counter()
+    loader = SubgraphLoader([data], batch_nodes=cfg.train.batch_nodes, num_hops=cfg.train.num_hops, shuffle=True,
+                            seed=seed)
+    r["loader_setup_seconds"] = time.perf_counter() - t0
+    model = create_model("gnnst", in_dim=EMB_DIM, num_genes=NUM_GENES, cfg=cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model.train()
+    epoch_log = []
+    _reset_peak()
+    before_epoch = _status_mb("VmRSS")
+    for ep in range(epochs):
+        loader.set_epoch(ep)
+        t_start = time.perf_counter()
+        groups = loader.batches_of_parts()
+        t_plan = time.perf_counter() - t_start
+        t_sample = t_step = 0.0
+        nodes = batch_nodes_max = stepped = 0
+        for i, group in enumerate(groups):
+            t0 = time.perf_counter()
+            b = loader.make_batch(group)
+            t1 = time.perf_counter()
+            t_sample += t1 - t0
+            nodes += int(b.center_mask.sum())
+            batch_nodes_max = max(batch_nodes_max, b.num_nodes)
+            if i >= max_step_batches:  # every batch is sampled; the model steps on the first ones only
+                continue
+            stepped += 1
+            out = model(b)
+            loss = compute_losses(model, out, b, cfg.model)["total"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            t_step += time.perf_counter() - t1
+        total = time.perf_counter() - t_start
+        step_full = t_step * len(groups) / max(stepped, 1)  # the model steps of the whole epoch, extrapolated
+        epoch_log.append({"seconds": total - t_step + step_full, "measured_seconds": total, "plan_seconds": t_plan,
+                          "sample_seconds": t_sample, "step_seconds": step_full, "stepped_batches": stepped,
+                          "batches": len(groups), "centre_nodes": nodes, "max_batch_nodes": batch_nodes_max})
+    r["epochs"] = epoch_log
+    r["epoch_seconds_median"] = statistics.median(e["seconds"] for e in epoch_log)
+    r["epoch_peak_above_slide_mb"] = _status_mb("VmHWM") - before_epoch
+    r["peak_rss_mb"] = _status_mb("VmHWM")
+    import resource
+
+    r["peak_rss_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return r
+
+
+def run_child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches: int, threads: int | None) -> dict:
+    """One size in a fresh interpreter; its whole-process peak RSS as the kernel accounted it."""
+    cmd = [sys.executable, __file__, "--child", str(n), "--dtype", dtype, "--graph-repeats", str(graph_repeats),
+           "--epochs", str(epochs), "--max-step-batches", str(max_step_batches)] + (
+        ["--threads", str(threads)] if threads else [])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child for n={n} ({dtype}) failed with status {proc.returncode}")
+    r = json.loads(out.strip().splitlines()[-1])
+    r["child_wall_seconds"] = time.perf_counter() - t0
+    r["child_maxrss_mb"] = usage.ru_maxrss / 1024
+    return r
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| spots | storage | edges | graph build (s) | per 1k spots (ms) | epoch (s) | sampling (s) | "
+             "model step (s) | µs per spot | slide arrays (MB) | epoch peak above slide (MB) | process peak RSS (MB) |",
+             "|---" * 12 + "|"]
+    for r in results:
+        e = statistics.median(x["seconds"] for x in r["epochs"])
+        samp = statistics.median(x["sample_seconds"] for x in r["epochs"])
+        step = statistics.median(x["step_seconds"] for x in r["epochs"])
+        part = r["epochs"][0]
+        est = "" if part["stepped_batches"] == part["batches"] else \
+            f" (est.: {part['stepped_batches']} of {part['batches']} batches stepped)"
+        lines.append(
+            f"| {r['n']:,} | {r['dtype']} | {r['edges']:,} | {r['graph_seconds_median']:.2f} | "
+            f"{1000 * r['graph_seconds_median'] / (r['n'] / 1000):.2f} | {e:.1f}{est} | {samp:.1f} | {step:.1f} | "
+            f"{1e6 * e / r['n']:.0f} | {r['slide_arrays_mb']:.0f} | {r['epoch_peak_above_slide_mb']:.0f} | "
+            f"{r['child_maxrss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--graph-repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="epochs per size (default: 3 below 100k spots, else 1)")
+    p.add_argument("--max-step-batches", type=int, default=400,
+                   help="model steps per epoch at most; a longer epoch samples every batch but steps on the first "
+                        "ones and extrapolates the step time (default 400: full epochs up to ~100k spots)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: all cores)")
+    p.add_argument("--no-half", action="store_true", help="skip the float16 run of the largest size")
+    p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    p.add_argument("--note", default="", help="a remark recorded with the table")
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.dtype, args.graph_repeats, args.epochs or 1, args.max_step_batches,
+                               args.threads)), flush=True)
+        return 0
+
+    from _results import machine_info, write_section
+
+    load_before = os.getloadavg()
+    runs = [(n, "float32") for n in args.sizes]
+    if not args.no_half:
+        runs.append((max(args.sizes), "float16"))
+    results = []
+    for n, dtype in runs:
+        epochs = args.epochs or (3 if n < 100_000 else 1)
+        print(f"{n:,} spots, {dtype}: ...", flush=True)
+        r = run_child(n, dtype, args.graph_repeats, epochs, args.max_step_batches, args.threads)
+        results.append(r)
+        print(format_table([r]).splitlines()[-1], flush=True)
+    load_after = os.getloadavg()
+    table = format_table(results)
+    f32 = [r for r in results if r["dtype"] == "float32"]
+    big = f32[-1]
+    small = f32[0]
+    per_spot = lambda r: statistics.median(x["seconds"] for x in r["epochs"]) / r["n"]  # noqa: E731
+    notes = [
+        f"- Synthetic square grid, {PITCH_UM:g} µm pitch; embeddings {EMB_DIM} wide, {NUM_GENES} genes; default "
+        "GNNST model and training config (512 centre spots per batch, 2-hop halo, AdamW); "
+        f"{small['threads']} torch thread(s) per child. Graph build = `spatial_edges(k=6)` + `edge_features`, median of "
+        f"{len(small['graph_seconds'])} runs; epoch = median of {len(small['epochs'])} epochs at {small['n']:,} spots, "
+        "one epoch at the larger sizes. `sampling` = `SubgraphLoader.make_batch` for every batch of the epoch; "
+        "`model step` = forward, losses, backward, AdamW. Where marked est., every batch of the epoch was sampled "
+        "but the model stepped on the first batches of the (shuffled) epoch only and the step time is scaled to "
+        "all batches (a full 1M-spot epoch did not fit the session on the shared machine); the memory columns "
+        "are measured either way (the working set is reached within the first batches).",
+        f"- Time per spot, epoch: {1e6 * per_spot(small):.0f} µs at {small['n']:,} and {1e6 * per_spot(big):.0f} µs "
+        f"at {big['n']:,} (ratio {per_spot(big) / per_spot(small):.2f}; 1.00 = linear). Graph build per spot: ratio "
+        f"{(big['graph_seconds_median'] / big['n']) / (small['graph_seconds_median'] / small['n']):.2f} "
+        "(k-d tree queries are O(N log N)).",
+        "- Memory: `slide arrays` = x, y, pos, edges of the slide, which any in-memory trainer holds; `epoch peak "
+        "above slide` = the epoch's peak RSS minus the RSS before it (the batch-bound working set: model, "
+        "optimiser, one subgraph batch, the loader's per-slide index). `process peak RSS` = the child's whole "
+        "peak (kernel `ru_maxrss`).",
+        f"- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
+        f"{', '.join(f'{v:.1f}' for v in load_after)}: the machine is shared with other developers' jobs, so times "
+        "may be inflated.",
+    ]
+    if args.note:
+        notes.append(f"- Note: {args.note}")
+    text = table + "\n\n" + "\n".join(notes)
+    print(machine_info())
+    print(text)
+    if not args.no_write:
+        write_section("scale", "Scaling to Visium-HD-sized slides (`benchmarks/scale.py`)", text)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Benchmark: speed and memory of the three things a user runs on her2st-6 — building the graphs,
+training (cross-validation), and predicting an unseen slide — each in its own child process.
+
+    python benchmarks/speed.py [--cache-dir /tmp/gcache] [--build-repeats 3] [--predict-repeats 3] [--no-write]
+
+1. Graph building, cold (empty cache in a temporary folder) and warm, split into decode, crop, encode
+   and graph: the measurement of ``benchmarks/build_graphs.py`` (:func:`run_build_benchmark`), reused.
+2. Training: ``gnnst train --config configs/her2st.yaml`` with the defaults (6 folds, ensemble of 3)
+   on the warm embedding cache; per fold, the seconds of the fold and of training, and the training
+   throughput (centre spots per second, ``FitResult.nodes_per_second``); medians over the folds.
+3. Unseen-slide inference end to end: ``gnnst.cli.main(["predict", ...])`` with the B4 fold's
+   checkpoint (B4 was held out of its training) on B4's H&E image and spot table, a fresh cache
+   folder each time so the patches are encoded; spots per second; median over repeats.
+
+Peak memory of each part is the child's ``ru_maxrss`` (``os.wait4``). Targets on this 2-core machine:
+cold build <= 30 s, one fold <= 60 s, inference >= 50 spots/s. Prints its table and writes the section
+``speed`` of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+DATA = Path("/work/shared/data/her2st")  # the developers' read-only copy (manifest search root)
+PREDICT_SLIDE = "B4"  # the patient-disjoint fold's held-out slide
+TARGETS = {"cold_build_s": 30.0, "fold_s": 60.0, "predict_spots_per_s": 50.0}
+
+
+def _run(cmd: list[str], **kw) -> tuple[int, float, float, str, float]:
+    """Run ``cmd``; (exit code, wall seconds, peak RSS in MB of the child as the kernel counted it, stdout,
+    CPU seconds of the child, user + system: less sensitive than wall time to other jobs on the machine)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, **kw)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024, out, usage.ru_utime + usage.ru_stime
+
+
+# ------------------------------------------------------------------------------------ training
+def bench_train(cache_dir: str, workdir: Path, folds: list[str] | None) -> dict:
+    out = workdir / "train"
+    cmd = [sys.executable, "-m", "gnnst", "train", "--config", "configs/her2st.yaml", "--cache-dir", cache_dir,
+           "--out", str(out), "--quiet"] + ([f"eval.only_folds=[{','.join(folds)}]"] if folds else [])
+    code, wall, rss, _, cpu = _run(cmd, stderr=subprocess.DEVNULL)
+    if code != 0:
+        raise RuntimeError(f"gnnst train failed with status {code}: {' '.join(cmd)}")
+    m = json.loads((out / "metrics.json").read_text())
+    folds = m["folds"]
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_mb": rss, "folds": len(folds),
+            "ensemble": m["config"]["train"]["ensemble"],
+            "fold_seconds": [f["fold_seconds"] for f in folds], "train_seconds": [f["train_seconds"] for f in folds],
+            "nodes_per_second": [f["nodes_per_second"] for f in folds],
+            "epochs_run": [f["epochs_run"] for f in folds], "fold_names": [f["name"] for f in folds],
+            "pcc_heg50_per_slide": m["summary"]["pcc_heg50_per_slide"],
+            "checkpoint": str(out / "folds" / PREDICT_SLIDE / "model.pt")}
+
+
+# ------------------------------------------------------------------------------------ inference
+def _predict_child(args: list[str]) -> None:
+    """In the child: time ``gnnst.cli.main(['predict', ...])`` alone (the process also pays imports)."""
+    t0 = time.perf_counter()
+    from gnnst.cli import main
+
+    t1 = time.perf_counter()
+    code = main(["predict", *args])
+    t2 = time.perf_counter()
+    print(json.dumps({"code": code, "import_seconds": t1 - t0, "main_seconds": t2 - t1}), flush=True)
+
+
+def bench_predict(checkpoint: str, workdir: Path, repeats: int) -> dict:
+    import anndata as ad
+
+    runs = []
+    for i in range(repeats):
+        cache = workdir / f"predict_cache{i}"  # fresh: the patches are encoded every time
+        out = workdir / f"pred{i}.h5ad"
+        args = ["--checkpoint", checkpoint, "--image", str(DATA / f"{PREDICT_SLIDE}_HE.jpg"),
+                "--spots", str(DATA / f"{PREDICT_SLIDE}_selection.tsv"), "--out", str(out), "--cache-dir", str(cache),
+                "--quiet"]
+        code, wall, rss, stdout, cpu = _run([sys.executable, __file__, "--child-predict", *args],
+                                            stderr=subprocess.DEVNULL)
+        if code != 0:
+            raise RuntimeError(f"gnnst predict failed with status {code}")
+        inner = json.loads(stdout.strip().splitlines()[-1])
+        if inner["code"] != 0:
+            raise RuntimeError(f"gnnst predict returned {inner['code']}")
+        n = ad.read_h5ad(out, backed="r").n_obs
+        runs.append({"spots": n, "process_seconds": wall, "main_seconds": inner["main_seconds"],
+                     "import_seconds": inner["import_seconds"], "peak_rss_mb": rss, "cpu_seconds": cpu})
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    n = runs[0]["spots"]
+    return {"runs": runs, "spots": n, "main_seconds": med("main_seconds"), "process_seconds": med("process_seconds"),
+            "import_seconds": med("import_seconds"), "cpu_seconds": med("cpu_seconds"), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "spots_per_second_main": n / med("main_seconds"), "spots_per_second_process": n / med("process_seconds")}
+
+
+# ------------------------------------------------------------------------------------ report
+def _ok(ok: bool) -> str:
+    return "meets" if ok else "MISSES"
+
+
+def format_report(r: dict) -> str:
+    b, t, p = r["build"], r["train"], r["predict"]
+    c, w = b["cold"], b["warm"]
+    fold_med = statistics.median(t["fold_seconds"])
+    train_med = statistics.median(t["train_seconds"])
+    nps = statistics.median(t["nodes_per_second"])
+    stage = lambda d: f"decode {d['decode']:.2f}, crop {d['crop']:.2f}, encode {d['encode']:.2f}, graph {d['graph']:.2f}"  # noqa: E731
+    lines = [
+        "| part | measured | target | verdict | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+        f"| cold graph build, {b['nodes']} spots (empty cache) | {c['total']:.1f} s in the build, "
+        f"{c['process']:.1f} s with process start ({stage(c)}) | <= {TARGETS['cold_build_s']:.0f} s | "
+        f"{_ok(c['total'] <= TARGETS['cold_build_s'])} (build); {_ok(c['process'] <= TARGETS['cold_build_s'])} "
+        f"(process) | {c['peak_rss_mb']:.0f} |",
+        f"| warm graph build (cached embeddings) | {w['total']:.2f} s in the build, {w['process']:.1f} s with "
+        f"process start ({stage(w)}) | – | – | {w['peak_rss_mb']:.0f} |",
+        f"| one fold of `gnnst train` (ensemble of {t['ensemble']}, ridge included) | median {fold_med:.1f} s "
+        f"(range {min(t['fold_seconds']):.1f}–{max(t['fold_seconds']):.1f}); training alone {train_med:.1f} s | "
+        f"<= {TARGETS['fold_s']:.0f} s | {_ok(fold_med <= TARGETS['fold_s'])} | {t['peak_rss_mb']:.0f} (whole run) |",
+        f"| training throughput | median {nps:.0f} centre spots/s (range {min(t['nodes_per_second']):.0f}–"
+        f"{max(t['nodes_per_second']):.0f}) | – | – | – |",
+        f"| unseen-slide inference, {p['spots']} spots ({PREDICT_SLIDE}), image in, .h5ad out | "
+        f"{p['spots_per_second_main']:.0f} spots/s in `main` ({p['main_seconds']:.1f} s); "
+        f"{p['spots_per_second_process']:.0f} spots/s with process start and imports ({p['process_seconds']:.1f} s) | "
+        f">= {TARGETS['predict_spots_per_s']:.0f} spots/s | {_ok(p['spots_per_second_main'] >= TARGETS['predict_spots_per_s'])} "
+        f"(`main`); {_ok(p['spots_per_second_process'] >= TARGETS['predict_spots_per_s'])} (process) | "
+        f"{p['peak_rss_mb']:.0f} |",
+    ]
+    notes = [
+        "",
+        f"- Build: medians over {b['repeats']} cold and {b['repeats']} warm builds, each in a fresh process "
+        "(`benchmarks/build_graphs.py`'s measurement, reused; its own section has the full stage table). "
+        "'in the build' = `build_graphs` from reading the slides to writing the graphs; 'with process start' adds "
+        "Python and library imports.",
+        f"- Training: one `gnnst train` run with the defaults (folds run: {', '.join(t['fold_names'])}; ensemble "
+        f"{t['ensemble']}, warm "
+        f"cache); fold seconds = training all members + predictions + ridge + writing; per-fold epochs run "
+        f"{t['epochs_run']}; whole run {t['wall_seconds']:.0f} s wall, {t['cpu_seconds']:.0f} s CPU (user + system) "
+        f"on {r['cores']} cores; summary PCC HEG50 per slide "
+        f"{t['pcc_heg50_per_slide']:.3f} (a sanity check, not the accuracy benchmark).",
+        f"- Inference: `gnnst.cli.main(['predict', ...])` with the checkpoint of fold {PREDICT_SLIDE} (never trained "
+        f"on {PREDICT_SLIDE}), a fresh cache folder per run (patches decoded, cropped and encoded every time), "
+        f"median of {len(p['runs'])} runs ({', '.join('%.1f' % x['main_seconds'] for x in p['runs'])} s in `main`); "
+        f"imports take {p['import_seconds']:.1f} s of the process time; the process used {p['cpu_seconds']:.1f} s "
+        f"of CPU (user + system, median), i.e. at least {p['cpu_seconds'] / r['cores']:.1f} s of wall time on "
+        f"{r['cores']} free cores.",
+        f"- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in r['loadavg_before'])}, after "
+        f"{', '.join(f'{v:.1f}' for v in r['loadavg_after'])}: the machine is shared with other developers' jobs, "
+        "so these times may be inflated.",
+    ]
+    return "\n".join(lines + notes)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache-dir", default="/tmp/gcache", help="warm embedding cache for training")
+    p.add_argument("--build-repeats", type=int, default=3)
+    p.add_argument("--predict-repeats", type=int, default=3)
+    p.add_argument("--train-folds", nargs="*", default=[PREDICT_SLIDE],
+                   help=f"folds trained (default {PREDICT_SLIDE}, whose checkpoint the inference part uses; "
+                        "none given = all six)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    p.add_argument("--note", default="", help="a remark recorded with the table")
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child-predict":
+        _predict_child(sys.argv[2:])
+        return 0
+    args = p.parse_args(argv)
+
+    from _results import machine_info, write_section
+    from build_graphs import run_build_benchmark
+
+    r = {"loadavg_before": os.getloadavg(), "cores": len(os.sched_getaffinity(0))}
+    with tempfile.TemporaryDirectory(prefix="gnnst-speed-") as tmp:
+        tmp = Path(tmp)
+        print("training (gnnst train, defaults) ...", flush=True)
+        r["train"] = bench_train(args.cache_dir, tmp, args.train_folds or None)
+        print("unseen-slide inference ...", flush=True)
+        r["predict"] = bench_predict(r["train"]["checkpoint"], tmp, args.predict_repeats)
+        print("graph building (cold and warm) ...", flush=True)
+        r["build"] = run_build_benchmark(args.build_repeats)
+    r["loadavg_after"] = os.getloadavg()
+    text = format_report(r)
+    if args.note:
+        text += f"\n- Note: {args.note}"
+    print(machine_info())
+    print(text)
+    if not args.no_write:
+        write_section("speed", "Speed and memory on her2st-6 (`benchmarks/speed.py`)", text)
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "speed.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
