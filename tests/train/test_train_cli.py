@@ -9,7 +9,7 @@ import pytest
 from gnnst.cli import main
 from gnnst_testdata import write_legacy_slide, write_manifest
 
-TINY = ["train.epochs=3", "train.num_threads=1", "encoder.num_threads=1", "train.ensemble=2", "train.patience=10",
+TINY = ["train.epochs=3", "train.num_threads=1", "encoder.num_threads=1", "eval.figures=false", "train.ensemble=2", "train.patience=10",
         "model.hidden=32", "model.proj_dim=16", "model.heads=2", "expression.n_top_expressed=6", "expression.n_top_variable=6", "eval.n_heg=3",
         "eval.n_hvg=3", "train.val_fraction=0.25", "train.batch_nodes=16"]
 
