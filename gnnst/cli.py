@@ -141,7 +141,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.data.images import open_image
         from gnnst.data.readers.legacy_st import mpp_from_pitch
-        from gnnst.inference import load_checkpoint, plot_gene_maps, predict_grid, predict_slide, read_spot_table
+        from gnnst.inference import load_checkpoint, write_grid_maps, predict_grid, predict_slide, read_spot_table
         from gnnst.io import atomic_path
 
         out = Path(args.out)
@@ -149,6 +149,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             raise GnnstError(f"--out must end in .h5ad, got {out}")
         if args.mpp is not None and not args.mpp > 0:
             raise GnnstError(f"--mpp must be > 0, got {args.mpp}")
+        if args.grid_um is None and args.plot_genes is not None:
+            raise GnnstError("--plot-genes draws grid maps: use it with --grid-um")
         ck = load_checkpoint(args.checkpoint)
         slide_id = args.slide_id or Path(args.image).stem
         if args.grid_um is not None:
@@ -163,7 +165,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                                  cache_dir=args.cache_dir, device=args.device, progress=not args.quiet)
             with atomic_path(out) as tmp:
                 adata.write_h5ad(tmp)
-            maps = plot_gene_maps(adata, genes, out.with_suffix(""))
+            maps = write_grid_maps(adata, genes, out.with_suffix(""))
             print(f"predicted {adata.n_vars} genes at {adata.n_obs} {args.grid} grid spots ({args.grid_um:g} µm) "
                   f"over the tissue of '{slide_id}' -> {out}" + (f"; maps: {', '.join(m.name for m in maps)}"
                                                                  if maps else ""))

@@ -1,7 +1,7 @@
 """Prediction for unseen slides: a trained checkpoint plus an H&E image and spot coordinates, no expression.
 
 ``predict_slide`` predicts at given spots; ``predict_grid`` lays a regular grid of spots over the
-tissue of an H&E-only whole slide and predicts there (``plot_gene_maps`` draws the result).
+tissue of an H&E-only whole slide and predicts there (``write_grid_maps`` draws the result).
 
 The checkpoint carries everything needed (encoder name and identity, patch size in µm, gene panel,
 graph parameters, normalisation, target scaling); a mismatch is an error, not a silent wrong answer.
@@ -325,7 +325,7 @@ def predict_grid(
     return out
 
 
-def plot_gene_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, *, dpi: int = 150) -> list[Path]:
+def write_grid_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, *, dpi: int = 150) -> list[Path]:
     """PNG maps of predicted ``genes`` over the slide's thumbnail: ``<out_prefix>_<gene>.png``.
 
     Needs ``uns['spatial'][<slide_id>]`` (see :func:`predict_grid`). Returns the files written.

@@ -153,7 +153,7 @@ def test_supersampled_square_grid_is_the_mean_of_its_shifted_copies(wsi):
     from scipy.spatial import cKDTree
 
     from gnnst.data.grid import cell_offsets
-    from gnnst.inference import load_checkpoint, plot_gene_maps, predict_grid, predict_slide
+    from gnnst.inference import load_checkpoint, write_grid_maps, predict_grid, predict_slide
 
     ck = load_checkpoint(wsi / "model.pt")
     a = predict_grid(ck, wsi / "slide.tif", grid_um=160, kind="square", supersample=2, slide_id="slide",
@@ -168,7 +168,7 @@ def test_supersampled_square_grid_is_the_mean_of_its_shifted_copies(wsi):
     copies = [predict_slide(ck, wsi / "slide.tif", xy + o, list(a.obs_names), slide_id="slide", mpp=MPP,
                             cache_dir=str(wsi / "cache"), progress=False).X for o in offs]
     np.testing.assert_allclose(a.X, np.mean(copies, 0), rtol=1e-4, atol=1e-4)
-    maps = plot_gene_maps(a, ["G5", "G7"], wsi / "sq" / "p")
+    maps = write_grid_maps(a, ["G5", "G7"], wsi / "sq" / "p")
     assert [m.name for m in maps] == ["p_G5.png", "p_G7.png"] and all(m.stat().st_size > 1000 for m in maps)
 
 
