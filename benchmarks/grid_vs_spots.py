@@ -63,7 +63,8 @@ def run_slide(run: Path, data_root: Path, slide: str, grid_um: float, repeats: i
     meas = ad.read_h5ad(run / "predictions" / f"{slide}.h5ad")
     mpp = float(meas.uns["gnnst"]["mpp"])
     y = np.asarray(meas[:, heg].X, dtype=np.float64)  # [N, 50] measured, normalised log
-    res = {"slide": slide, "real_spots": meas.n_obs, "mpp": mpp, "crossval_pcc": heg50_pcc(y, meas[:, heg].layers["gnnst_pred"])}
+    res = {"slide": slide, "real_spots": meas.n_obs, "mpp": mpp,
+           "crossval_pcc": heg50_pcc(y, meas[:, heg].layers["gnnst_pred"])}
     image = data_root / f"{slide}_HE.jpg"
     for mode, grid in MODES.items():
         runs, pred = [], None
@@ -119,10 +120,12 @@ def format_tables(results: list[dict], grid_um: float, repeats: int) -> str:
                     + " / ".join("yes" if r[m]["pass"] else "NO" for m in ("hex", "hex_s1", "square")) + " |")
     rows += ["", f"End-to-end throughput of `gnnst predict` on these JPEGs (fresh process, empty embedding cache; "
              f"median of {repeats} runs):", "",
-             "| slide | mode | spots predicted | patches encoded | wall time (s) | spots/s | patches/s | peak RSS (MB) |",
+             "| slide | mode | spots predicted | patches encoded | wall time (s) | spots/s | patches/s | "
+             "peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     labels = {"spots": "spot table", "hex": f"grid hex {grid_um:g} µm, supersample 2",
-              "hex_s1": f"grid hex {grid_um:g} µm, supersample 1", "square": f"grid square {grid_um:g} µm, supersample 2"}
+              "hex_s1": f"grid hex {grid_um:g} µm, supersample 1",
+              "square": f"grid square {grid_um:g} µm, supersample 2"}
     for r in results:
         for mode in MODES:
             m = r[mode]

@@ -149,12 +149,14 @@ def run(sizes: list[int], repeats: int, grid_um: float, mpp: float, workdir: Pat
                 n, per_spot = a.n_obs, int(a.uns["gnnst"]["grid"]["patches_per_spot"])
                 a.file.close()
             runs.append({"seconds": r.seconds, "peak_rss_mb": r.peak_rss_mb, "spots": n, "patches": n * per_spot})
-            print(f"  {size} px, run {i + 1}: {n} spots, {r.seconds:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB", flush=True)
+            print(f"  {size} px, run {i + 1}: {n} spots, {r.seconds:.1f} s, peak RSS {r.peak_rss_mb:.0f} MB",
+                  flush=True)
         sec = statistics.median(x["seconds"] for x in runs)
         out["sizes"][size] = {**info, "spots": runs[0]["spots"], "patches": runs[0]["patches"], "seconds": sec,
                               "spots_per_s": runs[0]["spots"] / sec, "patches_per_s": runs[0]["patches"] / sec,
                               "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in runs),
-                              "peak_rss_all": [x["peak_rss_mb"] for x in runs], "seconds_all": [x["seconds"] for x in runs],
+                              "peak_rss_all": [x["peak_rss_mb"] for x in runs],
+                              "seconds_all": [x["seconds"] for x in runs],
                               "rgb_gb": size * size * 3 / 1e9}
         slide.unlink()
     out["encoder_patches_per_s"] = encoder_only_rate()

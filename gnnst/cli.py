@@ -141,7 +141,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.data.images import open_image
         from gnnst.data.readers.legacy_st import mpp_from_pitch
-        from gnnst.inference import load_checkpoint, write_grid_maps, predict_grid, predict_slide, read_spot_table
+        from gnnst.inference import load_checkpoint, predict_grid, predict_slide, read_spot_table, write_grid_maps
         from gnnst.io import atomic_path
 
         out = Path(args.out)

@@ -153,7 +153,7 @@ def test_supersampled_square_grid_is_the_mean_of_its_shifted_copies(wsi):
     from scipy.spatial import cKDTree
 
     from gnnst.data.grid import cell_offsets
-    from gnnst.inference import load_checkpoint, write_grid_maps, predict_grid, predict_slide
+    from gnnst.inference import load_checkpoint, predict_grid, predict_slide, write_grid_maps
 
     ck = load_checkpoint(wsi / "model.pt")
     a = predict_grid(ck, wsi / "slide.tif", grid_um=160, kind="square", supersample=2, slide_id="slide",
@@ -203,3 +203,9 @@ def test_mismatches_are_errors(wsi, tmp_path, capsys, case, pattern):
                "--grid-um", "80", "--out", str(tmp_path / "p.h5ad"), "--quiet", *extra])
     assert rc == 2 and pattern in capsys.readouterr().err
     assert not (tmp_path / "p.h5ad").exists()
+
+
+def test_plot_genes_needs_a_grid(wsi, tmp_path, capsys):
+    rc = main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
+               "--spots", str(tmp_path / "spots.csv"), "--plot-genes", "G1", "--out", str(tmp_path / "p.h5ad")])
+    assert rc == 2 and "--plot-genes draws grid maps: use it with --grid-um" in capsys.readouterr().err
