@@ -427,8 +427,9 @@ def notes(r: dict) -> str:
                    "retrieval only.")
     if any(m.startswith("gnnst") for m in S):
         out.append("- Rows marked ens 1 train one model (seed 0) per fold instead of the default ensemble of 3, to keep "
-                   "the run short; compare ablations with \"gnnst, full (ens 1)\". The ens 3 row is exactly what "
-                   "`gnnst train --config configs/her2st.yaml` runs.")
+                   "the run short; compare ablations with \"gnnst, full (ens 1)\"."
+                   + (" The ens 3 row is exactly what `gnnst train --config configs/her2st.yaml` runs." if "gnnst" in S
+                      else ""))
     pairs = [(lk, h) for lk, h in (("gnnst_leaky_e1", "gnnst_full_e1"), ("gnnst_leaky", "gnnst")) if lk in S and h in S]
     if pairs:
         out.append(
@@ -443,8 +444,8 @@ def notes(r: dict) -> str:
                    f"{len(r['folds'])}): " + ", ".join(f"{METHODS[m][0]} ({k})" for m, k in r["unfinished"].items())
                    + ". `--resume` completes them.")
     if r["reused"]:
-        out.append(f"- {r['reused']} of the (method, fold) results were computed by an earlier invocation of this "
-                   "script with the same code and reused (`--resume`).")
+        out.append(f"- {r['reused']} of the (method, fold) results were computed by earlier invocations of this "
+                   "script and reused (`--resume`); the computation code did not change between them.")
     out.append(f"- This invocation: {r['seconds'] / 60:.1f} min on this machine.")
     return "\n".join(out)
 

@@ -162,7 +162,7 @@ def format_report(r: dict) -> str:
         f"{', '.join(f'{v:.1f}' for v in r['loadavg_after'])}: the machine is shared with other developers' jobs, "
         "so these times may be inflated.",
     ]
-    if max(r["loadavg_before"] + r["loadavg_after"]) > 1.5 * r["cores"]:
+    if max(r["loadavg_before"][0], r["loadavg_after"][0]) > 1.5 * r["cores"]:  # 1-minute load averages
         notes.append(
             f"- The machine was oversubscribed during this run (load above {1.5 * r['cores']:.0f} on {r['cores']} cores), "
             "so the wall times above measure the contention more than the code and the verdicts do not judge the "
