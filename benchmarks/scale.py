@@ -8,8 +8,10 @@ her2st-sized panel (492 genes); graph construction (:func:`gnnst.graph.edges.spa
 plus edge features), then one training epoch of the default GNNST model over
 :class:`gnnst.train.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
 Memory is read from the child's own ``/proc/self/status`` (peak RSS reset before each phase), so
-each phase's peak is its own. The 1M-spot slide is run twice: embeddings and expression stored as
-float32 (the default) and as float16 (the loader widens each batch to float32).
+each phase's peak is its own. Embeddings and expression are stored as the library's default
+``graph.storage: auto`` stores them (:func:`gnnst.graph.dataset.storage_dtype`: float32 up to 200,000
+spots, float16 above; the loader widens each batch to float32); the largest slide is also run with
+``storage: float32`` to show what the default saves.
 
 Prints its table and writes the section ``scale`` of ``benchmarks/RESULTS.md``.
 """
@@ -87,7 +89,10 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     r["edges"] = int(ei.shape[1])
 
     # --- the slide's arrays: embeddings, expression, edges
-    tdt = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    from gnnst.graph.dataset import storage_dtype
+
+    tdt = storage_dtype(n, dtype)  # dtype = the graph.storage setting: auto, float32 or float16
+    r["storage"], r["dtype"] = dtype, str(tdt).replace("torch.", "")
     x = torch.empty(n, EMB_DIM, dtype=tdt)
     y = torch.empty(n, NUM_GENES, dtype=tdt)
     gen = torch.Generator().manual_seed(seed)
@@ -173,6 +178,11 @@ def run_child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batc
     return r
 
 
+def _storage(r: dict) -> str:
+    setting = r.get("storage", r["dtype"])
+    return f"{setting} ({r['dtype']})" if setting == "auto" else r["dtype"]
+
+
 def format_table(results: list[dict]) -> str:
     lines = ["| spots | storage | edges | graph build (s) | graph CPU µs/spot | epoch (s) | sampling (s) | "
              "model step (s) | epoch CPU µs/spot | slide arrays (MB) | epoch peak above slide (MB) | process peak RSS (MB) |",
@@ -185,7 +195,7 @@ def format_table(results: list[dict]) -> str:
         est = "" if part["stepped_batches"] == part["batches"] else \
             f" (est.: {part['stepped_batches']} of {part['batches']} batches stepped)"
         lines.append(
-            f"| {r['n']:,} | {r['dtype']} | {r['edges']:,} | {r['graph_seconds_median']:.2f} | "
+            f"| {r['n']:,} | {_storage(r)} | {r['edges']:,} | {r['graph_seconds_median']:.2f} | "
             f"{1e6 * r['graph_cpu_seconds_median'] / r['n']:.2f} | {e:.1f}{est} | {samp:.1f} | {step:.1f} | "
             f"{1e6 * statistics.median(x['cpu_seconds'] for x in r['epochs']) / r['n']:.0f} | "
             f"{r['slide_arrays_mb']:.0f} | {r['epoch_peak_above_slide_mb']:.0f} | "
@@ -202,12 +212,13 @@ def main(argv=None) -> int:
                    help="model steps per epoch at most; a longer epoch samples every batch but steps on the first "
                         "ones and extrapolates the step time (default 400: full epochs up to ~100k spots)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: all cores)")
-    p.add_argument("--no-half", action="store_true", help="skip the float16 run of the largest size")
+    p.add_argument("--no-float32", action="store_true",
+                   help="skip the extra run of the largest size with storage float32")
     p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     p.add_argument("--note", default="", help="a remark recorded with the table")
     p.add_argument("--from-json", default=None, help="render a recorded run (benchmarks/results/scale.json) instead")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args.dtype, args.graph_repeats, args.epochs or 1, args.max_step_batches,
@@ -222,9 +233,9 @@ def main(argv=None) -> int:
         results, load_before, load_after = saved["results"], saved["loadavg_before"], saved["loadavg_after"]
     else:
         load_before = os.getloadavg()
-        runs = [(n, "float32") for n in args.sizes]
-        if not args.no_half:
-            runs.append((max(args.sizes), "float16"))
+        runs = [(n, "auto") for n in args.sizes]  # the default graph.storage
+        if not args.no_float32:
+            runs.append((max(args.sizes), "float32"))
         results = []
         for n, dtype in runs:
             epochs = args.epochs or (3 if n < 100_000 else 1)
@@ -268,7 +279,7 @@ def main(argv=None) -> int:
         if r["n"] == big["n"]:
             ok = r["child_maxrss_mb"] <= MEMORY_TARGET_MB
             notes.append(
-                f"- Target peak <= {MEMORY_TARGET_MB / 1000:.0f} GB at {big['n']:,} spots, {r['dtype']} storage: "
+                f"- Target peak <= {MEMORY_TARGET_MB / 1000:.0f} GB at {big['n']:,} spots, storage {_storage(r)}: "
                 f"{r['child_maxrss_mb'] / 1000:.1f} GB, {'meets' if ok else 'MISSES'}. Of it, "
                 f"{r['slide_arrays_mb'] / 1000:.1f} GB are the slide's own arrays (x alone is {big['n']:,} x {EMB_DIM} "
                 f"x {4 if r['dtype'] == 'float32' else 2} bytes), {r['rss_start_mb'] / 1000:.1f} GB the interpreter "

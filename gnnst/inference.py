@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from gnnst.data.encoders import PatchEncoder
+    from gnnst.data.images import SlideImage
 
 log = logging.getLogger("gnnst")
 
@@ -149,11 +150,16 @@ def predict_slide(
     slide_id: str,
     mpp: float,
     cache_dir: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 6,
     device: str = "auto",
     progress: bool = True,
+    opened: "SlideImage | None" = None,
 ) -> "AnnData":
     """Predicted expression of one unseen slide as AnnData.
+
+    ``batch_size`` patches go through the encoder at a time (see ``EncoderConfig.batch_size``). ``opened`` is ``image`` already opened (and for JPEG/PNG decoded), e.g.
+    to read its resolution first; it is closed when the patches are cut. When the embeddings are in
+    the cache the image is not decoded at all.
 
     Sets ``X`` and ``layers['gnnst_pred']`` ``[N, G]`` (normalised log expression, panel order),
     ``obsm['spatial']`` (pixels), ``obsm['X_img_<encoder>']``, ``obsp['spatial_connectivities']`` and
@@ -168,7 +174,9 @@ def predict_slide(
     enc = encoder_for_checkpoint(ck, dev)
     a = spots_anndata(pixel_xy, barcodes, slide_id=slide_id, mpp=mpp, image=image)
     emb = embed_spots(a, enc, size_um=ck["patch_size_um"], batch_size=batch_size, device=dev,
-                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress)
+                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress, image=opened)
+    if opened is not None:
+        opened.close()  # also when the cache held the embeddings
     g = slide_to_data(a, emb, None, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
     return predict_graph_to_anndata(ck, g, a, emb, device=dev)
 
@@ -237,7 +245,7 @@ def predict_grid(
     slide_id: str,
     mpp: float | None = None,
     cache_dir: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 6,
     device: str = "auto",
     progress: bool = True,
 ) -> "AnnData":

@@ -65,6 +65,19 @@ def test_bad_spot_tables(trained, capsys):
     assert _predict(trained, "--mpp", "5", spots=p, out=out) == 2 and not out.exists()
 
 
+def test_bad_images(trained, capsys):
+    """The image is decoded in a background thread; its errors still reach the user as one clear line."""
+    corrupt = trained["tmp"] / "corrupt.jpg"
+    corrupt.write_bytes((trained["root"] / "S1_HE.jpg").read_bytes()[:200])
+    out = trained["tmp"] / "never.h5ad"
+    for image, msg in [(corrupt, "corrupt.jpg: cannot decode image"),
+                       (trained["tmp"] / "absent.jpg", "image file not found")]:
+        rc = main(["predict", "--checkpoint", str(trained["ckpt"]), "--image", str(image),
+                   "--spots", str(trained["root"] / "S1_selection.tsv"), "--out", str(out), "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err and not out.exists()
+
+
 def test_graph_dataset_errors(tmp_path):
     from gnnst.errors import GnnstError
     from gnnst.graph.dataset import GraphDataset

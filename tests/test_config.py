@@ -29,6 +29,13 @@ def test_type_errors_name_the_key():
     assert load_config(None, ["graph.radius_um=300"]).graph.radius_um == 300.0
 
 
+def test_choice_keys_list_the_choices():
+    assert load_config(None, []).graph.storage == "auto"
+    assert load_config(None, ["graph.storage=float16"]).graph.storage == "float16"
+    with pytest.raises(GnnstError, match="graph.storage': expected one of 'auto', 'float32', 'float16', got 'half'"):
+        load_config(None, ["graph.storage=half"])
+
+
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
     with pytest.raises(GnnstError, match="key.sub=value"):

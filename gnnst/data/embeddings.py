@@ -86,7 +86,7 @@ def embed_spots(
     encoder: "PatchEncoder",
     *,
     size_um: float,
-    batch_size: int = 16,
+    batch_size: int = 6,
     pad_value: int = 255,
     device=None,
     cache_dir: Path | None = None,

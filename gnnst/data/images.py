@@ -136,11 +136,12 @@ class SlideImage:
         return np.asarray(out)
 
     def close(self) -> None:
+        """Release the file and the decoded pixels; closing twice is harmless."""
         if self._slide is not None:
             self._slide.close()
         if self._pil is not None:
             self._pil.close()
-        self._pil = None
+        self._pil = self._slide = None
 
     def __enter__(self) -> "SlideImage":
         return self

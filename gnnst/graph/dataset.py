@@ -38,8 +38,24 @@ log = logging.getLogger("gnnst")
 DATASET_JSON = "dataset.json"
 
 
+HALF_STORAGE_ABOVE = 200_000  # spots: ``storage="auto"`` keeps larger slides' x and y in float16
+
+
+def storage_dtype(num_nodes: int, storage: str = "auto") -> "torch.dtype":
+    """The dtype of a slide's ``x`` and ``y`` for ``GraphConfig.storage`` (``auto``: float16 above
+    :data:`HALF_STORAGE_ABOVE` spots, where float32 ``x`` alone passes 1 GB; float32 otherwise)."""
+    import torch
+
+    if storage == "auto":
+        storage = "float16" if num_nodes > HALF_STORAGE_ABOVE else "float32"
+    if storage not in ("float32", "float16"):
+        raise GnnstError(f"config key 'graph.storage': expected 'auto', 'float32' or 'float16', got {storage!r}")
+    return getattr(torch, storage)
+
+
 def slide_to_data(
-    adata: "AnnData", emb: np.ndarray, y: np.ndarray | None, *, k: int | None, radius_um: float | None
+    adata: "AnnData", emb: np.ndarray, y: np.ndarray | None, *, k: int | None, radius_um: float | None,
+    storage: str = "auto",
 ) -> "Data":
     """One slide's PyG graph.
 
@@ -48,6 +64,7 @@ def slide_to_data(
         emb: patch embeddings ``[N, D]``.
         y: normalised expression of the panel ``[N, G]``, or ``None`` (unseen slide).
         k, radius_um: graph parameters (see :func:`gnnst.graph.edges.spatial_edges`).
+        storage: dtype of ``x`` and ``y`` (see :func:`storage_dtype`); the loader widens batches to float32.
     """
     import torch
     from torch_geometric.data import Data
@@ -57,15 +74,17 @@ def slide_to_data(
     pixel = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)  # [N, 2]
     pos = pixel * float(adata.uns[keys.UNS_GNNST][keys.MPP])  # [N, 2] µm
     ei = spatial_edges(pos, k=k, radius_um=radius_um)
+    dt = storage_dtype(adata.n_obs, storage)
+    np_dt = np.float16 if dt == torch.float16 else np.float32
     data = Data(
-        x=torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
+        x=torch.from_numpy(np.ascontiguousarray(emb, dtype=np_dt)),
         pos=torch.from_numpy(pos.astype(np.float32)),
         edge_index=torch.from_numpy(ei),
         edge_attr=torch.from_numpy(edge_features(pos, ei)),
         num_nodes=adata.n_obs,
     )
     if y is not None:
-        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np_dt))
     data.pixel = torch.from_numpy(pixel.astype(np.float32))
     data.slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
     data.barcodes = [str(b) for b in adata.obs_names]
@@ -172,7 +191,8 @@ def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_i
         with loaded.timer("panel"):
             y = panel_expression(loaded.adatas[s], panel, cfg.expression, file=f"slide '{s}'")
         with loaded.timer("graph"):
-            data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um)
+            data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um,
+                                 storage=cfg.graph.storage)
             data.patient_id = e.patient_id or s
         graphs[s] = data
     return graphs

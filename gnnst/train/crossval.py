@@ -14,6 +14,8 @@ and ``metrics.json``.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import time
@@ -38,8 +40,9 @@ class TargetScaler:
     """Per-gene standardisation with statistics of the training spots only."""
 
     def __init__(self, y_train: np.ndarray):
-        self.mean = y_train.mean(0).astype(np.float32)  # [G]
-        self.std = np.maximum(y_train.std(0), 1e-3).astype(np.float32)  # [G]
+        # accumulate in float64: y may be stored in float16 (large slides), whose sums lose digits
+        self.mean = y_train.mean(0, dtype=np.float64).astype(np.float32)  # [G]
+        self.std = np.maximum(y_train.std(0, dtype=np.float64), 1e-3).astype(np.float32)  # [G]
 
     def transform(self, y):
         return (y - self.mean) / self.std
@@ -74,8 +77,8 @@ def ridge_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: dict[str, n
 def _to_tensor_graph(g, scaler: TargetScaler):
     import torch
 
-    d = g.clone()
-    d.y = torch.from_numpy(scaler.transform(g.y.numpy()).astype(np.float32))
+    d = copy.copy(g)  # shares x, pos and the edges with g: only y is new (a clone doubled a large slide)
+    d.y = torch.from_numpy(scaler.transform(g.y.numpy()).astype(g.y.numpy().dtype))  # storage dtype kept
     return d
 
 

@@ -69,3 +69,48 @@ def test_timm_hub_weights_offline_is_a_clear_error(monkeypatch):
         create_encoder("timm:resnet10t")
     with pytest.raises(GnnstError, match="unknown timm model"):
         create_encoder("timm:not_a_model_xyz", checkpoint=None)
+
+
+def test_fold_batchnorm_keeps_the_embeddings():
+    """Folding batch norms into the convolutions changes nothing beyond float rounding and is checked."""
+    import timm
+    import torch
+
+    from gnnst.data.encoders import fold_batchnorm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    for m in net.modules():  # non-trivial running statistics, so the fold has something to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    folded, n = fold_batchnorm(net, input_size=64)
+    assert n == n_bn == 49
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == n_bn  # the input is left alone
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_refuses_what_it_cannot_fold():
+    import torch
+    from torch import nn
+
+    from gnnst.data.encoders import fold_batchnorm
+
+    class BnOnInput(nn.Module):  # conv and bn are siblings, but the bn is not applied to the conv's output
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.bn.running_mean.fill_(0.7)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    with pytest.raises(GnnstError, match="differs from the original"):
+        fold_batchnorm(BnOnInput().eval(), input_size=16)
+    with pytest.raises(GnnstError, match="eval mode"):
+        fold_batchnorm(BnOnInput().train(), input_size=16)
