@@ -53,7 +53,8 @@ def _run(cmd: list[str], **kw) -> tuple[int, float, float, str, float]:
 def bench_train(cache_dir: str, workdir: Path, folds: list[str] | None) -> dict:
     out = workdir / "train"
     cmd = [sys.executable, "-m", "gnnst", "train", "--config", "configs/her2st.yaml", "--cache-dir", cache_dir,
-           "--out", str(out), "--quiet"] + ([f"eval.only_folds=[{','.join(folds)}]"] if folds else [])
+           "--out", str(out), "--quiet", "eval.final_model=false"] + (
+        [f"eval.only_folds=[{','.join(folds)}]"] if folds else [])
     code, wall, rss, _, cpu = _run(cmd, stderr=subprocess.DEVNULL)
     if code != 0:
         raise RuntimeError(f"gnnst train failed with status {code}: {' '.join(cmd)}")

@@ -44,6 +44,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. graph.k=8")
 
 
+def _parser(name: str, main_fn: Callable, *, out: str | None = None, resume: str | None = None,
+            quiet: bool = False, common: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``gnnst <name>`` (description: ``main_fn``'s docstring) with the options shared by
+    commands: ``--out`` (its help), ``--resume`` (its help), ``--quiet``, and the config options."""
+    p = argparse.ArgumentParser(prog=f"gnnst {name}", description=main_fn.__doc__)
+    if out is not None:
+        p.add_argument("--out", required=True, help=out)
+    if resume is not None:
+        p.add_argument("--resume", action="store_true", help=resume)
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if common:
+        _common(p)
+    return p
+
+
 def _load(args: argparse.Namespace):
     from gnnst.config import load_config
 
@@ -59,11 +75,8 @@ def _load(args: argparse.Namespace):
 
 def build_graphs_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst build-graphs``: manifest -> ``OUT/<slide_id>.pt`` + ``dataset.json`` + config."""
-    p = argparse.ArgumentParser(prog="gnnst build-graphs", description=build_graphs_main.__doc__)
-    p.add_argument("--out", required=True, help="output folder for the graphs")
+    p = _parser("build-graphs", build_graphs_main, out="output folder for the graphs", quiet=True, common=True)
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(p)
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -86,12 +99,8 @@ def build_graphs_main(argv: Sequence[str] | None = None) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst train``: raw slides -> graphs -> cross-validated model, metrics and predictions."""
-    p = argparse.ArgumentParser(prog="gnnst train", description=train_main.__doc__)
-    p.add_argument("--out", required=True, help="output folder (config, log, checkpoints, predictions, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(p)
-    args = p.parse_args(argv)
+    args = _parser("train", train_main, out="output folder (config, log, checkpoints, predictions, metrics)",
+                   resume="continue an interrupted run in --out", quiet=True, common=True).parse_args(argv)
 
     def run() -> int:
         from gnnst.train.crossval import run_crossval
@@ -116,8 +125,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots (or a tissue grid) -> an .h5ad."""
-    p = argparse.ArgumentParser(prog="gnnst predict", description=predict_main.__doc__)
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `gnnst train` (OUT/folds/<fold>/)")
+    p = _parser("predict", predict_main, quiet=True)
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `gnnst train`: OUT/final/model.pt (trained on every "
+                        "slide), or OUT/folds/<fold>/model.pt (the fold's held-out slides never seen)")
     p.add_argument("--image", required=True, help="the slide's full-resolution H&E image")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--spots", help="spot table (CSV/TSV: pixel_x, pixel_y or x, y in pixels)")
@@ -137,7 +147,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=6,
                    help="patches per encoder pass (6 was fastest on a 2-core CPU; use 64 or more on a GPU)")
-    p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -218,12 +227,8 @@ def predict_spots(args: argparse.Namespace) -> int:
 
 def ablate_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst ablate``: the same cross-validation for each neighbourhood of ``ablation.settings`` -> table + plot."""
-    p = argparse.ArgumentParser(prog="gnnst ablate", description=ablate_main.__doc__)
-    p.add_argument("--out", required=True, help="output folder (ablation.csv/.md/.png, settings/<setting>/ runs)")
-    p.add_argument("--resume", action="store_true", help="reuse finished settings and folds in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _common(p)
-    args = p.parse_args(argv)
+    args = _parser("ablate", ablate_main, out="output folder (ablation.csv/.md/.png, settings/<setting>/ runs)",
+                   resume="reuse finished settings and folds in --out", quiet=True, common=True).parse_args(argv)
 
     def run() -> int:
         from gnnst.train.ablation import parse_settings, run_ablation
@@ -242,7 +247,7 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst export``: a train run's held-out slides -> scanpy/squidpy-ready .h5ad (graph, image, predictions)."""
-    p = argparse.ArgumentParser(prog="gnnst export", description=export_main.__doc__)
+    p = _parser("export", export_main)
     p.add_argument("--run", required=True, help="output folder of `gnnst train`")
     p.add_argument("--out", required=True, help="folder for <slide>.h5ad (or all_slides.h5ad with --concat)")
     p.add_argument("--concat", action="store_true", help="one file, obs['slide_id'], block-diagonal graph")
@@ -267,7 +272,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def plot_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst plot``: figures of a train run (maps over the H&E, per-gene PCC, Moran's I) as PNG."""
-    p = argparse.ArgumentParser(prog="gnnst plot", description=plot_main.__doc__)
+    p = _parser("plot", plot_main)
     p.add_argument("--run", required=True, help="output folder of `gnnst train`")
     p.add_argument("--out", default=None, help="folder for the PNGs (default RUN/figures)")
     p.add_argument("--slides", nargs="+", default=None, help="maps for these held-out slides only")

@@ -88,6 +88,10 @@ class EvalConfig:
     only_folds: list[str] | None = None  # run only these folds (by test slide id); None = all
     ridge: bool = True  # fit the ridge baseline in the same run
     figures: bool = True  # write PNG figures (maps, per-gene PCC, Moran's I) into OUT/figures after training
+    # after the folds, train the same way on every slide (panel, normalisation and validation blocks from
+    # all of them) and write OUT/final/model.pt: the model for `gnnst predict` on new slides (no metrics:
+    # nothing is held out, the folds' figures are its estimate)
+    final_model: bool = True
 
 
 ABLATION_SETTINGS = ["none", "k=4", "k=6", "k=8", "r=300", "r=450", "r=600"]  # default of AblationConfig.settings

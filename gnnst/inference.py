@@ -45,7 +45,7 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [k for k in CKPT_KEYS if k not in ck]
     if missing:
         raise GnnstError(f"{path}: not a gnnst model checkpoint (key '{missing[0]}' missing); "
-                         "use the model.pt that `gnnst train` writes in OUT/folds/<fold>/")
+                         "use the model.pt that `gnnst train` writes in OUT/final/ or OUT/folds/<fold>/")
     check_checkpoint(ck, path)
     return ck
 

@@ -244,16 +244,12 @@ def plot_run(run: str | Path, *, out: str | Path | None = None, slides: Sequence
 
     Returns the paths written.
     """
-    from gnnst.export.anndata import read_run_metrics, run_slides, slide_from_run
+    from gnnst.export.anndata import read_run_metrics, select_run_slides, slide_from_run
     from gnnst.io import atomic_path
 
     run = Path(run)
     out = run / "figures" if out is None else Path(out)
-    have = run_slides(run)
-    slides = list(slides) if slides else have
-    bad = [s for s in slides if s not in have]
-    if bad:
-        raise GnnstError(f"{run}: no predictions for slide '{bad[0]}' (have: {', '.join(have)})")
+    slides = select_run_slides(run, slides)
     metrics = read_run_metrics(run)
     adatas = {}
     for s in slides:

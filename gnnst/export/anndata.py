@@ -169,6 +169,16 @@ def run_slides(run: str | Path) -> list[str]:
     return slides
 
 
+def select_run_slides(run: str | Path, slides: Sequence[str] | None) -> list[str]:
+    """``slides`` (default: all of :func:`run_slides`); one without predictions in ``run`` raises."""
+    have = run_slides(run)
+    chosen = list(slides) if slides else have
+    missing = [s for s in chosen if s not in have]
+    if missing:
+        raise GnnstError(f"{run}: no predictions for slide '{missing[0]}' (have: {', '.join(have)})")
+    return chosen
+
+
 def read_run_metrics(run: str | Path) -> dict:
     """``metrics.json`` of a train run (``{}`` when the run has not finished)."""
     path = Path(run) / "metrics.json"
@@ -349,11 +359,7 @@ def export_run(
     from gnnst.io import atomic_path
 
     run, out = Path(run), Path(out)
-    have = run_slides(run)
-    slides = list(slides) if slides else have
-    missing = [s for s in slides if s not in have]
-    if missing:
-        raise GnnstError(f"{run}: no predictions for slide '{missing[0]}' (have: {', '.join(have)})")
+    slides = select_run_slides(run, slides)
     metrics = read_run_metrics(run)
     adatas = {s: slide_from_run(run, s, image=image, max_side=max_side, spot_diameter_um=spot_diameter_um,
                                 metrics=metrics) for s in slides}

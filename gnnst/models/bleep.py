@@ -33,7 +33,7 @@ from torch_geometric.data import Data
 
 from gnnst.errors import GnnstError
 from gnnst.models.config import ModelConfig
-from gnnst.models.layers import ProjectionHead
+from gnnst.models.layers import ProjectionHead, RetrievalBankMixin
 
 RETRIEVAL_CHUNK = 512  # query rows per similarity block in retrieval
 RETRIEVAL_WEIGHTS = ("mean", "inverse_distance")  # how the top-k retrieved profiles are averaged
@@ -87,7 +87,28 @@ def check_xy(batch: Data, in_dim: int, num_genes: int) -> tuple[Tensor, Tensor |
     return x, y
 
 
-class BLEEP(nn.Module):
+class RetrievalOnlyMixin(RetrievalBankMixin):
+    """``predict`` of models without a regression head: top-k retrieval from the bank, weighted as the
+    class attribute ``retrieval_weights`` says (see :func:`retrieve_topk`)."""
+
+    retrieval_weights = "mean"
+
+    @torch.no_grad()
+    def predict(self, batch: Data, *, mode: str | None = None) -> Tensor:
+        """Predicted expression ``[N, G]`` of every node by retrieval; ``batch.y`` is not used.
+
+        ``mode`` may only be ``None`` or ``"retrieval"`` (the model has no regression head).
+        Does not switch train/eval: call ``model.eval()`` first.
+        """
+        if mode not in (None, "retrieval"):
+            raise GnnstError(f"{type(self).__name__}.predict: only mode='retrieval' exists (no regression head), "
+                             f"got {mode!r}")
+        x, _ = check_xy(batch, self.in_dim, self.num_genes)
+        return retrieve_topk(self.encode_image(x), self.bank_z, self.bank_y, self.cfg.retrieval_k,
+                             self.retrieval_weights)
+
+
+class BLEEP(RetrievalOnlyMixin, nn.Module):
     r"""Bi-modal contrastive embedding with retrieval prediction (BLEEP-style).
 
     Args:
@@ -177,30 +198,6 @@ class BLEEP(nn.Module):
             self.bank_y = torch.cat(ys).clone()
         finally:
             self.train(was_training)
-
-    @property
-    def has_retrieval_bank(self) -> bool:
-        return self.bank_z.size(0) > 0
-
-    @torch.no_grad()
-    def predict(self, batch: Data, *, mode: str | None = None) -> Tensor:
-        """Predicted expression ``[N, G]`` of every node by retrieval; ``batch.y`` is not used.
-
-        ``mode`` may only be ``None`` or ``"retrieval"`` (the model has no regression head).
-        Does not switch train/eval: call ``model.eval()`` first.
-        """
-        if mode not in (None, "retrieval"):
-            raise GnnstError(f"{type(self).__name__}.predict: only mode='retrieval' exists (no regression head), got {mode!r}")
-        x, _ = check_xy(batch, self.in_dim, self.num_genes)
-        return retrieve_topk(self.encode_image(x), self.bank_z, self.bank_y, self.cfg.retrieval_k,
-                             self.retrieval_weights)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the bank's size M is only known from the checkpoint: resize the buffers before loading
-        for name in ("bank_z", "bank_y"):
-            if prefix + name in state_dict:
-                self._buffers[name] = self._buffers[name].new_empty(state_dict[prefix + name].shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, num_genes={self.num_genes}, proj_dim={self.cfg.proj_dim}, "

@@ -31,7 +31,7 @@ from torch_geometric.data import Data
 
 from gnnst.errors import GnnstError
 from gnnst.models.config import PREDICT_MODES, ModelConfig
-from gnnst.models.layers import MLP, ProjectionHead
+from gnnst.models.layers import MLP, ProjectionHead, RetrievalBankMixin
 from gnnst.models.losses import LOGIT_SCALE_MAX
 from gnnst.models.neighbour import NeighborBranch
 from gnnst.models.registry import register_model
@@ -40,7 +40,7 @@ EDGE_DIM = 3  # edge_attr columns: (dx, dy, distance) in micrometres, source min
 _RETRIEVAL_CHUNK = 512  # query rows per similarity block in retrieval
 
 
-class GNNST(nn.Module):
+class GNNST(RetrievalBankMixin, nn.Module):
     r"""Predict spot expression from the spot's patch embedding and its neighbourhood.
 
     Build with :func:`~gnnst.models.registry.create_model` (``"gnnst"``, or ``"gnnst_mlp"`` for
@@ -335,15 +335,6 @@ class GNNST(nn.Module):
             return y_ret
         a = self.cfg.blend_alpha
         return a * self.forward_head(f_img) + (1 - a) * y_ret
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the bank's size M is only known from the checkpoint: resize the buffers before loading
-        for name in ("bank_z", "bank_y"):
-            key = prefix + name
-            if key in state_dict and name in self._buffers:
-                old = self._buffers[name]
-                self._buffers[name] = old.new_empty(state_dict[key].shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -34,7 +34,7 @@ from torch_geometric.data import Data
 from torch_geometric.utils import to_dense_batch
 
 from gnnst.errors import GnnstError
-from gnnst.models.bleep import centre_rows, check_xy, retrieve_topk
+from gnnst.models.bleep import RetrievalOnlyMixin, centre_rows, check_xy
 from gnnst.models.config import ModelConfig
 from gnnst.models.layers import ProjectionHead
 from gnnst.models.losses import clip_loss
@@ -42,7 +42,7 @@ from gnnst.models.losses import clip_loss
 NUM_POS_BINS = 64  # learnable position embeddings per axis; farther bins share the last one
 
 
-class MclSTExp(nn.Module):
+class MclSTExp(RetrievalOnlyMixin, nn.Module):
     r"""Transformer over the spots of a batch on the expression side, contrastive alignment with
     the image side, retrieval with inverse-distance weights.
 
@@ -161,28 +161,6 @@ class MclSTExp(nn.Module):
         if not zs:
             raise GnnstError("build_retrieval_bank: no training spots given")
         self.bank_z, self.bank_y = torch.cat(zs), torch.cat(ys)
-
-    @property
-    def has_retrieval_bank(self) -> bool:
-        return self.bank_z.size(0) > 0
-
-    @torch.no_grad()
-    def predict(self, batch: Data, *, mode: str | None = None) -> Tensor:
-        """Predicted expression ``[N, G]`` of every node by retrieval; ``batch.y`` is not used.
-
-        ``mode`` may only be ``None`` or ``"retrieval"``. Call ``model.eval()`` first.
-        """
-        if mode not in (None, "retrieval"):
-            raise GnnstError(f"MclSTExp.predict: only mode='retrieval' exists (no regression head), got {mode!r}")
-        x, _ = check_xy(batch, self.in_dim, self.num_genes)
-        return retrieve_topk(self.encode_image(x), self.bank_z, self.bank_y, self.cfg.retrieval_k,
-                             self.retrieval_weights)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("bank_z", "bank_y"):
-            if prefix + name in state_dict:
-                self._buffers[name] = self._buffers[name].new_empty(state_dict[prefix + name].shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -98,6 +98,7 @@ def setting_config(cfg: "Config", setting: Setting, *, ridge: bool) -> "Config":
     from gnnst.config import Config, _from_dict, _merge, config_to_dict, parse_overrides
 
     over = setting.overrides() + [f"train.ensemble={cfg.ablation.ensemble}", "eval.figures=false",
+                                  "eval.final_model=false",  # a comparison of settings: no model to ship
                                   f"eval.ridge={'true' if ridge else 'false'}"]
     return _from_dict(Config, _merge(config_to_dict(cfg), parse_overrides(over)))
 

@@ -167,16 +167,9 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
             rp = ridge_baseline(x_tr, y_tr, {s: graphs[s].x.numpy() for s in fold.test_slides}, cfg.seed)
             rm = evaluate(y_test, rp, panel.genes, subsets)
             result["ridge"] = {k: rm[k] for k in SUMMARY_KEYS}
-        ckpt = {"model_state": ens["states"][0], "model_states": ens["states"], "blend_alpha": ens["alpha"],
-                "model_name": cfg.model.name, "model_cfg": config_to_dict(cfg.model),
-                "in_dim": int(train_s[0].x.shape[1]), "panel": panel.to_dict(), "scaler": scaler.to_dict(),
-                "encoder": loaded.encoder, "patch_size_um": cfg.patch.size_um,
-                "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
-                "expression": config_to_dict(cfg.expression), "train": {"num_hops": cfg.train.num_hops,
-                                                                          "batch_nodes": cfg.train.batch_nodes},
-                "fold": fold.to_dict(), "gnnst_version": __version__}
         if main:
-            atomic_torch_save(ckpt, fdir / "model.pt")
+            atomic_torch_save(checkpoint(cfg, ens, panel, scaler, loaded.encoder, int(train_s[0].x.shape[1]),
+                                         fold.to_dict()), fdir / "model.pt")
         for s in fold.test_slides if main else []:
             _write_prediction(out / "predictions" / f"{s}.h5ad", loaded.adatas[s], y_test[s], p_test[s], panel.genes,
                               loaded.encoder["name"], graphs[s].x.numpy(), cfg, fold, result)
@@ -187,6 +180,8 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
         log.info("fold %s: PCC HEG50 per slide %.3f (ridge %.3f), all %.3f, blend alpha %s, %.1f s", fold.name,
                  result["pcc_heg50_per_slide"], result.get("ridge", {}).get("pcc_heg50_per_slide", float("nan")),
                  result["pcc_all_per_slide"], ens["alpha"], result["fold_seconds"])
+    if cfg.eval.final_model:
+        fit_final(cfg, loaded, out / "final", resume=resume, device=device, progress=progress, main=main)
     metrics = summarise(fold_results)
     metrics["gnnst_version"] = __version__
     metrics["config"] = config_to_dict(cfg)
@@ -197,6 +192,54 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     if main and cfg.eval.figures:
         _write_figures(out)
     return metrics
+
+
+def checkpoint(cfg: "Config", ens: dict, panel, scaler: TargetScaler, encoder: dict, in_dim: int, fold: dict) -> dict:
+    """The ``model.pt`` payload: everything :mod:`gnnst.inference` needs to predict a new slide."""
+    from gnnst.config import config_to_dict
+
+    return {"model_state": ens["states"][0], "model_states": ens["states"], "blend_alpha": ens["alpha"],
+            "model_name": cfg.model.name, "model_cfg": config_to_dict(cfg.model), "in_dim": in_dim,
+            "panel": panel.to_dict(), "scaler": scaler.to_dict(), "encoder": encoder,
+            "patch_size_um": cfg.patch.size_um, "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
+            "expression": config_to_dict(cfg.expression),
+            "train": {"num_hops": cfg.train.num_hops, "batch_nodes": cfg.train.batch_nodes},
+            "fold": fold, "gnnst_version": __version__}
+
+
+def fit_final(cfg: "Config", loaded, fdir: Path, *, resume: bool, device, progress: bool, main: bool = True) -> Path:
+    """Train on every slide of ``loaded`` exactly as a fold trains on its training slides and write
+    ``fdir/model.pt`` (``fold.name == "final"``, no test slides). With ``resume`` a finished one is kept."""
+    from gnnst.data.expression import select_panel
+    from gnnst.graph.dataset import make_graphs
+    from gnnst.io import atomic_torch_save
+    from gnnst.train.trainer import carve_validation, node_subgraph
+
+    path = fdir / "model.pt"
+    if resume and path.is_file():
+        log.info("final model: already trained, reusing %s", path)
+        return path
+    slides = [e.slide_id for e in loaded.entries]
+    log.info("final model: training on all %d slides (%s)", len(slides), ", ".join(slides))
+    t0 = time.perf_counter()
+    fdir.mkdir(parents=True, exist_ok=True)
+    panel = select_panel([loaded.adatas[s] for s in slides], cfg.expression)
+    graphs = make_graphs(loaded, cfg, panel, slides)
+    train_full = [graphs[s] for s in slides]
+    val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+    train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
+    scaler = TargetScaler(np.concatenate([g.y.numpy() for g in train_parts]))
+    train_s = [_to_tensor_graph(g, scaler) for g in train_parts]
+    val_s = [_to_tensor_graph(g, scaler) for g in train_full]
+    ens = fit_ensemble(cfg, panel, train_s, val_s, val_masks, [], fdir, resume=resume, device=device,
+                       progress=progress)
+    info = {"name": "final", "train_slides": slides, "test_slides": [], "patient_disjoint": False,
+            "val_pcc_ensemble": ens["val_score"], "blend_alpha": ens["alpha"]}
+    if main:
+        atomic_torch_save(checkpoint(cfg, ens, panel, scaler, loaded.encoder, int(train_s[0].x.shape[1]), info), path)
+    log.info("final model: %s (validation PCC %.3f, blend alpha %s, %.1f s)", path, ens["val_score"], ens["alpha"],
+             time.perf_counter() - t0)
+    return path
 
 
 def _write_figures(out: Path) -> None:

@@ -51,6 +51,18 @@ def test_train_outputs(three_patients, capsys):
     assert (out / "config.yaml").is_file() and (out / "train.log").is_file()
     assert (out / "folds" / "patient_P1" / "model.pt").is_file()
     assert (out / "folds" / "patient_P1" / "member0" / "last.pt").is_file()
+    # the final model: trained on all three slides, for `gnnst predict`
+    import torch
+
+    final = torch.load(out / "final" / "model.pt", weights_only=False)
+    assert final["fold"]["name"] == "final" and final["fold"]["train_slides"] == ["S1", "S2", "S3"]
+    assert final["fold"]["test_slides"] == [] and len(final["model_states"]) == 2
+    fold_ck = torch.load(out / "folds" / "patient_P1" / "model.pt", weights_only=False)
+    assert fold_ck["fold"]["train_slides"] == ["S2", "S3"]  # the folds' checkpoints never saw their test slide
+    rc = main(["predict", "--checkpoint", str(out / "final" / "model.pt"), "--image",
+               str(three_patients["root"] / "S1_HE.jpg"), "--spots", str(three_patients["root"] / "S1_selection.tsv"),
+               "--out", str(out / "s1_final.h5ad"), "--cache-dir", str(three_patients["cache"]), "--quiet"])
+    assert rc == 0 and ad.read_h5ad(out / "s1_final.h5ad").n_vars == len(final["panel"]["genes"])
 
 
 def test_resume_reproduces_uninterrupted_run(three_patients, monkeypatch):
