@@ -123,8 +123,9 @@ def format_table(r: dict) -> str:
         f"- Encoder compute floor: {f['gflops_per_patch']:.3f} GFLOP/patch x {r['nodes']} = "
         f"{f['gflops_total']:.0f} GFLOP; float32 matmul rate measured here with {r['threads']} threads: "
         f"{f['matmul_gflops_per_s']:.0f} GFLOP/s; floor {f['floor_seconds']:.2f} s. The encode stage "
-        f"reached {100 * r['encode_fraction_of_floor']:.0f}% of it (depthwise convolutions and batch norm "
-        "are memory-bound, far from the matmul rate).",
+        f"reached {100 * r['encode_fraction_of_floor']:.0f}% of it (depthwise convolutions, the "
+        "TF-'same' padding copies and the activations are memory-bound, far from the matmul rate; the batch "
+        "norms are folded into the convolutions, see `gnnst.data.encoders.fold_batchnorm`).",
         "- `decode` is measured in the background thread that decodes the next slide while the current one "
         "is encoded; `decode_wait` is the time the encoder waited for it.",
     ]

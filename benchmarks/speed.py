@@ -79,6 +79,8 @@ def _predict_child(args: list[str]) -> None:
     code = main(["predict", *args])
     t2 = time.perf_counter()
     print(json.dumps({"code": code, "import_seconds": t1 - t0, "main_seconds": t2 - t1}), flush=True)
+    sys.stderr.flush()
+    os._exit(code)  # as the `gnnst` executable leaves (gnnst.cli.run_and_exit): no interpreter teardown
 
 
 def bench_predict(checkpoint: str, workdir: Path, repeats: int) -> dict:
@@ -156,7 +158,7 @@ def format_report(r: dict) -> str:
         f"- Inference: `gnnst.cli.main(['predict', ...])` with the checkpoint of fold {PREDICT_SLIDE} (never trained "
         f"on {PREDICT_SLIDE}), a fresh cache folder per run (patches decoded, cropped and encoded every time), "
         f"median of {len(p['runs'])} runs ({', '.join('%.1f' % x['main_seconds'] for x in p['runs'])} s in `main`); "
-        f"the rest of the process time is interpreter start-up (the package imports lazily, inside `main`); the process used {p['cpu_seconds']:.1f} s "
+        f"the rest of the process time is interpreter start-up (the package imports lazily, inside `main`; the child leaves with `os._exit` as the `gnnst` executable does); the process used {p['cpu_seconds']:.1f} s "
         f"of CPU (user + system, median), i.e. at least {p['cpu_seconds'] / r['cores']:.1f} s of wall time on "
         f"{r['cores']} free cores.",
         f"- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in r['loadavg_before'])}, after "

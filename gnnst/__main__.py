@@ -1,7 +1,5 @@
 """``python -m gnnst <command>``."""
 
-import sys
+from gnnst.cli import run_and_exit
 
-from gnnst.cli import main
-
-sys.exit(main())
+run_and_exit()

@@ -1,3 +1,3 @@
 """Neighbourhood ablation (k, radius, no graph) -> table + plot. Same as ``gnnst ablate``."""
-import sys; from gnnst.cli import ablate_main  # noqa: E702
-sys.exit(ablate_main(sys.argv[1:]))
+from gnnst.cli import ablate_main, run_and_exit  # noqa: E402
+run_and_exit(ablate_main)

@@ -1,3 +1,3 @@
 """Config -> cross-validated model, metrics and predictions. Same as ``gnnst train``."""
-import sys; from gnnst.cli import train_main  # noqa: E702
-sys.exit(train_main(sys.argv[1:]))
+from gnnst.cli import train_main, run_and_exit  # noqa: E402
+run_and_exit(train_main)

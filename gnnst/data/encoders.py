@@ -184,7 +184,7 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
     classifier.eval()
     # Same embeddings up to float rounding (checked inside), ~25 % more patches/s on CPU; the
     # identity (cache key) names the weights, not how the forward pass is arranged.
-    net, _ = fold_batchnorm(net)
+    net, _ = fold_batchnorm(net, input_size=64)  # checked on 64-px inputs: the same layers, 12x cheaper
     return PatchEncoder(name="efficientnet_lite0", model=net, input_size=224, mean=(0.5, 0.5, 0.5),
                         std=(0.5, 0.5, 0.5), dim=net.num_features,
                         identity=f"efficientnet_lite0:{_file_digest(Path(checkpoint))}", classifier=classifier)
