@@ -1,6 +1,6 @@
 """Benchmark: H&E-only grid prediction vs spot-mode prediction on held-out her2st slides.
 
-    python benchmarks/grid_vs_spots.py [--run /tmp/t3] [--slides C3 B4] [--grid-um 200] [--repeats 3]
+    python benchmarks/grid_vs_spots.py [--run runs/her2st/train] [--slides C3 B4] [--grid-um 200] [--repeats 3]
 
 For each slide S, the checkpoint of the fold that held S out (``RUN/folds/S/model.pt``) predicts
 
@@ -137,7 +137,8 @@ def format_tables(results: list[dict], grid_um: float, repeats: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="/tmp/t3", help="a `gnnst train --out` folder with folds/<slide>/model.pt")
+    p.add_argument("--run", default=str(HERE.parent / "runs" / "her2st" / "train"),
+                   help="a `gnnst train --out` folder with folds/<slide>/model.pt (default: the one `make demo` writes)")
     p.add_argument("--data-root", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
     p.add_argument("--slides", nargs="+", default=["C3", "B4"])
     p.add_argument("--grid-um", type=float, default=200.0)
