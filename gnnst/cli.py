@@ -146,7 +146,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="embedding cache (else $GNNST_CACHE, ~/.cache/gnnst)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=6,
-                   help="patches per encoder pass (6 was fastest on a 2-core CPU; use 64 or more on a GPU)")
+                   help="patches per encoder pass (default 6, for CPUs; use 64 or more on a GPU)")
     args = p.parse_args(argv)
 
     def run() -> int:
@@ -163,31 +163,31 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         if args.grid_um is None and args.plot_genes is not None:
             raise GnnstError("--plot-genes draws grid maps: use it with --grid-um")
         if args.grid_um is None:
-            return predict_spots(args)
+            return _predict_spots(args)
         ck = load_checkpoint(args.checkpoint)
         slide_id = args.slide_id or Path(args.image).stem
-        if args.grid_um is not None:
-            genes = ck["panel"]["heg"][:3] if args.plot_genes is None else \
-                [g.strip() for g in args.plot_genes.split(",") if g.strip()]
-            missing = [g for g in genes if g not in ck["panel"]["genes"]]
-            if missing:
-                raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
-            setup_logging(None, "predict")
-            adata = predict_grid(ck, args.image, grid_um=args.grid_um, kind=args.grid,
-                                 supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
-                                 cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
-                                 progress=not args.quiet)
-            with atomic_path(out) as tmp:
-                adata.write_h5ad(tmp)
-            maps = write_grid_maps(adata, genes, out.with_suffix(""))
-            print(f"predicted {adata.n_vars} genes at {adata.n_obs} {args.grid} grid spots ({args.grid_um:g} µm) "
-                  f"over the tissue of '{slide_id}' -> {out}" + (f"; maps: {', '.join(m.name for m in maps)}"
-                                                                 if maps else ""))
-            return 0
+        genes = ck["panel"]["heg"][:3] if args.plot_genes is None else \
+            [g.strip() for g in args.plot_genes.split(",") if g.strip()]
+        missing = [g for g in genes if g not in ck["panel"]["genes"]]
+        if missing:
+            raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
+        setup_logging(None, "predict")
+        adata = predict_grid(ck, args.image, grid_um=args.grid_um, kind=args.grid,
+                             supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
+                             cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
+                             progress=not args.quiet)
+        with atomic_path(out) as tmp:
+            adata.write_h5ad(tmp)
+        maps = write_grid_maps(adata, genes, out.with_suffix(""))
+        print(f"predicted {adata.n_vars} genes at {adata.n_obs} {args.grid} grid spots ({args.grid_um:g} µm) "
+              f"over the tissue of '{slide_id}' -> {out}" + (f"; maps: {', '.join(m.name for m in maps)}"
+                                                             if maps else ""))
+        return 0
+
     return _guard(run)
 
 
-def predict_spots(args: argparse.Namespace) -> int:
+def _predict_spots(args: argparse.Namespace) -> int:
     """``gnnst predict --spots``: the image is decoded in a background thread (Pillow and openslide
     release the GIL) while the spot table, torch and the checkpoint load."""
     from concurrent.futures import ThreadPoolExecutor

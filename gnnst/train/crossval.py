@@ -90,18 +90,13 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     the same ``data``/``patch``/``encoder`` config (reused across the settings of ``gnnst ablate``).
     With ``cfg.eval.figures`` the figures of :mod:`gnnst.eval.figures` are written into ``out/figures``.
     """
-    import torch
-
     from gnnst.config import config_to_dict, dump_config
     from gnnst.data.encoders import resolve_device, set_cpu_threads
-    from gnnst.data.expression import select_panel
     from gnnst.data.manifest import load_manifest
     from gnnst.eval.metrics import evaluate
     from gnnst.eval.splits import make_folds
-    from gnnst.graph.dataset import load_and_embed, make_graphs
+    from gnnst.graph.dataset import load_and_embed
     from gnnst.io import atomic_torch_save, atomic_write_json
-    from gnnst.models import create_model
-    from gnnst.train.trainer import carve_validation, fit, node_subgraph, predict_graphs
 
     from gnnst.train.distributed import current
 
@@ -136,18 +131,11 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
             continue
         log.info("fold %d/%d %s: train %s, test %s%s", fi + 1, len(folds), fold.name, fold.train_slides,
                  fold.test_slides, " (patient-disjoint)" if fold.patient_disjoint else "")
-        panel = select_panel([loaded.adatas[s] for s in fold.train_slides], cfg.expression)
-        graphs = make_graphs(loaded, cfg, panel, fold.train_slides + fold.test_slides)
-        train_full = [graphs[s] for s in fold.train_slides]
-        val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
-        train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
-        scaler = TargetScaler(np.concatenate([g.y.numpy() for g in train_parts]))
-        train_s = [_to_tensor_graph(g, scaler) for g in train_parts]
-        val_s = [_to_tensor_graph(g, scaler) for g in train_full]
+        panel, graphs, train_full, val_masks, scaler, train_s, val_s = prepare_training(
+            cfg, loaded, fold.train_slides, fold.test_slides)
         test_graphs = [graphs[s] for s in fold.test_slides]
         ens = fit_ensemble(cfg, panel, train_s, val_s, val_masks, test_graphs, fdir, resume=resume, device=device,
                            progress=progress)
-        res = ens["fits"][0]
         p_test = {s: scaler.inverse(p) for s, p in zip(fold.test_slides, ens["test"])}
         y_test = {s: graphs[s].y.numpy() for s in fold.test_slides}
         subsets = {"all": panel.genes, "heg50": panel.top("heg", cfg.eval.n_heg), "hvg50": panel.top("hvg", cfg.eval.n_hvg)}
@@ -207,13 +195,29 @@ def checkpoint(cfg: "Config", ens: dict, panel, scaler: TargetScaler, encoder: d
             "fold": fold, "gnnst_version": __version__}
 
 
+def prepare_training(cfg: "Config", loaded, train_slides: list[str], test_slides: list[str]) -> tuple:
+    """What a fit needs, from ``train_slides`` only: ``(panel, graphs, train_full, val_masks, scaler,
+    train_s, val_s)``. The panel and the target scaling come from the training spots; validation
+    blocks are carved from the training slides; ``graphs`` also holds ``test_slides`` (unscaled)."""
+    from gnnst.data.expression import select_panel
+    from gnnst.graph.dataset import make_graphs
+    from gnnst.train.trainer import carve_validation, node_subgraph
+
+    panel = select_panel([loaded.adatas[s] for s in train_slides], cfg.expression)
+    graphs = make_graphs(loaded, cfg, panel, list(train_slides) + list(test_slides))
+    train_full = [graphs[s] for s in train_slides]
+    val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+    train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
+    scaler = TargetScaler(np.concatenate([g.y.numpy() for g in train_parts]))
+    train_s = [_to_tensor_graph(g, scaler) for g in train_parts]
+    val_s = [_to_tensor_graph(g, scaler) for g in train_full]
+    return panel, graphs, train_full, val_masks, scaler, train_s, val_s
+
+
 def fit_final(cfg: "Config", loaded, fdir: Path, *, resume: bool, device, progress: bool, main: bool = True) -> Path:
     """Train on every slide of ``loaded`` exactly as a fold trains on its training slides and write
     ``fdir/model.pt`` (``fold.name == "final"``, no test slides). With ``resume`` a finished one is kept."""
-    from gnnst.data.expression import select_panel
-    from gnnst.graph.dataset import make_graphs
     from gnnst.io import atomic_torch_save
-    from gnnst.train.trainer import carve_validation, node_subgraph
 
     path = fdir / "model.pt"
     if resume and path.is_file():
@@ -223,14 +227,7 @@ def fit_final(cfg: "Config", loaded, fdir: Path, *, resume: bool, device, progre
     log.info("final model: training on all %d slides (%s)", len(slides), ", ".join(slides))
     t0 = time.perf_counter()
     fdir.mkdir(parents=True, exist_ok=True)
-    panel = select_panel([loaded.adatas[s] for s in slides], cfg.expression)
-    graphs = make_graphs(loaded, cfg, panel, slides)
-    train_full = [graphs[s] for s in slides]
-    val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
-    train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
-    scaler = TargetScaler(np.concatenate([g.y.numpy() for g in train_parts]))
-    train_s = [_to_tensor_graph(g, scaler) for g in train_parts]
-    val_s = [_to_tensor_graph(g, scaler) for g in train_full]
+    panel, _, _, val_masks, scaler, train_s, val_s = prepare_training(cfg, loaded, slides, [])
     ens = fit_ensemble(cfg, panel, train_s, val_s, val_masks, [], fdir, resume=resume, device=device,
                        progress=progress)
     info = {"name": "final", "train_slides": slides, "test_slides": [], "patient_disjoint": False,
