@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
 
 log = logging.getLogger("gnnst")
@@ -145,8 +146,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slide-id", default=None, help="slide id (default: image file stem)")
     p.add_argument("--cache-dir", default=None, help="embedding cache (else $GNNST_CACHE, ~/.cache/gnnst)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=6,
-                   help="patches per encoder pass (default 6, for CPUs; use 64 or more on a GPU)")
+    p.add_argument("--batch-size", type=int, default=CPU_BATCH_SIZE,
+                   help=f"patches per encoder pass (default {CPU_BATCH_SIZE}, for CPUs; use 64 or more on a GPU)")
     args = p.parse_args(argv)
 
     def run() -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
 from gnnst.models.config import ModelConfig
 
@@ -37,9 +38,7 @@ class PatchConfig:
 class EncoderConfig:
     name: str = "efficientnet_lite0"  # registry name, "timm:<model>" or "torchscript:<path>"
     checkpoint: str | None = None  # local weights file for the encoder (e.g. UNI for timm:vit_large_patch16_224)
-    # patches per forward pass: on the 2-core CPU, with gnnst.runtime's malloc settings, 4 to 16 all ran at
-    # ~240 patches/s and 32 at 159 (without them 6 was best, 8: 207, 16: 162); on a GPU use 64 or more
-    batch_size: int = 6
+    batch_size: int = CPU_BATCH_SIZE  # patches per forward pass (see gnnst.data.encoders); 64+ on a GPU
     num_threads: int | None = None  # torch CPU threads; None = all cores
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:i]"
 

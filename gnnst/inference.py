@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gnnst import __version__, keys
+from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
@@ -150,16 +151,16 @@ def predict_slide(
     slide_id: str,
     mpp: float,
     cache_dir: str | None = None,
-    batch_size: int = 6,
+    batch_size: int = CPU_BATCH_SIZE,
     device: str = "auto",
     progress: bool = True,
     opened: "SlideImage | None" = None,
 ) -> "AnnData":
     """Predicted expression of one unseen slide as AnnData.
 
-    ``batch_size`` patches go through the encoder at a time (see ``EncoderConfig.batch_size``). ``opened`` is ``image`` already opened (and for JPEG/PNG decoded), e.g.
-    to read its resolution first; it is closed when the patches are cut. When the embeddings are in
-    the cache the image is not decoded at all.
+    ``batch_size`` patches go through the encoder at a time. ``opened`` is ``image`` already opened
+    (for JPEG/PNG: decoded), e.g. to read its resolution first; it is closed once the embeddings are
+    there. Without it the image is opened only when the embeddings are not in the cache.
 
     Sets ``X`` and ``layers['gnnst_pred']`` ``[N, G]`` (normalised log expression, panel order),
     ``obsm['spatial']`` (pixels), ``obsm['X_img_<encoder>']``, ``obsp['spatial_connectivities']`` and
@@ -245,7 +246,7 @@ def predict_grid(
     slide_id: str,
     mpp: float | None = None,
     cache_dir: str | None = None,
-    batch_size: int = 6,
+    batch_size: int = CPU_BATCH_SIZE,
     device: str = "auto",
     progress: bool = True,
 ) -> "AnnData":

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gnnst import keys
+from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def embed_spots(
     encoder: "PatchEncoder",
     *,
     size_um: float,
-    batch_size: int = 6,
+    batch_size: int = CPU_BATCH_SIZE,
     pad_value: int = 255,
     device=None,
     cache_dir: Path | None = None,

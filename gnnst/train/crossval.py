@@ -15,7 +15,6 @@ and ``metrics.json``.
 from __future__ import annotations
 
 import copy
-
 import json
 import logging
 import time
