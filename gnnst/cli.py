@@ -152,7 +152,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         from gnnst.inference import load_checkpoint, predict_grid, write_grid_maps
-        from gnnst.io import atomic_path
+        from gnnst.io import atomic_write_h5ad
 
         out = Path(args.out)
         if out.suffix != ".h5ad":
@@ -177,8 +177,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                              supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
                              cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet)
-        with atomic_path(out) as tmp:
-            adata.write_h5ad(tmp)
+        atomic_write_h5ad(adata, out)
         maps = write_grid_maps(adata, genes, out.with_suffix(""))
         print(f"predicted {adata.n_vars} genes at {adata.n_obs} {args.grid} grid spots ({args.grid_um:g} µm) "
               f"over the tissue of '{slide_id}' -> {out}" + (f"; maps: {', '.join(m.name for m in maps)}"
@@ -196,7 +195,7 @@ def _predict_spots(args: argparse.Namespace) -> int:
     from gnnst.data.images import open_image
     from gnnst.data.readers.legacy_st import mpp_from_pitch
     from gnnst.inference import load_checkpoint, predict_slide, read_spot_table
-    from gnnst.io import atomic_path
+    from gnnst.io import atomic_write_h5ad
 
     out = Path(args.out)
     slide_id = args.slide_id or Path(args.image).stem
@@ -220,8 +219,7 @@ def _predict_spots(args: argparse.Namespace) -> int:
                 im = decoding.result()
             if im is not None:
                 im.close()
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
+    atomic_write_h5ad(adata, out)
     print(f"predicted {adata.n_vars} genes at {adata.n_obs} spots of '{slide_id}' -> {out}")
     return 0
 

@@ -40,3 +40,55 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_write_h5ad(adata, path: str | Path) -> None:
+    """Write ``adata`` to ``path`` atomically, the same way under pandas 2 and 3.
+
+    pandas 3 stores strings as its ``str`` dtype (an Arrow- or Python-backed string array), and
+    pandas 2 can hold ``pd.StringDtype()`` columns too; anndata refuses to write those unless its
+    ``allow_write_nullable_strings`` setting is on, and files written with it cannot be read by
+    anndata < 0.11. So every string column, category list and index of ``obs`` and ``var`` is written
+    as a plain (object) string array, the encoding every anndata version reads. ``adata`` itself is
+    not modified and its matrices are not copied. Anything string-typed elsewhere (e.g. a table in
+    ``uns``) is written with ``allow_write_nullable_strings`` where the installed anndata has it.
+    """
+    import anndata as ad
+
+    out = ad.AnnData(
+        X=adata.X, obs=_plain_strings(adata.obs), var=_plain_strings(adata.var), uns=adata.uns,
+        obsm=dict(adata.obsm), varm=dict(adata.varm), layers=dict(adata.layers), obsp=dict(adata.obsp),
+        varp=dict(adata.varp),
+    )
+    override = getattr(ad.settings, "override", None)
+    nullable_ok = override is not None and hasattr(ad.settings, "allow_write_nullable_strings")
+    with atomic_path(path) as tmp:
+        with override(allow_write_nullable_strings=True) if nullable_ok else contextlib.nullcontext():
+            out.write_h5ad(tmp)
+
+
+def _plain_strings(df):
+    """A shallow copy of ``df`` whose string columns, categories and index are object arrays."""
+    import pandas as pd
+
+    def plain_index(index: pd.Index) -> pd.Index:
+        return index.astype(object) if _nullable_string(index.dtype) else index
+
+    out = df.copy(deep=False)
+    for col in out.columns:
+        s = out[col]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            cats = plain_index(s.cat.categories)
+            if cats is not s.cat.categories:
+                out[col] = pd.Categorical.from_codes(s.cat.codes, categories=cats, ordered=s.cat.ordered)
+        elif _nullable_string(s.dtype):
+            out[col] = s.astype(object).where(s.notna(), None)  # pd.NA / NaN -> None
+    out.index = plain_index(out.index)
+    return out
+
+
+def _nullable_string(dtype) -> bool:
+    """Whether ``dtype`` is one of pandas' string dtypes (``str``, ``string``, ``string[pyarrow]``)."""
+    import pandas as pd
+
+    return dtype != object and pd.api.types.is_string_dtype(dtype) and not isinstance(dtype, pd.CategoricalDtype)

@@ -52,6 +52,8 @@ def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_
     for part in (encoder_identity, str(input_size), f"{size_um:.6g}", f"{mpp:.9g}", image_id):
         h.update(part.encode())
         h.update(b"\0")
+    if adata.uns[keys.UNS_GNNST].get(keys.IMAGE_SCALEF, 1.0) != 1.0:  # a downscaled image (keys of others unchanged)
+        h.update(f"{adata.uns[keys.UNS_GNNST][keys.IMAGE_SCALEF]:.9g}".encode())
     h.update(np.ascontiguousarray(adata.obsm[keys.SPATIAL], dtype=np.float64).tobytes())
     h.update("\n".join(adata.obs_names).encode())
     return h.hexdigest()[:20]
@@ -114,6 +116,7 @@ def embed_spots(
 
     from gnnst.data.images import open_image
     from gnnst.data.patches import check_inside, iter_patch_batches, patch_side_px
+    from gnnst.data.validate import image_coordinates
     from gnnst.io import atomic_path
 
     timer = timer or Timer()
@@ -133,9 +136,9 @@ def embed_spots(
     if image is None:
         with timer("decode"):
             image = open_image(image_path, pad_value=pad_value)
-    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    xy, image_mpp = image_coordinates(adata)  # [N, 2] pixels of the image read (may be a hires PNG)
     check_inside(xy, image.width, image.height, slide_id=slide_id, barcodes=adata.obs_names)
-    side = patch_side_px(size_um, meta[keys.MPP])
+    side = patch_side_px(size_um, image_mpp)
     out = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
     batches = iter_patch_batches(image, xy, side_px=side, out_size=encoder.input_size, batch_size=batch_size)
     with tqdm(total=adata.n_obs, desc=f"encode {slide_id}", unit="spot", disable=not progress, leave=False) as bar:

@@ -110,6 +110,7 @@ def add_image(
     mpp: float,
     spot_diameter_um: float | None = None,
     max_side: int = HIRES_MAX_SIDE,
+    image_scalef: float = 1.0,
     copy: bool = False,
 ) -> "AnnData | None":
     """Attach a downsampled H&E with scanpy's Visium scale factors.
@@ -122,6 +123,8 @@ def add_image(
         spot_diameter_um: physical spot diameter; ``None`` = half the spot pitch (legacy ST: 100 of
             200 µm; Visium: 50 of 100 µm, nominally 55).
         max_side: longer side of the stored image in pixels.
+        image_scalef: pixels of ``image`` per full-resolution pixel (``uns['gnnst']['image_scalef']``;
+            below 1 when ``image`` is Space Ranger's hires or lowres PNG).
         copy: return a modified copy instead of writing into ``adata``.
 
     Sets the following fields: ``adata.uns['spatial'][library_id]`` with ``images['hires']``
@@ -134,7 +137,7 @@ def add_image(
         adata = adata.copy()
     with open_image(image) as im:
         hires = np.ascontiguousarray(im.thumbnail(max_side), dtype=np.uint8)  # [h, w, 3]
-        scalef = hires.shape[1] / im.width
+        scalef = hires.shape[1] / im.width * float(image_scalef)  # hires px per full-resolution px
     if spot_diameter_um is None:
         diameter_px = 0.5 * _pitch_px(np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64))
     else:
@@ -244,7 +247,8 @@ def slide_from_run(
     a.obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * a.n_obs)
     if image:
         add_image(a, _image_path(run, slide_id, meta), library_id=slide_id, mpp=mpp,
-                  spot_diameter_um=spot_diameter_um, max_side=max_side)
+                  spot_diameter_um=spot_diameter_um, max_side=max_side,
+                  image_scalef=float(meta.get(keys.IMAGE_SCALEF, 1.0)))
     metrics = read_run_metrics(run) if metrics is None else metrics
     slide_metrics = json.loads(meta.get("metrics", "{}"))
     for f in metrics.get("folds", []):
@@ -261,6 +265,7 @@ def slide_from_run(
     }
     if meta.get(keys.IMAGE_PATH):
         a.uns[keys.UNS_GNNST][keys.IMAGE_PATH] = str(meta[keys.IMAGE_PATH])
+        a.uns[keys.UNS_GNNST][keys.IMAGE_SCALEF] = float(meta.get(keys.IMAGE_SCALEF, 1.0))
     return a
 
 
@@ -356,7 +361,7 @@ def export_run(
 
     Returns the paths written.
     """
-    from gnnst.io import atomic_path
+    from gnnst.io import atomic_write_h5ad
 
     run, out = Path(run), Path(out)
     slides = select_run_slides(run, slides)
@@ -373,8 +378,7 @@ def export_run(
     else:
         targets = {out / f"{s}.h5ad": a for s, a in adatas.items()}
     for path, a in targets.items():
-        with atomic_path(path) as tmp:
-            a.write_h5ad(tmp)
+        atomic_write_h5ad(a, path)
         log.info("exported %d spots x %d genes -> %s", a.n_obs, a.n_vars, path)
         written.append(path)
     return written

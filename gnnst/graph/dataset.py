@@ -138,7 +138,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
         with timer("read"):
             adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
-                                            download=cfg.data.download)
+                                            download=cfg.data.download, patch_size_um=cfg.patch.size_um)
     set_cpu_threads(cfg.encoder.num_threads)
     device = resolve_device(cfg.encoder.device)
     with timer("model_load"):

@@ -346,7 +346,7 @@ def _write_prediction(path: Path, adata, y: np.ndarray, p: np.ndarray, genes, en
     import pandas as pd
 
     from gnnst.config import config_to_dict
-    from gnnst.io import atomic_path
+    from gnnst.io import atomic_write_h5ad
 
     obs = pd.DataFrame(index=pd.Index(adata.obs_names, name=keys.BARCODE))
     obs[keys.SLIDE_ID] = pd.Categorical(adata.obs[keys.SLIDE_ID].astype(str))
@@ -359,11 +359,11 @@ def _write_prediction(path: Path, adata, y: np.ndarray, p: np.ndarray, genes, en
         "version": __version__, "fold": fold.name, "patient_disjoint": fold.patient_disjoint,
         keys.MPP: adata.uns[keys.UNS_GNNST][keys.MPP], "X": "normalize_total + log1p of measured counts",
         keys.IMAGE_PATH: _abs_or_none(adata.uns[keys.UNS_GNNST].get(keys.IMAGE_PATH)),
+        keys.IMAGE_SCALEF: adata.uns[keys.UNS_GNNST].get(keys.IMAGE_SCALEF, 1.0),
         "config": json.dumps(config_to_dict(cfg)),
         "metrics": json.dumps({k: result[k] for k in SUMMARY_KEYS}),
     }
-    with atomic_path(path) as tmp:
-        a.write_h5ad(tmp)
+    atomic_write_h5ad(a, path)
 
 
 def _abs_or_none(path: str | None) -> str | None:

@@ -71,7 +71,7 @@ def test_no_spots_under_tissue(tmp_path):
     sel = tmp_path / "S1_selection.tsv"
     lines = sel.read_text().splitlines()
     sel.write_text("\n".join([lines[0]] + [l[: l.rindex("\t")] + "\t0" for l in lines[1:]]) + "\n")
-    with pytest.raises(GnnstError, match="no spots under tissue"):
+    with pytest.raises(GnnstError, match=r"S1_selection.tsv: no spots under tissue .*column 'selected'"):
         _read(tmp_path)
 
 

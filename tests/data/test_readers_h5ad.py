@@ -42,7 +42,8 @@ def test_reads_counts_coordinates_and_obs(tmp_path):
     assert adata.obsm["spatial"].dtype == np.float64
     assert list(adata.obs["region"]) == ["a", "b", "a"]
     assert list(adata.obs["slide_id"]) == ["slideA"] * 3
-    assert adata.uns == {"gnnst": {"mpp": 0.5, "image_path": str(tmp_path / "he.tif"), "source": "h5ad"}}
+    assert adata.uns == {"gnnst": {"mpp": 0.5, "image_path": str(tmp_path / "he.tif"), "image_scalef": 1.0,
+                                   "source": "h5ad"}}
     assert set(adata.layers) == {"counts"} and set(adata.obsm) == {"spatial"}
 
 

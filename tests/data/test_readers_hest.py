@@ -70,7 +70,8 @@ def test_reads_sample(sample):
     np.testing.assert_array_equal(adata.X.toarray(), COUNTS)
     np.testing.assert_array_equal(adata.obsm["spatial"], XY)
     assert list(adata.obs["slide_id"]) == ["TENX00"] * 3
-    assert adata.uns == {"gnnst": {"mpp": 0.5, "image_path": str(sample["image"]), "source": "hest"}}
+    assert adata.uns == {"gnnst": {"mpp": 0.5, "image_path": str(sample["image"]), "image_scalef": 1.0,
+                                   "source": "hest"}}
 
 
 def test_pixel_size_precedence(tmp_path, sample):

@@ -1,11 +1,17 @@
 """Readers: one function per source, each returning the canonical AnnData of
 :mod:`gnnst.data.validate`. The manifest's ``reader`` field names one of :data:`READERS`; its
-``files`` roles are the reader's path arguments.
+``files`` roles are the reader's positional (path) arguments, its ``reader_options`` the reader's
+keyword-only arguments other than ``slide_id``, ``mpp`` and ``pitch_um`` (which come from the
+manifest's ``slide_id`` and ``scale``). A reader whose role may be a folder lists the files it uses
+from it with a module-level ``folder_files(path)`` (the folder's checksum covers those).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
+from pathlib import Path
 from typing import Callable
 
 from gnnst.errors import GnnstError
@@ -19,6 +25,15 @@ READERS: dict[str, str] = {
 }
 
 
+# keyword arguments filled from the manifest itself, never given as reader_options
+FROM_MANIFEST = ("slide_id", "mpp", "pitch_um")
+# options whose value is one of a fixed set, whichever reader has them
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {"unmatched": ("error", "drop")}
+MIN_PATCH_PX = 32  # below this patch side (pixels of the image read) predictions are unreliable
+
+log = logging.getLogger("gnnst")
+
+
 def get_reader(name: str) -> Callable:
     """The reader function registered under ``name``."""
     if name not in READERS:
@@ -27,33 +42,119 @@ def get_reader(name: str) -> Callable:
     return getattr(importlib.import_module(mod), fn)
 
 
-def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str | None = None,
-               download: bool = True):
-    """Canonical AnnData of one manifest slide: its files resolved (and checked), then its reader run.
+def reader_signature(name: str) -> tuple[dict[str, bool], dict[str, object]]:
+    """``({role: required}, {option: default})`` of reader ``name`` (see the module docstring)."""
+    roles, options = {}, {}
+    for p in inspect.signature(get_reader(name)).parameters.values():
+        if p.kind is p.POSITIONAL_OR_KEYWORD:
+            roles[p.name] = p.default is p.empty
+        elif p.kind is p.KEYWORD_ONLY and p.name not in FROM_MANIFEST:
+            options[p.name] = p.default
+    return roles, options
 
-    Also checks that the image exists and that every spot lies on it (reading only the image header).
+
+def check_roles(name: str, roles: list[str], *, where: str) -> None:
+    """Raise naming ``where`` if ``roles`` has one reader ``name`` does not read, or lacks a required one."""
+    known, _ = reader_signature(name)
+    unknown = [r for r in roles if r not in known]
+    if unknown:
+        raise GnnstError(f"{where}: reader '{name}' has no file role '{unknown[0]}' (roles: {', '.join(known)})")
+    missing = [r for r, required in known.items() if required and r not in roles]
+    if missing:
+        raise GnnstError(f"{where}: reader '{name}' needs file role '{missing[0]}'")
+
+
+def check_reader_options(name: str, options: dict, *, where: str) -> None:
+    """Raise naming ``where`` and the option if ``options`` do not fit reader ``name``.
+
+    An option's value must have the type of the reader's default (a bool for a bool, a number for a
+    number, a string for a string or ``None``) and, for the options of :data:`OPTION_CHOICES`, be one
+    of the allowed values.
+    """
+    _, known = reader_signature(name)
+    for key, value in options.items():
+        if key not in known:
+            hint = f" (set it under 'scale' or 'slide_id')" if key in FROM_MANIFEST else ""
+            raise GnnstError(f"{where}: reader '{name}' has no option '{key}'{hint} "
+                             f"(options: {', '.join(known) or 'none'})")
+        default = known[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        else:
+            ok = isinstance(value, str)
+        choices = OPTION_CHOICES.get(key)
+        if ok and choices is not None:
+            ok = value in choices
+        if not ok:
+            want = (" or ".join(repr(c) for c in choices) if choices else
+                    "true or false" if isinstance(default, bool) else
+                    "a positive number" if isinstance(default, (int, float)) else "a string")
+            raise GnnstError(f"{where}: option '{key}' must be {want}, got {value!r}")
+
+
+def check_choice(option: str, value) -> None:
+    """Raise if ``value`` is not one of :data:`OPTION_CHOICES` ``[option]`` (for readers called from Python)."""
+    if value not in OPTION_CHOICES[option]:
+        raise GnnstError(f"reader option '{option}' must be {' or '.join(map(repr, OPTION_CHOICES[option]))}, "
+                         f"got {value!r}")
+
+
+def folder_files(name: str, folder: Path) -> list[Path]:
+    """The files reader ``name`` uses from ``folder`` (a folder role), for the folder's checksum."""
+    mod = importlib.import_module(READERS[name].split(":")[0])
+    lister = getattr(mod, "folder_files", None)
+    if lister is None:
+        raise GnnstError(f"{folder} is a folder, but reader '{name}' reads files; name the file instead")
+    return lister(Path(folder))
+
+
+def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str | None = None,
+               download: bool = True, patch_size_um: float | None = None, need_image: bool = True):
+    """Canonical AnnData of one manifest slide: its files resolved (and checked), then its reader run
+    with the slide's ``scale`` and ``reader_options``.
+
+    Also checks that the slide has an image (when ``need_image``; the error names the slide and the
+    manifest) and that every spot lies on it (reading only the image header). With ``patch_size_um``
+    it logs the image read and the patch side in its pixels, and warns when that side is under
+    :data:`MIN_PATCH_PX`.
     """
     from gnnst import keys
     from gnnst.data.manifest import resolve_files
+    from gnnst.data.validate import image_coordinates
 
     files = resolve_files(manifest, slide, data_root=data_root, cache_dir=cache_dir, download=download)
-    kwargs = {}
+    kwargs = dict(slide.reader_options)
     if slide.mpp is not None:
         kwargs["mpp"] = slide.mpp
     if slide.pitch_um is not None and slide.reader == "legacy_st":
         kwargs["pitch_um"] = slide.pitch_um
-    try:
-        adata = get_reader(slide.reader)(**{k: str(v) for k, v in files.items()}, slide_id=slide.slide_id, **kwargs)
-    except TypeError as e:
-        raise GnnstError(f"{manifest.path}: slide '{slide.slide_id}' files {sorted(files)} do not fit reader "
-                         f"'{slide.reader}' ({e})") from None
+    adata = get_reader(slide.reader)(**{k: str(v) for k, v in files.items()}, slide_id=slide.slide_id, **kwargs)
     adata.obs["patient_id"] = slide.patient_id if slide.patient_id is not None else slide.slide_id
     meta = adata.uns[keys.UNS_GNNST]
-    if meta.get(keys.IMAGE_PATH):
-        from gnnst.data.patches import check_inside
+    if not meta.get(keys.IMAGE_PATH):
+        if need_image:
+            raise GnnstError(f"{manifest.path}: slide '{slide.slide_id}' has no image to cut patches from: give "
+                             f"'files.image' (the H&E the spot pixels refer to)"
+                             + (", or an outs/ folder with spatial/tissue_hires_image.png"
+                                if slide.reader == "spaceranger" else ""))
+        return adata
+    from gnnst.data.patches import check_inside
 
-        w, h = image_size(meta[keys.IMAGE_PATH])
-        check_inside(adata.obsm[keys.SPATIAL], w, h, slide_id=slide.slide_id, barcodes=adata.obs_names)
+    w, h = image_size(meta[keys.IMAGE_PATH])
+    xy, image_mpp = image_coordinates(adata)
+    check_inside(xy, w, h, slide_id=slide.slide_id, barcodes=adata.obs_names)
+    if patch_size_um is not None and image_mpp is not None:
+        side = patch_size_um / image_mpp
+        log.info("slide %s: image %s (%d x %d px, %.4g image px per full-resolution px, %.4g µm/px): "
+                 "%g µm patches are %.0f px", slide.slide_id, meta[keys.IMAGE_PATH], w, h,
+                 meta.get(keys.IMAGE_SCALEF, 1.0), image_mpp, patch_size_um, side)
+        if side < MIN_PATCH_PX:
+            log.warning("slide %s: UNRELIABLE: %g µm patches are only %.0f px wide in %s (%.4g µm/px, under "
+                        "%d px); predictions from this image are unreliable: give the full-resolution H&E as "
+                        "'files.image' in %s", slide.slide_id, patch_size_um, side, meta[keys.IMAGE_PATH],
+                        image_mpp, MIN_PATCH_PX, manifest.path)
     return adata
 
 

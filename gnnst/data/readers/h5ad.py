@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,10 +62,12 @@ def load_h5ad(path: Path) -> "AnnData":
     """``anndata.read_h5ad`` with missing or unreadable files raised as :class:`GnnstError`."""
     import anndata as ad
 
+    from gnnst.data.validate import duplicate_names_quiet
+
     if not path.is_file():
         raise GnnstError(f"file not found: {path}")
     try:
-        with _duplicate_names_quiet():
+        with duplicate_names_quiet():
             return ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types for corrupt input
         raise GnnstError(f"{path}: cannot be read as an .h5ad file ({type(e).__name__}: {e})") from None
@@ -84,6 +85,8 @@ def lean_copy(src: "AnnData", X, var: "pd.DataFrame", *, file: Path, spatial_key
     """
     import anndata as ad
 
+    from gnnst.data.validate import duplicate_names_quiet
+
     if spatial_key not in src.obsm:
         raise GnnstError(
             f"{file}: no spot coordinates obsm['{spatial_key}'] (obsm keys: {', '.join(src.obsm) or 'none'})"
@@ -96,18 +99,7 @@ def lean_copy(src: "AnnData", X, var: "pd.DataFrame", *, file: Path, spatial_key
         raise GnnstError(f"{file}: obsm['{spatial_key}'] must be [N, 2] pixel (x, y), got shape {xy.shape}")
     if X.shape != (src.n_obs, len(var)):
         raise GnnstError(f"{file}: counts have shape {X.shape}, expected ({src.n_obs}, {len(var)})")
-    with _duplicate_names_quiet():
+    with duplicate_names_quiet():
         adata = ad.AnnData(X=X, obs=src.obs.copy(), var=var.copy())
     adata.obsm[keys.SPATIAL] = xy
     return adata
-
-
-@contextmanager
-def _duplicate_names_quiet():
-    """Silence anndata's duplicate-name warnings: canonicalise rejects duplicate barcodes and makes
-    gene names unique, so the warning would only be noise."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".* names are not unique", category=UserWarning)
-        yield

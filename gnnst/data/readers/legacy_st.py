@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
+    import pandas as pd
     from anndata import AnnData
 
 SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")  # required in the spot (selection) file
 ST_PITCH_UM = 200.0  # centre-to-centre distance of adjacent legacy ST spots
+# a spot further than this fraction of the array step from where its array position puts it is flagged
+# (half a step: it is then nearer a neighbouring array position than its own)
+PITCH_OUTLIER_STEPS = 0.5
+
+log = logging.getLogger("gnnst")
 
 
 def read_legacy_st(
@@ -24,28 +31,36 @@ def read_legacy_st(
     slide_id: str,
     mpp: float | None = None,
     pitch_um: float = ST_PITCH_UM,
+    unmatched: str = "error",
 ) -> "AnnData":
     """Read one legacy ST section.
 
     Args:
-        counts: tab-separated spots x genes raw counts (``.tsv`` or ``.tsv.gz``); row ids ``"<x>x<y>"``.
+        counts: tab-separated spots x genes raw counts (``.tsv`` or ``.tsv.gz``); row ids ``"<x>x<y>"``;
+            the header names the genes (with or without a leading field for the row ids).
         spots: spot table with columns ``x y pixel_x pixel_y`` and optionally ``selected``; rows with
             ``selected == 0`` are outside tissue and dropped. ``pixel_x`` is the image column.
         image: the full-resolution H&E image the pixel coordinates refer to.
         slide_id: written to ``obs['slide_id']``.
-        mpp: micrometres per pixel; when ``None`` it is derived from the spot pitch (the least-squares
-            pixel distance between adjacent array positions is ``pitch_um``).
+        mpp: micrometres per pixel; when ``None`` it is derived from the spot pitch (see
+            :func:`mpp_from_pitch`; spots whose pixel position does not fit their array position are
+            named in a warning and left out of that fit).
         pitch_um: array pitch used to derive ``mpp``.
+        unmatched: what to do with counts rows whose spot id is not in the spot file: ``"error"``
+            (the default) or ``"drop"`` them, logging how many (some public sets, e.g. STUtility's,
+            ship counts for every array spot and a spot table of the aligned ones only).
 
-    Every counts row must join a spot of the spot file (else an error naming the spot id); selected
-    spots with no counts row are dropped. Returns the canonical AnnData of
+    Selected spots with no counts row are dropped, and counted in the log. Duplicate gene symbols are
+    kept apart and made unique (see :mod:`gnnst.data.validate`). Returns the canonical AnnData of
     :mod:`gnnst.data.validate`.
     """
     import anndata as ad
     import pandas as pd
 
-    from gnnst.data.validate import canonicalise
+    from gnnst.data.readers import check_choice
+    from gnnst.data.validate import canonicalise, duplicate_names_quiet
 
+    check_choice("unmatched", unmatched)
     counts, spots = Path(counts), Path(spots)
     table = _read_table(spots, index_col=None)
     missing = [c for c in SPOT_COLUMNS if c not in table.columns]
@@ -57,54 +72,111 @@ def read_legacy_st(
     all_ids = set(table.index)
     if "selected" in table.columns:
         table = table[table["selected"] == 1]
+        if table.empty:
+            raise GnnstError(f"{spots}: no spots under tissue in slide '{slide_id}': no row has 1 in column "
+                             f"'selected'")
 
-    cnt = _read_table(counts, index_col=0)
-    cnt.index = cnt.index.astype(str)
+    cnt = _read_counts(counts)
     if cnt.index.duplicated().any():
         raise GnnstError(f"{counts}: duplicate spot barcode '{cnt.index[cnt.index.duplicated()][0]}'")
     unjoined = [i for i in cnt.index if i not in all_ids]
-    if unjoined:
+    if unjoined and unmatched == "error":
         raise GnnstError(
             f"{counts}: spot id '{unjoined[0]}' does not join the spot file {spots} "
-            f"({len(unjoined)} of {len(cnt)} counts rows unmatched)"
+            f"({len(unjoined)} of {len(cnt)} counts rows unmatched; reader_options: {{unmatched: drop}} drops them)"
         )
+    if unjoined:
+        log.info("slide %s: dropped %d of %d counts rows of %s whose spot id is not in %s (unmatched: drop), "
+                 "e.g. '%s'", slide_id, len(unjoined), len(cnt), counts.name, spots.name, unjoined[0])
     keep = [i for i in table.index if i in cnt.index]
+    no_counts = len(table) - len(keep)
+    if not keep:
+        raise GnnstError(f"{counts}: none of the {len(table)} spots under tissue (selected == 1 in {spots}) has a "
+                         f"counts row, so slide '{slide_id}' has no spots")
+    if no_counts:
+        log.info("slide %s: %d of %d selected spots of %s have no counts row in %s and are dropped",
+                 slide_id, no_counts, len(table), spots.name, counts.name)
     try:
         values = cnt.loc[keep].to_numpy(dtype=np.float32)
     except (ValueError, TypeError) as e:
         raise GnnstError(f"{counts}: counts are not numeric ({e})") from None
-    adata = ad.AnnData(X=values, obs=pd.DataFrame(index=pd.Index(keep, name="barcode")),
-                       var=pd.DataFrame(index=cnt.columns.astype(str)))
+    with duplicate_names_quiet():  # duplicate gene names are made unique, with a warning, by canonicalise
+        adata = ad.AnnData(X=values, obs=pd.DataFrame(index=pd.Index(keep, name="barcode")),
+                           var=pd.DataFrame(index=cnt.columns))
     sel = table.loc[keep]
     adata.obsm["spatial"] = sel[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
     adata.obs["array_x"] = sel["x"].to_numpy()
     adata.obs["array_y"] = sel["y"].to_numpy()
     if mpp is None and len(sel) >= 3:
-        mpp = mpp_from_pitch(sel["x"].to_numpy(), sel["y"].to_numpy(), adata.obsm["spatial"], pitch_um)
+        mpp = mpp_from_pitch(sel["x"].to_numpy(), sel["y"].to_numpy(), adata.obsm["spatial"], pitch_um,
+                             barcodes=keep, where=f"{spots}: slide '{slide_id}'")
     return canonicalise(adata, slide_id=slide_id, source="legacy_st", file=str(counts), mpp=mpp,
                         image_path=None if image is None else str(image))
 
 
-def mpp_from_pitch(ax: np.ndarray, ay: np.ndarray, pixel: np.ndarray, pitch_um: float) -> float:
+def mpp_from_pitch(
+    ax: np.ndarray, ay: np.ndarray, pixel: np.ndarray, pitch_um: float, *,
+    barcodes: Sequence[str] | None = None, where: str = "spot table",
+) -> float:
     """Micrometres per pixel from array coordinates ``ax, ay`` ``[N]`` and pixels ``[N, 2]``.
 
     Fits ``pixel ~ A @ (ax, ay, 1)`` by least squares; the pixel length of one array step is the mean
-    norm of the two step vectors.
+    norm of the two step vectors. A spot whose pixel position lies more than
+    :data:`PITCH_OUTLIER_STEPS` array steps from the fit does not fit its array position: it is left
+    out and the fit repeated (until no more are found), and a warning names those spots by barcode
+    (``barcodes``, else row number), so one misplaced spot cannot shift the derived scale.
     """
     A = np.c_[ax, ay, np.ones(len(ax))].astype(np.float64)  # [N, 3]
-    coef, *_ = np.linalg.lstsq(A, pixel, rcond=None)  # [3, 2]
-    step = (np.linalg.norm(coef[0]) + np.linalg.norm(coef[1])) / 2.0  # px per array step
-    if not np.isfinite(step) or step <= 0:
-        raise GnnstError("cannot derive micrometres per pixel from the spot pitch: give 'mpp' in the manifest")
+    pixel = np.asarray(pixel, dtype=np.float64)  # [N, 2]
+    inlier = np.ones(len(A), dtype=bool)
+    while True:
+        coef, *_ = np.linalg.lstsq(A[inlier], pixel[inlier], rcond=None)  # [3, 2]
+        step = (np.linalg.norm(coef[0]) + np.linalg.norm(coef[1])) / 2.0  # px per array step
+        if not np.isfinite(step) or step <= 0:
+            raise GnnstError(f"{where}: cannot derive micrometres per pixel from the spot pitch: give "
+                             f"'scale: {{mpp: ...}}' in the manifest")
+        resid = np.linalg.norm(A @ coef - pixel, axis=1)  # [N] px
+        fits = resid <= PITCH_OUTLIER_STEPS * step
+        if np.array_equal(fits, inlier):
+            break
+        if fits.sum() < max(3, len(A) // 2):
+            raise GnnstError(f"{where}: the spot pixel positions do not follow their array positions "
+                             f"({int((~fits).sum())} of {len(A)} spots off the fitted grid); cannot derive "
+                             f"micrometres per pixel: give 'scale: {{mpp: ...}}' in the manifest")
+        inlier = fits
+    if not inlier.all():
+        bad = np.flatnonzero(~inlier)
+        names = [str(barcodes[i]) if barcodes is not None else f"row {i}" for i in bad]
+        shown = ", ".join(f"{n} ({resid[i] / step:.2f} steps off)" for n, i in zip(names[:10], bad[:10]))
+        log.warning("%s: %d spot(s) whose pixel position does not fit their array position, left out of the "
+                    "pitch fit (%.4g px per %g µm step): %s%s", where, len(bad), step, pitch_um, shown,
+                    ", ..." if len(bad) > 10 else "")
     return float(pitch_um / step)
 
 
-def _read_table(path: Path, index_col):
+def _read_counts(path: Path) -> "pd.DataFrame":
+    """The counts table, spots x genes, indexed by spot id, with the gene names exactly as in the header
+    (duplicates kept; pandas would rename the second ``ERBB2`` to ``ERBB2.1``)."""
+    import pandas as pd
+
+    header = _read_table(path, index_col=None, header=None, nrows=1, dtype=str, keep_default_na=False)
+    body = _read_table(path, index_col=0, header=None, skiprows=1)
+    names = list(header.iloc[0]) if len(header) else []
+    if len(names) == body.shape[1] + 1:
+        names = names[1:]  # the header's first field labels the row ids
+    if len(names) != body.shape[1]:
+        raise GnnstError(f"{path}: the header names {len(names)} genes but the rows have {body.shape[1]} values")
+    body.columns = pd.Index([str(n) for n in names], dtype=object)
+    body.index = body.index.astype(str)
+    return body
+
+
+def _read_table(path: Path, index_col, **kw):
     import pandas as pd
 
     if not path.is_file():
         raise GnnstError(f"file not found: {path}")
     try:
-        return pd.read_csv(path, sep="\t", index_col=index_col)
+        return pd.read_csv(path, sep="\t", index_col=index_col, **kw)
     except Exception as e:  # pandas/gzip/zlib raise many types for corrupt input
         raise GnnstError(f"{path}: cannot be read as a tab-separated table ({type(e).__name__}: {e})") from None
