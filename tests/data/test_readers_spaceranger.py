@@ -107,7 +107,7 @@ def test_reads_counts_positions_and_mpp(tmp_path, matrix, positions):
     assert list(adata.obs["array_col"]) == [0, 2, 0]
     assert list(adata.obs["slide_id"]) == ["s1"] * 3
     assert adata.uns["gnnst"] == {"mpp": 55.0 / 110.0, "image_path": str(tmp_path / "he.tif"),
-                                  "source": "spaceranger"}
+                                  "image_scalef": 1.0, "source": "spaceranger"}
 
 
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")

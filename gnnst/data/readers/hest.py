@@ -24,10 +24,10 @@ TIFF_MPP_RANGE = (0.01, 20.0)
 def read_hest(
     h5ad: str | Path,
     image: str | Path | None = None,
+    metadata: str | Path | None = None,
     *,
     slide_id: str,
     mpp: float | None = None,
-    metadata: str | Path | None = None,
 ) -> "AnnData":
     """Read one HEST-1k sample.
 
@@ -36,6 +36,7 @@ def read_hest(
             in ``image``. Counts come from ``X`` when it holds integers, else from
             ``layers['counts']`` or ``.raw`` (the first holding integers).
         image: the sample's pyramidal ``wsis/<id>.tif``.
+        metadata: HEST's per-sample metadata JSON (``metadata/<id>.json``).
         slide_id: written to ``obs['slide_id']``.
         mpp: micrometres per full-resolution pixel; overrides everything below. When ``None`` it is
             taken from, in order: ``metadata`` (``pixel_size_um_estimated``, then
@@ -43,7 +44,6 @@ def read_hest(
             resolution tags of ``image`` (``XResolution`` with ``ResolutionUnit`` inch or centimetre,
             ignored outside 0.01-20 µm/px); else it stays ``None``. ``image`` is opened only for this
             last step.
-        metadata: HEST's per-sample metadata JSON (``metadata/<id>.json``).
 
     Only the counts, ``obs``, ``var`` and ``obsm['spatial']`` are carried over. Returns the canonical
     AnnData of :mod:`gnnst.data.validate`.

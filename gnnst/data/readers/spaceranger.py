@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +23,11 @@ SCALEFACTORS = "spatial/scalefactors_json.json"
 # searched in this order; the list file is the headerless Space Ranger 1.x layout
 POSITION_FILES = ("spatial/tissue_positions.parquet", "spatial/tissue_positions.csv",
                   "spatial/tissue_positions_list.csv")
+IMAGES = {"hires": "spatial/tissue_hires_image.png", "lowres": "spatial/tissue_lowres_image.png"}  # in this order
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 GENE_EXPRESSION = "Gene Expression"  # the feature type kept; antibody/CRISPR features are dropped
+
+log = logging.getLogger("gnnst")
 
 
 def read_spaceranger(
@@ -34,18 +38,23 @@ def read_spaceranger(
     mpp: float | None = None,
     spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
     in_tissue_only: bool = True,
+    unmatched: str = "error",
 ) -> "AnnData":
     """Read one Space Ranger ``outs/`` directory.
 
     Args:
-        outs: the ``outs/`` directory (for Visium HD, one ``binned_outputs/square_XXXum/`` directory).
+        outs: the ``outs/`` directory (for Visium HD, one ``binned_outputs/square_XXXum/`` directory);
+            the ``filtered_feature_bc_matrix.h5`` inside it is taken to mean its folder.
             Counts come from ``filtered_feature_bc_matrix.h5`` or, if absent, the
             ``filtered_feature_bc_matrix/`` folder (``matrix.mtx.gz``, ``barcodes.tsv.gz``,
             ``features.tsv.gz``); only ``Gene Expression`` features are kept. Positions come from
             ``spatial/tissue_positions.parquet``, ``spatial/tissue_positions.csv`` (with header) or
             ``spatial/tissue_positions_list.csv`` (no header), the first that exists.
         image: the full-resolution H&E image the ``pxl_*_in_fullres`` coordinates refer to (it is not
-            part of ``outs/``). Only its path is recorded.
+            part of ``outs/``). When ``None``, ``spatial/tissue_hires_image.png`` (else
+            ``tissue_lowres_image.png``) is used with its scale factor from
+            ``scalefactors_json.json`` (``uns['gnnst']['image_scalef']``; its µm per pixel is
+            ``mpp / scalef``); the log says which. Only the image's path is recorded.
         slide_id: written to ``obs['slide_id']``.
         mpp: micrometres per full-resolution pixel; when ``None`` it is read from
             ``spatial/scalefactors_json.json``: ``microns_per_pixel`` if present (Visium HD), else
@@ -53,21 +62,23 @@ def read_spaceranger(
         spot_diameter_um: physical spot diameter matching ``spot_diameter_fullres``.
         in_tissue_only: keep only spots with ``in_tissue == 1``; when ``False`` every barcode of the
             filtered matrix is kept.
+        unmatched: a matrix barcode without a row in the positions file is an ``"error"`` (the
+            default, naming the barcode and both files), or ``"drop"``: dropped and counted in the log.
 
-    Every matrix barcode must have a row in the positions file (else an error naming the barcode
-    and both files). ``obsm['spatial']`` is ``(pxl_col_in_fullres, pxl_row_in_fullres)``, i.e. (x, y).
+    ``obsm['spatial']`` is ``(pxl_col_in_fullres, pxl_row_in_fullres)``, i.e. (x, y), in full-resolution
+    pixels whichever image is used. In-tissue spots without counts are counted in the log. Duplicate
+    gene symbols are kept apart and made unique (see :mod:`gnnst.data.validate`).
     Sets, besides the canonical fields of :mod:`gnnst.data.validate`: ``obs['in_tissue']``,
     ``obs['array_row']``, ``obs['array_col']``, ``var['gene_ids']``, ``var['feature_types']``.
     """
     import anndata as ad
     import pandas as pd
 
-    from gnnst.data.validate import canonicalise
+    from gnnst.data.readers import check_choice
+    from gnnst.data.validate import canonicalise, duplicate_names_quiet
 
-    outs = Path(outs)
-    if not outs.is_dir():
-        what = "is a file, not the outs directory" if outs.exists() else "outs directory not found"
-        raise GnnstError(f"Space Ranger {what}: {outs}")
+    check_choice("unmatched", unmatched)
+    outs = outs_folder(outs)
     h5 = outs / MATRIX_H5
     if h5.is_file():
         matrix_file = h5
@@ -78,31 +89,101 @@ def read_spaceranger(
     if "feature_types" in var.columns and (var["feature_types"] == GENE_EXPRESSION).any():
         gex = (var["feature_types"] == GENE_EXPRESSION).to_numpy()
         X, var = X[:, gex], var[gex].copy()
+    if barcodes.duplicated().any():
+        raise GnnstError(f"{matrix_file}: duplicate spot barcode '{barcodes[barcodes.duplicated()][0]}'")
 
     positions_file = _find_positions(outs)
     pos = _read_positions(positions_file)
     unjoined = ~barcodes.isin(pos.index)
-    if unjoined.any():
+    if unjoined.any() and unmatched == "error":
         raise GnnstError(
             f"{matrix_file}: barcode '{barcodes[unjoined][0]}' has no row in the positions file "
-            f"{positions_file} ({int(unjoined.sum())} of {len(barcodes)} barcodes unmatched)"
+            f"{positions_file} ({int(unjoined.sum())} of {len(barcodes)} barcodes unmatched; "
+            f"reader_options: {{unmatched: drop}} drops them)"
         )
-    if barcodes.duplicated().any():
-        raise GnnstError(f"{matrix_file}: duplicate spot barcode '{barcodes[barcodes.duplicated()][0]}'")
+    if unjoined.any():
+        log.info("slide %s: dropped %d of %d matrix barcodes of %s without a row in %s (unmatched: drop), e.g. '%s'",
+                 slide_id, int(unjoined.sum()), len(barcodes), matrix_file.name, positions_file.name,
+                 barcodes[unjoined][0])
+        X, barcodes = X[np.flatnonzero(~unjoined)], barcodes[~unjoined]
     sel = pos.loc[barcodes]
-    keep = (sel["in_tissue"] == 1).to_numpy() if in_tissue_only else np.ones(len(sel), dtype=bool)
+    if in_tissue_only:
+        keep = (sel["in_tissue"] == 1).to_numpy()
+        if not keep.any():
+            raise GnnstError(f"{positions_file}: no spots under tissue in slide '{slide_id}': no barcode of "
+                             f"{matrix_file.name} has 1 in column 'in_tissue'")
+        no_counts = int((pos["in_tissue"] == 1).sum()) - int(keep.sum())
+        if no_counts:
+            log.info("slide %s: %d in-tissue spots of %s have no counts in %s and are dropped", slide_id,
+                     no_counts, positions_file.name, matrix_file.name)
+    else:
+        keep = np.ones(len(sel), dtype=bool)
     sel = sel[keep]
 
-    var.index = ad.utils.make_index_unique(var.index.astype(str))  # as canonicalise would, without a warning
-    adata = ad.AnnData(X=X[np.flatnonzero(keep)],
-                       obs=pd.DataFrame(index=pd.Index(sel.index, name=keys.BARCODE)), var=var)
+    with duplicate_names_quiet():  # duplicate gene names are made unique, with a warning, by canonicalise
+        adata = ad.AnnData(X=X[np.flatnonzero(keep)],
+                           obs=pd.DataFrame(index=pd.Index(sel.index, name=keys.BARCODE)), var=var)
     adata.obsm[keys.SPATIAL] = sel[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)  # (x, y)
     for col in ("in_tissue", "array_row", "array_col"):
         adata.obs[col] = sel[col].to_numpy()
+    factors = _read_scalefactors(outs / SCALEFACTORS)
     if mpp is None:
-        mpp = _mpp_from_scalefactors(outs / SCALEFACTORS, spot_diameter_um)
+        mpp = _mpp_from_scalefactors(factors, outs / SCALEFACTORS, spot_diameter_um)
+    scalef = 1.0
+    if image is None:
+        image, scalef = _downscaled_image(outs, factors, slide_id=slide_id, mpp=mpp)
     return canonicalise(adata, slide_id=slide_id, source="spaceranger", file=str(matrix_file), mpp=mpp,
-                        image_path=None if image is None else str(image))
+                        image_path=None if image is None else str(image), image_scalef=scalef)
+
+
+def outs_folder(outs: str | Path) -> Path:
+    """The ``outs/`` folder named by ``outs``: the folder itself, or the folder of the
+    ``filtered_feature_bc_matrix.h5`` (or ``raw_feature_bc_matrix.h5``) inside it."""
+    outs = Path(outs)
+    if outs.is_dir():
+        return outs
+    if outs.is_file() and outs.suffix == ".h5" and (outs.parent / "spatial").is_dir():
+        if outs.name != MATRIX_H5:
+            raise GnnstError(f"{outs}: gnnst reads {MATRIX_H5} from the outs folder; name the folder "
+                             f"'{outs.parent}' as the 'outs' file role")
+        return outs.parent
+    if outs.exists():
+        raise GnnstError(f"Space Ranger 'outs' must be the outs/ folder (holding {MATRIX_H5} and spatial/), "
+                         f"got the file {outs}; name its folder instead")
+    raise GnnstError(f"Space Ranger outs directory not found: {outs}")
+
+
+def folder_files(outs: Path) -> list[Path]:
+    """The files :func:`read_spaceranger` may read from ``outs`` (those present), for its checksum."""
+    outs = outs_folder(outs)
+    found = [outs / MATRIX_H5] if (outs / MATRIX_H5).is_file() else \
+        sorted(p for p in (outs / MATRIX_DIR).glob("*") if p.is_file())
+    found += [outs / n for n in (*POSITION_FILES, SCALEFACTORS, *IMAGES.values())
+              if (outs / n).is_file()]
+    return found
+
+
+def _downscaled_image(outs: Path, factors: dict | None, *, slide_id: str, mpp: float | None
+                      ) -> tuple[Path | None, float]:
+    """The hires (else lowres) PNG of ``outs/spatial`` and its pixels per full-resolution pixel, or
+    ``(None, 1.0)`` when there is neither."""
+    for res, name in IMAGES.items():
+        path = outs / name
+        if not path.is_file():
+            continue
+        key = f"tissue_{res}_scalef"
+        value = None if factors is None else factors.get(key)
+        if value is None:
+            raise GnnstError(f"{outs / SCALEFACTORS}: needs '{key}' to use {path} (no full-resolution image given)"
+                             if factors is not None else
+                             f"{outs / SCALEFACTORS} not found: it holds the scale of {path}, which is used "
+                             f"because no full-resolution image is given")
+        scalef = _positive_factor(value, outs / SCALEFACTORS, key)
+        log.info("slide %s: no full-resolution image given; using the %s image %s (%s %.6g image px per "
+                 "full-resolution px%s)", slide_id, res, path, key, scalef,
+                 "" if mpp is None else f", {mpp / scalef:.4g} µm/px")
+        return path, scalef
+    return None, 1.0
 
 
 def _read_matrix_h5(path: Path) -> tuple["sp.csr_matrix", "pd.Index", "pd.DataFrame"]:
@@ -209,8 +290,8 @@ def _read_positions(path: Path) -> "pd.DataFrame":
     return table
 
 
-def _mpp_from_scalefactors(path: Path, spot_diameter_um: float) -> float | None:
-    """Micrometres per full-resolution pixel from ``scalefactors_json.json``, or ``None`` if absent."""
+def _read_scalefactors(path: Path) -> dict | None:
+    """``scalefactors_json.json`` as a dict, or ``None`` if absent."""
     import json
 
     if not path.is_file():
@@ -221,18 +302,30 @@ def _mpp_from_scalefactors(path: Path, spot_diameter_um: float) -> float | None:
         raise GnnstError(f"{path}: cannot be read as JSON ({e})") from None
     if not isinstance(factors, dict):
         raise GnnstError(f"{path}: expected a JSON object of scale factors, got {type(factors).__name__}")
+    return factors
+
+
+def _mpp_from_scalefactors(factors: dict | None, path: Path, spot_diameter_um: float) -> float | None:
+    """Micrometres per full-resolution pixel from the scale factors read from ``path``, or ``None``."""
+    if factors is None:
+        return None
     key, value = "microns_per_pixel", factors.get("microns_per_pixel")
     if value is None:
         key, value = "spot_diameter_fullres", factors.get("spot_diameter_fullres")
     if value is None:
         return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
-        raise GnnstError(f"{path}: '{key}' must be a positive number, got {factors[key]!r}")
+    value = _positive_factor(value, path, key)
     return value if key == "microns_per_pixel" else float(spot_diameter_um) / value
+
+
+def _positive_factor(value, path: Path, key: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (np.isfinite(v) and v > 0):
+        raise GnnstError(f"{path}: '{key}' must be a positive number, got {value!r}")
+    return v
 
 
 def _read_tsv(path: Path) -> "pd.DataFrame":
