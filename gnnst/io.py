@@ -55,10 +55,12 @@ def atomic_write_h5ad(adata, path: str | Path) -> None:
     """
     import anndata as ad
 
+    raw = None if adata.raw is None else ad.AnnData(X=adata.raw.X, var=_plain_strings(adata.raw.var),
+                                                    varm=dict(adata.raw.varm))
     out = ad.AnnData(
         X=adata.X, obs=_plain_strings(adata.obs), var=_plain_strings(adata.var), uns=adata.uns,
         obsm=dict(adata.obsm), varm=dict(adata.varm), layers=dict(adata.layers), obsp=dict(adata.obsp),
-        varp=dict(adata.varp),
+        varp=dict(adata.varp), raw=raw,
     )
     override = getattr(ad.settings, "override", None)
     nullable_ok = override is not None and hasattr(ad.settings, "allow_write_nullable_strings")

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from gnnst.data.readers import get_reader
 from gnnst.data.readers.h5ad import read_h5ad
 from gnnst.errors import GnnstError
+from gnnst.io import atomic_write_h5ad
 
 BARCODES = ["s0", "s1", "s2"]
 GENES = ["A", "B", "B", "C"]  # the duplicate symbol is made unique
@@ -28,7 +29,7 @@ def write(path, *, counts=COUNTS, barcodes=BARCODES, obsm_key="spatial", **layer
         adata.uns["note"] = "dropped"
         for name, value in layers.items():
             adata.layers[name] = value
-        adata.write_h5ad(path)
+        atomic_write_h5ad(adata, path)  # also under pandas 3
     return path
 
 

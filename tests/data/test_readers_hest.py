@@ -13,6 +13,7 @@ import tifffile
 from gnnst.data.readers import get_reader
 from gnnst.data.readers.hest import read_hest
 from gnnst.errors import GnnstError
+from gnnst.io import atomic_write_h5ad
 
 BARCODES = ["AAAC-1", "AAAG-1", "AACA-1"]
 GENES = ["GAPDH", "ACTB"]
@@ -32,7 +33,7 @@ def write_h5ad(path, *, X=COUNTS, barcodes=BARCODES, spatial=True, uns=None, lay
         adata.uns["spatial"] = {"ST": {"scalefactors": {"tissue_downscaled_fullres_scalef": 0.1}}}
         adata.uns.update(uns or {})
         adata.layers.update(layers or {})
-        adata.write_h5ad(path)
+        atomic_write_h5ad(adata, path)  # also under pandas 3
     return path
 
 

@@ -18,6 +18,7 @@ from gnnst.data.manifest import load_manifest
 from gnnst.data.readers import read_slide
 from gnnst.data.readers.legacy_st import mpp_from_pitch, read_legacy_st
 from gnnst.errors import GnnstError
+from gnnst.io import atomic_write_h5ad
 
 
 def _read(root, s="S1", **kw):
@@ -107,7 +108,7 @@ def test_h5ad_counts_layer_from_the_manifest(tmp_path):
     a = ad.AnnData(X=np.log1p(X), obs=pd.DataFrame(index=["a", "b", "c"]), var=pd.DataFrame(index=["G1", "G2"]))
     a.layers["raw_counts"] = sp.csr_matrix(X)
     a.obsm["spatial"] = np.array([[10.0, 10.0], [20.0, 10.0], [10.0, 20.0]])
-    a.write_h5ad(tmp_path / "s.h5ad")
+    atomic_write_h5ad(a, tmp_path / "s.h5ad")
     from PIL import Image
 
     Image.new("RGB", (40, 40)).save(tmp_path / "he.png")
@@ -226,7 +227,7 @@ def test_duplicate_symbols_h5ad_and_hest(tmp_path, caplog, reader):
         a = ad.AnnData(X=sp.csr_matrix(np.array([[1, 2, 3], [4, 5, 6]], dtype=np.float32)),
                        obs=pd.DataFrame(index=["a", "b"]), var=pd.DataFrame(index=["ERBB2", "KRT19", "ERBB2"]))
         a.obsm["spatial"] = np.array([[1.0, 1.0], [2.0, 2.0]])
-        a.write_h5ad(tmp_path / "s.h5ad")
+        atomic_write_h5ad(a, tmp_path / "s.h5ad")
     with caplog.at_level(logging.WARNING, logger="gnnst"), warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # anndata's own unnamed warning is not repeated
         out = get_reader(reader)(tmp_path / "s.h5ad", slide_id="s", mpp=1.0)

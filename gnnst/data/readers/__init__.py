@@ -147,9 +147,10 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
     check_inside(xy, w, h, slide_id=slide.slide_id, barcodes=adata.obs_names)
     if patch_size_um is not None and image_mpp is not None:
         side = patch_size_um / image_mpp
-        log.info("slide %s: image %s (%d x %d px, %.4g image px per full-resolution px, %.4g µm/px): "
-                 "%g µm patches are %.0f px", slide.slide_id, meta[keys.IMAGE_PATH], w, h,
-                 meta.get(keys.IMAGE_SCALEF, 1.0), image_mpp, patch_size_um, side)
+        scalef = float(meta.get(keys.IMAGE_SCALEF, 1.0))
+        log.info("slide %s: image %s (%d x %d px%s, %.4g µm/px): %g µm patches are %.0f px", slide.slide_id,
+                 meta[keys.IMAGE_PATH], w, h, "" if scalef == 1.0 else f", {scalef:.6g} px per full-resolution px",
+                 image_mpp, patch_size_um, side)
         if side < MIN_PATCH_PX:
             log.warning("slide %s: UNRELIABLE: %g µm patches are only %.0f px wide in %s (%.4g µm/px, under "
                         "%d px); predictions from this image are unreliable: give the full-resolution H&E as "
