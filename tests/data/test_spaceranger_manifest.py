@@ -185,3 +185,20 @@ def test_build_graphs_without_image_fails_before_any_work(tmp_path, capsys):
     assert rc == 2 and err[-1].startswith("gnnst: error: ") and "slide 'V1' has no image" in err[-1]
     assert "Traceback" not in "\n".join(err) and time.perf_counter() - t0 < 3.0
     assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+
+
+def test_export_image_scale_maps_full_resolution_spots_onto_the_hires_image(tmp_path, outs):
+    """squidpy draws obsm['spatial'] * tissue_hires_scalef on uns['spatial'][...]['images']['hires']."""
+    from gnnst.export.anndata import add_image
+
+    m = write_manifest(tmp_path / "m.yaml")
+    a = read_slide(m, m.slides[0], data_root=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    meta = a.uns["gnnst"]
+    add_image(a, meta["image_path"], library_id="V1", mpp=meta["mpp"], image_scalef=meta[keys.IMAGE_SCALEF],
+              max_side=120)  # the 240 px hires PNG halved
+    lib = a.uns["spatial"]["V1"]
+    scalef = lib["scalefactors"]["tissue_hires_scalef"]
+    assert scalef == pytest.approx(HIRES_SCALEF / 2)
+    img = lib["images"]["hires"]
+    for bc, (x, y) in zip(KEPT, a.obsm["spatial"] * scalef):
+        np.testing.assert_allclose(img[int(y), int(x)], COLOURS[bc], atol=40)
