@@ -34,7 +34,7 @@ logs a warning; a role without ``sha256`` is not checked.
 Data root: ``--data-root`` > ``$GNNST_DATA_ROOT`` > the manifest's ``search_roots`` > the download cache
 (``$GNNST_CACHE`` or ``~/.cache/gnnst``)/data/<name>. A file missing from all of them is downloaded
 from its public source into the cache and checked against its sha256; without network the error names
-the file and every place looked. Folders are never downloaded.
+the file and every place looked. A folder role cannot be downloaded (give it no ``url``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ _SOURCE_KEYS = {"base_url"}
 class FileEntry:
     role: str  # the reader argument this file is passed as
     path: str  # relative to the data root
-    sha256: str | None = None  # expected checksum (hex; of the listing for a folder), "skip", or None
+    sha256: str | None = None  # expected checksum (hex; of the listing for a folder); None = not checked
+    skip_check: bool = False  # the manifest says ``sha256: skip`` (not checked, with a warning)
     url: str | None = None  # public source (absolute, or relative to source.base_url)
 
 
@@ -182,7 +183,8 @@ def load_manifest(path: str | Path) -> Manifest:
             sha = f.get("sha256")
             if sha is not None and sha != SKIP and not _SHA256.match(str(sha)):
                 raise GnnstError(f"{path}: '{where}.files.{role}.sha256' must be 64 hex digits or '{SKIP}', got {sha!r}")
-            files[role] = FileEntry(role=role, path=str(f["path"]), sha256=f.get("sha256"), url=f.get("url"))
+            files[role] = FileEntry(role=role, path=str(f["path"]), sha256=None if sha in (None, SKIP) else str(sha),
+                                    url=f.get("url"), skip_check=sha == SKIP)
         check_roles(reader, list(files), where=f"{path}: slide '{sid}'")
         scale = {**default_scale, **_scale(s.get("scale"), path, f"{where}.scale")}
         slides.append(SlideEntry(slide_id=sid, patient_id=None if s.get("patient_id") is None else str(s["patient_id"]),
@@ -251,7 +253,7 @@ def resolve_files(
         found = next((r / f.path for r in roots if (r / f.path).exists()), None)
         if found is None:
             found = _download(manifest, f, roots, cache_root(cache_dir) / "data" / manifest.name, download)
-        if verify and f.sha256 == SKIP:
+        if verify and f.skip_check:
             log.warning("%s: slide '%s' %s %s is not checksummed (sha256: skip in %s)", found, slide.slide_id, role,
                         "folder" if found.is_dir() else "file", manifest.path)
         elif verify and f.sha256 and found.is_dir():
@@ -287,7 +289,7 @@ def _download(manifest: Manifest, f: FileEntry, roots: list[Path], dest_root: Pa
             with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as out:
                 while block := r.read(1 << 20):
                     out.write(block)
-            if f.sha256 and f.sha256 != SKIP and sha256_file(tmp) != f.sha256.lower():
+            if f.sha256 and sha256_file(tmp) != f.sha256.lower():
                 raise GnnstError(f"downloaded {url} does not match the sha256 in {manifest.path}; not kept")
     except GnnstError:
         raise

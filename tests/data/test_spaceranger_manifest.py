@@ -83,6 +83,8 @@ def test_folder_checksum_is_the_sha256_of_the_listing(tmp_path, outs):
 
 def test_sha256_skip_warns_and_bad_digest_is_refused_at_load(tmp_path, outs, caplog):
     m = write_manifest(tmp_path / "m.yaml", sha="skip")
+    entry = m.slides[0].files["outs"]
+    assert entry.skip_check and entry.sha256 is None  # "skip" is never taken for a digest (e.g. a cache identity)
     with caplog.at_level(logging.WARNING, logger="gnnst"):
         resolve_files(m, m.slides[0], data_root=str(tmp_path), cache_dir=str(tmp_path / "c"))
     assert "slide 'V1' outs folder is not checksummed (sha256: skip" in caplog.text
