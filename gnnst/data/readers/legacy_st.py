@@ -123,13 +123,13 @@ def mpp_from_pitch(
     Fits ``pixel ~ A @ (ax, ay, 1)`` by least squares; the pixel length of one array step is the mean
     norm of the two step vectors. A spot whose pixel position lies more than
     :data:`PITCH_OUTLIER_STEPS` array steps from the fit does not fit its array position: it is left
-    out and the fit repeated (until no more are found), and a warning names those spots by barcode
+    out and the fit repeated (until the set of such spots is stable), and a warning names those spots by barcode
     (``barcodes``, else row number), so one misplaced spot cannot shift the derived scale.
     """
     A = np.c_[ax, ay, np.ones(len(ax))].astype(np.float64)  # [N, 3]
     pixel = np.asarray(pixel, dtype=np.float64)  # [N, 2]
     inlier = np.ones(len(A), dtype=bool)
-    while True:
+    for _ in range(len(A)):  # each round drops or restores at least one spot; a few rounds in practice
         coef, *_ = np.linalg.lstsq(A[inlier], pixel[inlier], rcond=None)  # [3, 2]
         step = (np.linalg.norm(coef[0]) + np.linalg.norm(coef[1])) / 2.0  # px per array step
         if not np.isfinite(step) or step <= 0:
