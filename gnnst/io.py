@@ -26,6 +26,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a path (not yet created) inside a hidden temporary folder beside ``path`` for a writer that
+    makes a folder (a zarr store); move what it wrote to ``path`` only if the block succeeds.
+
+    An existing ``path`` is an error unless ``overwrite``; it is then replaced once the new folder is
+    complete. On failure nothing is left behind.
+    """
+    import shutil
+
+    from gnnst.errors import GnnstError
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise GnnstError(f"{path} exists; choose another path or overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp_dir / path.name
+        replaced = tmp_dir / ".replaced"  # the old folder, removed with tmp_dir once the new one is in place
+        if path.exists():
+            os.replace(path, replaced)
+        try:
+            os.replace(tmp_dir / path.name, path)
+        except BaseException:
+            if replaced.exists():
+                os.replace(replaced, path)
+            raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -22,6 +22,10 @@ HIRES = "hires"  # the downsampled H&E under IMAGES
 SCALEFACTORS = "scalefactors"  # {'tissue_hires_scalef', 'spot_diameter_fullres'}
 HIRES_SCALEF = "tissue_hires_scalef"  # hires pixels per full-resolution pixel
 SPOT_DIAMETER = "spot_diameter_fullres"  # spot diameter in full-resolution pixels
+# SpatialData stores written by gnnst (gnnst.export.spatialdata): the table annotating the spots' shapes
+SD_TABLE = "table"  # tables/<SD_TABLE>: the predictions (spatialdata-io's name)
+SD_REGION = "region"  # obs of that table: the shapes element each row annotates (its region_key)
+SD_INSTANCE = "instance_id"  # obs of that table: the row's shape in that element (its instance_key)
 
 
 def img_key(encoder: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +55,57 @@ def write_manifest(path: Path, slides: dict[str, str], *, extra: str = "", sha: 
                   f"      image: {{path: {s}_HE.jpg}}"]
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+def write_spatialdata_store(path: Path, *, grid=(5, 4), pitch=10.0, origin=(5.0, 5.0), image_size=(128, 96),
+                            spots_transform=None, image_transform=None, as_points=False, lowres=True,
+                            chunks=32, genes=6, seed=0) -> dict:
+    """Write a tiny SpatialData store at ``path``: image ``he`` (``image_size`` = (w, h), two scales,
+    ``chunks`` px chunks; pixel (x, y) holds RGB ``(x % 256, y % 256, (x + y) % 256)``), optionally a
+    quarter-size ``he_lowres`` with scale 4 to ``global``, spots on a ``grid`` (nx, ny) ``pitch`` apart
+    from ``origin`` (element units) as circles ``spots`` (or points), and table ``table`` of Poisson
+    counts annotating them, its rows in another order than the spots (instance ids 100, 101, ...).
+
+    ``spots_transform``/``image_transform``: the elements' transformations to ``global`` (default
+    identity). Returns ``{'barcodes', 'counts' [N, G], 'genes', 'xy' [N, 2] (element units, table order),
+    'image' [h, w, 3]}``.
+    """
+    import anndata as ad
+    import pandas as pd
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, PointsModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    rng = np.random.default_rng(seed)
+    w, h = image_size
+    yy, xx = np.mgrid[0:h, 0:w]
+    image = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)  # [h, w, 3]
+    images = {"he": Image2DModel.parse(image.transpose(2, 0, 1), dims=("c", "y", "x"), scale_factors=[2],
+                                       chunks=(3, chunks, chunks),
+                                       transformations={"global": image_transform or Identity()})}
+    if lowres:
+        images["he_lowres"] = Image2DModel.parse(image[::4, ::4].transpose(2, 0, 1).copy(), dims=("c", "y", "x"),
+                                                 transformations={"global": Scale([4.0, 4.0], axes=("x", "y"))})
+    nx, ny = grid
+    xy = np.array([[origin[0] + i * pitch, origin[1] + j * pitch] for j in range(ny) for i in range(nx)])
+    ids = 100 + np.arange(len(xy))
+    tf = {"global": spots_transform or Identity()}
+    if as_points:
+        spots = PointsModel.parse(pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1]}, index=ids), transformations=tf)
+        elements = {"points": {"spots": spots}}
+    else:
+        spots = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), pitch / 4), index=pd.Index(ids),
+                                  transformations=tf)
+        elements = {"shapes": {"spots": spots}}
+    order = rng.permutation(len(xy))  # table rows in another order than the spots
+    counts = rng.poisson(4.0, size=(len(xy), genes)).astype(np.float32)
+    barcodes = [f"bc{i:02d}" for i in order]
+    names = [f"G{g}" for g in range(genes)]
+    table = ad.AnnData(X=counts, obs=pd.DataFrame({"region": pd.Categorical(["spots"] * len(xy)),
+                                                   "spot_id": ids[order]}, index=barcodes),
+                       var=pd.DataFrame(index=names))
+    table = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)
+        sd.SpatialData(images=images, tables={"table": table}, **elements).write(path)
+    return {"barcodes": barcodes, "counts": counts, "genes": names, "xy": xy[order], "image": image}

@@ -1,4 +1,5 @@
-"""Image access: openslide for whole-slide formats, Pillow for plain JPEG/PNG.
+"""Image access: openslide for whole-slide formats, Pillow for plain JPEG/PNG, zarr for an OME-Zarr
+image folder (a SpatialData image element, :mod:`gnnst.data.zarr_image`).
 
 ``open_image(path)`` returns a :class:`SlideImage` whose ``read_region`` is the one call the rest of
 gnnst uses; regions reaching past the image border are padded.
@@ -154,5 +155,9 @@ class SlideImage:
 
 
 def open_image(path: str | Path, *, pad_value: int = 255) -> SlideImage:
-    """Open ``path`` with the backend its format needs."""
+    """Open ``path`` with the backend its format needs (a folder: an OME-Zarr image group)."""
+    if Path(path).is_dir():
+        from gnnst.data.zarr_image import ZarrImage
+
+        return ZarrImage(path, pad_value=pad_value)
     return SlideImage(path, pad_value=pad_value)

@@ -22,6 +22,7 @@ READERS: dict[str, str] = {
     "spaceranger": "gnnst.data.readers.spaceranger:read_spaceranger",
     "hest": "gnnst.data.readers.hest:read_hest",
     "h5ad": "gnnst.data.readers.h5ad:read_h5ad",
+    "spatialdata": "gnnst.data.readers.spatialdata:read_spatialdata",
 }
 
 
@@ -128,7 +129,7 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
     kwargs = dict(slide.reader_options)
     if slide.mpp is not None:
         kwargs["mpp"] = slide.mpp
-    if slide.pitch_um is not None and slide.reader == "legacy_st":
+    if slide.pitch_um is not None and "pitch_um" in inspect.signature(get_reader(slide.reader)).parameters:
         kwargs["pitch_um"] = slide.pitch_um
     adata = get_reader(slide.reader)(**{k: str(v) for k, v in files.items()}, slide_id=slide.slide_id, **kwargs)
     adata.obs["patient_id"] = slide.patient_id if slide.patient_id is not None else slide.slide_id
@@ -160,12 +161,17 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image from its header, without decoding it."""
+    """(width, height) of an image from its header, without decoding it (an OME-Zarr image folder:
+    from its metadata)."""
     from pathlib import Path
 
     from gnnst.data.images import PIL_SUFFIXES
 
     p = Path(path)
+    if p.is_dir():
+        from gnnst.data.zarr_image import ZarrPyramid
+
+        return ZarrPyramid(p).dimensions
     if not p.is_file():
         raise GnnstError(f"image file not found: {p}")
     try:
