@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,7 +73,8 @@ def write_spatialdata(
         raise GnnstError(f"{path} exists; choose another path or overwrite it (overwrite=True)")
     sdata = to_spatialdata(adata, image=image, include_image=include_image, max_side=max_side,
                            spot_diameter_um=spot_diameter_um)
-    with atomic_dir(path, overwrite=overwrite) as tmp:
+    with atomic_dir(path, overwrite=overwrite) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding", category=UserWarning)  # zarr's notice to itself
         try:
             sdata.write(tmp)
         except Exception as e:  # zarr/spatialdata raise many types (disk full, unwritable types)
@@ -136,7 +138,8 @@ def to_spatialdata(
                        uns={k: v for k, v in adata.uns.items() if k not in (keys.SPATIAL, SD_ATTRS)})
     table.obs[keys.SD_REGION] = pd.Categorical(region, categories=list(shapes))
     table.obs[keys.SD_INSTANCE] = instance
-    table = TableModel.parse(table, region=list(shapes), region_key=keys.SD_REGION, instance_key=keys.SD_INSTANCE)
+    regions = list(shapes) if len(shapes) > 1 else list(shapes)[0]  # one region: a name, as spatialdata-io writes
+    table = TableModel.parse(table, region=regions, region_key=keys.SD_REGION, instance_key=keys.SD_INSTANCE)
     return SpatialData(images=images, shapes=shapes, tables={keys.SD_TABLE: table})
 
 
