@@ -157,3 +157,15 @@ def test_manifest_folder_role_with_checksum_and_pitch(tmp_path):
     (root / "S1.zarr" / "tables" / "table" / "X" / "extra").write_text("changed")
     with pytest.raises(GnnstError, match="checksum mismatch"):
         read_slide(m, m.slides[0], data_root=str(root), cache_dir=str(tmp_path / "cache"), download=False)
+
+
+@pytest.mark.parametrize("kind", ["hex", "square"])
+def test_spot_pitch_is_robust_to_jittered_positions(tmp_path, kind):
+    from gnnst.data.grid import grid_points
+    from gnnst.data.readers.spatialdata import _mpp_from_pitch
+
+    xy, _ = grid_points((0, 0, 3000, 3000), pitch_px=100.0, kind=kind)
+    jitter = np.random.default_rng(0).normal(scale=6.0, size=xy.shape)  # spot placement noise, 6 % of the pitch
+    exact = _mpp_from_pitch(xy, 200.0, store=tmp_path, slide_id="S")
+    noisy = _mpp_from_pitch(xy + jitter, 200.0, store=tmp_path, slide_id="S")
+    assert exact == pytest.approx(2.0) and noisy == pytest.approx(2.0, rel=0.01)
