@@ -59,10 +59,10 @@ def write_manifest(path: Path, slides: dict[str, str], *, extra: str = "", sha: 
 
 def write_spatialdata_store(path: Path, *, grid=(5, 4), pitch=10.0, origin=(5.0, 5.0), image_size=(128, 96),
                             spots_transform=None, image_transform=None, as_points=False, lowres=True,
-                            chunks=32, genes=6, seed=0) -> dict:
-    """Write a tiny SpatialData store at ``path``: image ``he`` (``image_size`` = (w, h), two scales,
+                            chunks=32, genes=6, seed=0, image_name="he") -> dict:
+    """Write a tiny SpatialData store at ``path``: image ``image_name`` (``image_size`` = (w, h), two scales,
     ``chunks`` px chunks; pixel (x, y) holds RGB ``(x % 256, y % 256, (x + y) % 256)``), optionally a
-    quarter-size ``he_lowres`` with scale 4 to ``global``, spots on a ``grid`` (nx, ny) ``pitch`` apart
+    quarter-size ``<image_name>_lowres`` with scale 4 to ``global``, spots on a ``grid`` (nx, ny) ``pitch`` apart
     from ``origin`` (element units) as circles ``spots`` (or points), and table ``table`` of Poisson
     counts annotating them, its rows in another order than the spots (instance ids 100, 101, ...).
 
@@ -80,11 +80,12 @@ def write_spatialdata_store(path: Path, *, grid=(5, 4), pitch=10.0, origin=(5.0,
     w, h = image_size
     yy, xx = np.mgrid[0:h, 0:w]
     image = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)  # [h, w, 3]
-    images = {"he": Image2DModel.parse(image.transpose(2, 0, 1), dims=("c", "y", "x"), scale_factors=[2],
+    images = {image_name: Image2DModel.parse(image.transpose(2, 0, 1), dims=("c", "y", "x"), scale_factors=[2],
                                        chunks=(3, chunks, chunks),
                                        transformations={"global": image_transform or Identity()})}
     if lowres:
-        images["he_lowres"] = Image2DModel.parse(image[::4, ::4].transpose(2, 0, 1).copy(), dims=("c", "y", "x"),
+        lowres = image[::4, ::4].transpose(2, 0, 1).copy()  # [3, h/4, w/4]
+        images[f"{image_name}_lowres"] = Image2DModel.parse(lowres, dims=("c", "y", "x"),
                                                  transformations={"global": Scale([4.0, 4.0], axes=("x", "y"))})
     nx, ny = grid
     xy = np.array([[origin[0] + i * pitch, origin[1] + j * pitch] for j in range(ny) for i in range(nx)])

@@ -7,7 +7,7 @@ Format (YAML)::
     citation: ...                  # free text
     reader: legacy_st              # default reader (gnnst.data.readers.READERS) for every slide
     reader_options: {unmatched: drop}  # default options of that reader (slides of another reader ignore them)
-    scale: {pitch_um: 200}         # default scale: {mpp: 0.5} or {pitch_um: 200} (derived by the reader)
+    scale: {pitch_um: 200}         # default scale: {mpp: 0.5} or {pitch_um: 200} (derived by legacy_st, spatialdata)
     source: {base_url: https://...}  # files' public source; a file's url is joined to it
     search_roots: [../../shared/data/her2st]  # extra data roots, relative to this manifest file
     slides:
@@ -23,11 +23,13 @@ Roles and reader options are checked against the reader's signature when the man
 role the reader has no path argument for, a missing required role, or an unknown option (or one of
 the wrong type or value) is an error naming the slide, the role or option, and the manifest.
 
-Folders: a role may name a folder when its reader reads one (``spaceranger``'s ``outs``). A folder's
+Folders: a role may name a folder when its reader reads one (``spaceranger``'s ``outs``,
+``spatialdata``'s ``zarr``: a SpatialData ``.zarr`` store). A folder's
 ``sha256`` is the sha256 of its *listing*: one line ``<sha256 of the file>  <path relative to the
 folder>`` per file the reader uses from it (for ``spaceranger``: the count matrix, the positions
-table, ``scalefactors_json.json`` and the hires/lowres PNGs present), sorted by path, each line ending
-in a newline; i.e. ``(cd outs && sha256sum FILES | LC_ALL=C sort -k2) | sha256sum``.
+table, ``scalefactors_json.json`` and the hires/lowres PNGs present; for ``spatialdata``: every file
+of the store), sorted by path, each line ending in a newline; i.e.
+``(cd outs && sha256sum FILES | LC_ALL=C sort -k2) | sha256sum``.
 :func:`folder_sha256` computes it. ``sha256: skip`` (for a file or a folder) skips the check and
 logs a warning; a role without ``sha256`` is not checked.
 

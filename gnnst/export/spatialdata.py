@@ -10,9 +10,10 @@ named ``S`` whose unit is a full-resolution pixel of the slide's image (``obsm['
   or for a ``gnnst predict --grid-um`` result ``shapes/S_grid``: one hexagon or square per grid cell
   (``uns['gnnst']['grid']``: ``kind``, ``pitch_px``), tiling the tissue.
 - ``tables/table``: the AnnData itself (``X``, ``layers['gnnst_pred']`` and every other layer,
-  ``obs``, ``var``, ``obsm``, ``obsp``, ``uns`` but ``uns['spatial']``, whose images now live in the
-  image elements, and but an old ``uns['spatialdata_attrs']``) annotating those shapes: ``obs['region']`` names the shapes element of each row
-  (``region_key``), ``obs['instance_id']`` the row's shape in it (``instance_key``).
+  ``obs``, ``var``, ``obsm``, ``obsp``, ``uns`` except ``uns['spatial']``, whose images now live in the
+  image elements, and an older ``uns['spatialdata_attrs']``) annotating those shapes: ``obs['region']``
+  names the shapes element of each row (``region_key``), ``obs['instance_id']`` the row's shape in it
+  (``instance_key``).
 
 So ``sdata.pl.render_images().pl.render_shapes(color=GENE).pl.show()`` draws ``X`` of ``GENE`` (the
 prediction, for ``gnnst predict`` output) over the H&E; ``table_layer='gnnst_pred'`` draws the
@@ -31,6 +32,7 @@ import numpy as np
 
 from gnnst import keys
 from gnnst.errors import GnnstError
+from gnnst.export.anndata import HIRES_MAX_SIDE  # longer side of the stored H&E thumbnail (scanpy's hires size)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gnnst")
 
-HIRES_MAX_SIDE = 2000  # longer side of the stored H&E thumbnail (scanpy's hires size)
 SUFFIX = ".zarr"
 SD_ATTRS = "spatialdata_attrs"  # uns key of a table's annotation, set by spatialdata's TableModel
 
@@ -133,8 +134,10 @@ def to_spatialdata(
         instance[rows] = np.arange(len(rows))
         if include_image:
             images[f"{names[s]}_image"] = _image_element(adata, s, meta, image, cs=s, max_side=max_side)
-    table = ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(), layers=dict(adata.layers),
-                       obsm=dict(adata.obsm), obsp=dict(adata.obsp),
+    from gnnst.io import _plain_strings  # string columns every anndata reads, under pandas 2 and 3
+
+    table = ad.AnnData(X=adata.X, obs=_plain_strings(adata.obs), var=_plain_strings(adata.var),
+                       layers=dict(adata.layers), obsm=dict(adata.obsm), obsp=dict(adata.obsp),
                        uns={k: v for k, v in adata.uns.items() if k not in (keys.SPATIAL, SD_ATTRS)})
     table.obs[keys.SD_REGION] = pd.Categorical(region, categories=list(shapes))
     table.obs[keys.SD_INSTANCE] = instance

@@ -16,7 +16,7 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
-from gnnst_testdata import REPO, write_legacy_slide
+from gnnst_testdata import REPO, write_legacy_slide, write_spatialdata_store
 from gnnst.data.manifest import load_manifest
 from gnnst.data.readers import read_slide
 from gnnst.io import atomic_write_h5ad
@@ -94,8 +94,13 @@ def _h5ad(root):
     return ["s0", "s1", "s2"]
 
 
+def _spatialdata(root):
+    truth = write_spatialdata_store(root / "V1_C.zarr", image_name="V1_C_full_image")
+    return truth["barcodes"]
+
+
 LAYOUTS = {"my_visium": _spaceranger_fullres, "my_visium_hires": _spaceranger_hires, "my_hest": _hest,
-           "my_legacy_st": _legacy_st, "my_h5ad": _h5ad}
+           "my_legacy_st": _legacy_st, "my_h5ad": _h5ad, "my_spatialdata": _spatialdata}
 
 
 def test_readme_lists_the_expected_manifests():
@@ -106,6 +111,8 @@ def test_readme_lists_the_expected_manifests():
 def test_readme_manifest_loads_and_reads(tmp_path, name):
     if name in ("my_visium", "my_hest"):
         pytest.importorskip("openslide")
+    if name == "my_spatialdata":
+        pytest.importorskip("spatialdata")
     text = readme_manifests()[name]
     (tmp_path / "m.yaml").write_text(text)
     root = tmp_path / "data"

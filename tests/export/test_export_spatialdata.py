@@ -71,7 +71,9 @@ def test_spot_predictions_round_trip(tmp_path, he_png):
     from spatialdata.transformations import get_transformation
 
     a = _predictions(he_png)
+    before = a.copy()
     path = write_spatialdata(a, tmp_path / "pred.zarr", max_side=100)
+    assert list(a.obs.columns) == list(before.obs.columns) and a.uns.keys() == before.uns.keys()  # not modified
     sdata = _read(path)
     assert set(sdata.images) == {"S1_image"} and set(sdata.shapes) == {"S1_spots"}
     table = sdata.tables["table"]

@@ -99,9 +99,10 @@ def read_spatialdata(
     missing = found < 0
     barcodes = table.obs_names[rows]
     if missing.any() and unmatched == "error":
-        raise GnnstError(f"{store}: table '{tname}' row '{barcodes[missing][0]}' has {instance_key} "
-                         f"{np.asarray(ids[missing][0]).item()!r}, which element '{region}' lacks ({int(missing.sum())} of {len(ids)} "
-                         f"rows unmatched; reader_options: {{unmatched: drop}} drops them)")
+        first = np.asarray(ids[missing][0]).item()
+        raise GnnstError(f"{store}: table '{tname}' row '{barcodes[missing][0]}' has {instance_key} {first!r}, "
+                         f"which element '{region}' lacks ({int(missing.sum())} of {len(ids)} rows unmatched; "
+                         f"reader_options: {{unmatched: drop}} drops them)")
     if missing.any():
         log.info("slide %s: dropped %d of %d rows of table '%s' whose %s is not in element '%s' (unmatched: drop)",
                  slide_id, int(missing.sum()), len(ids), tname, instance_key, region)
