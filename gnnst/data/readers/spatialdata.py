@@ -95,6 +95,10 @@ def read_spatialdata(
         raise GnnstError(f"{store}: table '{tname}' lacks its instance_key column obs['{instance_key}']")
     ids = table.obs[instance_key].to_numpy()[rows]
     element, centres = _spot_centres(sdata, region, store)  # [M, 2] element coordinates, indexed by instance id
+    if not centres.index.is_unique:
+        dup = centres.index[centres.index.duplicated()][0]
+        raise GnnstError(f"{store}: element '{region}' has instance id {np.asarray(dup).item()!r} twice; the table's "
+                         f"rows cannot be matched to its spots")
     found = pd.Index(centres.index).get_indexer(ids)
     missing = found < 0
     barcodes = table.obs_names[rows]
