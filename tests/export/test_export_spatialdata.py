@@ -70,7 +70,10 @@ def _centres(sdata, table, region):
 def test_spot_predictions_round_trip(tmp_path, he_png):
     from spatialdata.transformations import get_transformation
 
+    import pandas as pd
+
     a = _predictions(he_png)
+    a.obs["note"] = pd.array([f"n{i}" for i in range(a.n_obs)], dtype="string")  # pandas' nullable strings
     before = a.copy()
     path = write_spatialdata(a, tmp_path / "pred.zarr", max_side=100)
     assert list(a.obs.columns) == list(before.obs.columns) and a.uns.keys() == before.uns.keys()  # not modified
@@ -83,7 +86,7 @@ def test_spot_predictions_round_trip(tmp_path, he_png):
     np.testing.assert_array_equal(np.asarray(table.X), a.X)
     np.testing.assert_array_equal(table.layers[keys.PRED], a.layers[keys.PRED])
     assert table.uns[keys.UNS_GNNST][keys.MPP] == 2.0 and keys.SPATIAL not in table.uns
-    assert (table.obs[keys.SD_REGION] == "S1_spots").all()
+    assert (table.obs[keys.SD_REGION] == "S1_spots").all() and list(table.obs["note"]) == list(a.obs["note"])
     np.testing.assert_allclose(_centres(sdata, table, "S1_spots"), a.obsm[keys.SPATIAL])
     np.testing.assert_allclose(sdata.shapes["S1_spots"]["radius"], 0.25 * 30.0)  # half the pitch, halved
     # the 300 x 200 image as a 100 x 67 thumbnail scaled back onto full-resolution pixels, in the same system
