@@ -5,7 +5,7 @@ A SpatialData store keeps its H&E as an image element, an OME-NGFF multiscale gr
 resolution). :class:`ZarrImage` is a :class:`gnnst.data.images.SlideImage` over such a group: level
 0 is the element's full resolution, the other levels are its downscaled copies, and every region is
 read from the chunks it touches (decoded chunks are kept in a small LRU cache), never the whole image.
-:func:`gnnst.data.images.open_image` returns one for a folder that :func:`is_zarr_image`.
+:func:`gnnst.data.images.open_image` returns one for a folder.
 """
 
 from __future__ import annotations
@@ -26,21 +26,6 @@ def multiscales(attrs: dict) -> dict | None:
     ms = attrs.get("ome", {}).get("multiscales") if isinstance(attrs.get("ome"), dict) else None
     ms = ms or attrs.get("multiscales")
     return ms[0] if isinstance(ms, list) and ms and isinstance(ms[0], dict) else None
-
-
-def is_zarr_image(path: str | Path) -> bool:
-    """Whether ``path`` is a folder holding an OME-Zarr multiscale image group."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    if (p / "zarr.json").is_file():
-        import json
-
-        try:
-            return multiscales(json.loads((p / "zarr.json").read_text()).get("attributes", {})) is not None
-        except (OSError, ValueError, AttributeError):
-            return False
-    return (p / ".zattrs").is_file() and (p / ".zgroup").is_file()
 
 
 class ZarrPyramid:

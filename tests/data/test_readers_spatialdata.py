@@ -169,3 +169,26 @@ def test_spot_pitch_is_robust_to_jittered_positions(tmp_path, kind):
     exact = _mpp_from_pitch(xy, 200.0, store=tmp_path, slide_id="S")
     noisy = _mpp_from_pitch(xy + jitter, 200.0, store=tmp_path, slide_id="S")
     assert exact == pytest.approx(2.0) and noisy == pytest.approx(2.0, rel=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:SpatialData is not stored in the most current format")
+def test_a_store_in_the_older_zarr_v2_format(tmp_path):
+    """Stores written by spatialdata < 0.4 (zarr v2, OME-NGFF 0.4 image metadata) read the same."""
+    import spatialdata as sd
+
+    formats = pytest.importorskip("spatialdata._io.format")
+    truth = write_spatialdata_store(tmp_path / "new.zarr", lowres=False)
+    s = sd.read_zarr(tmp_path / "new.zarr")
+    sd.SpatialData(images=dict(s.images), shapes=dict(s.shapes), tables=dict(s.tables)).write(
+        tmp_path / "old.zarr", sdata_formats=[formats.SpatialDataContainerFormatV01(), formats.RasterFormatV01(),
+                                              formats.ShapesFormatV02(), formats.TablesFormatV01()])
+    assert (tmp_path / "old.zarr" / "images" / "he" / ".zattrs").is_file()
+    a = read_spatialdata(tmp_path / "old.zarr", slide_id="S")
+    np.testing.assert_allclose(a.obsm["spatial"], truth["xy"])
+    with open_image(a.uns["gnnst"]["image_path"]) as im:
+        np.testing.assert_array_equal(im.read_region(3, 4, 40, 30), truth["image"][4:34, 3:43])
+
+
+def test_a_folder_that_is_no_image(tmp_path):
+    with pytest.raises(GnnstError, match="cannot read the OME-Zarr image"):
+        open_image(tmp_path)
