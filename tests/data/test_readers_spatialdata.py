@@ -192,3 +192,19 @@ def test_a_store_in_the_older_zarr_v2_format(tmp_path):
 def test_a_folder_that_is_no_image(tmp_path):
     with pytest.raises(GnnstError, match="cannot read the OME-Zarr image"):
         open_image(tmp_path)
+
+
+def test_a_store_without_an_image(tmp_path):
+    import spatialdata as sd
+
+    root = tmp_path / "data"
+    write_spatialdata_store(tmp_path / "full.zarr", lowres=False)
+    s = sd.read_zarr(tmp_path / "full.zarr")
+    sd.SpatialData(shapes=dict(s.shapes), tables=dict(s.tables)).write(root / "S1.zarr")
+    a = read_spatialdata(root / "S1.zarr", slide_id="S1", mpp=1.0)
+    assert a.uns["gnnst"]["image_path"] is None and a.n_obs == 20  # expression only: fine
+    (tmp_path / "m.yaml").write_text("name: sd\nreader: spatialdata\nslides:\n"
+                                     "  - slide_id: S1\n    files:\n      zarr: {path: S1.zarr}\n")
+    m = load_manifest(tmp_path / "m.yaml")
+    with pytest.raises(GnnstError, match="slide 'S1' has no image.*no image element"):
+        read_slide(m, m.slides[0], data_root=str(root), download=False)

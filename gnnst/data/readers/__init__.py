@@ -136,6 +136,9 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
     meta = adata.uns[keys.UNS_GNNST]
     if not meta.get(keys.IMAGE_PATH):
         if need_image:
+            if slide.reader == "spatialdata":
+                raise GnnstError(f"{manifest.path}: slide '{slide.slide_id}' has no image to cut patches from: its "
+                                 f"SpatialData store has no image element (images/)")
             raise GnnstError(f"{manifest.path}: slide '{slide.slide_id}' has no image to cut patches from: give "
                              f"'files.image' (the H&E the spot pixels refer to)"
                              + (", or an outs/ folder with spatial/tissue_hires_image.png"
