@@ -106,7 +106,7 @@ def fit_retrieval_model(model, fd: dict, cfg, device) -> dict:
     slides (bank = training part). Returns standardised test predictions."""
     import torch
 
-    from gnnst.train.sampler import SubgraphLoader
+    from gnnst.graph.sampler import SubgraphLoader
     from gnnst.train.trainer import _val_score, lr_factor, predict_graphs
 
     tc = cfg.train

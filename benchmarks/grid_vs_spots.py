@@ -44,7 +44,7 @@ MODES = {"spots": None, "hex": ("hex", 2), "hex_s1": ("hex", 1), "square": ("squ
 
 
 def heg50_pcc(y: np.ndarray, p: np.ndarray) -> float:
-    from gnnst.eval.metrics import pearson_per_gene
+    from gnnst.metrics import pearson_per_gene
 
     r = pearson_per_gene(y, p)
     return float(np.nanmean(r))

@@ -115,7 +115,7 @@ def make_checkpoint(path: Path, genes: int = 250) -> None:
     from gnnst.config import config_to_dict
     from gnnst.data.encoders import create_encoder
     from gnnst.models import create_model
-    from gnnst.models.config import ModelConfig
+    from gnnst.config import ModelConfig
 
     enc = create_encoder("efficientnet_lite0")
     mcfg = ModelConfig(predict_mode="head")

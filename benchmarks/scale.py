@@ -6,7 +6,7 @@ Per size, in a fresh child process: a square grid of spots at an 8 µm pitch (Vi
 bins), random patch embeddings of the default encoder's width (1280) and random expression of a
 her2st-sized panel (492 genes); graph construction (:func:`gnnst.graph.edges.spatial_edges`, k=6,
 plus edge features), then one training epoch of the default GNNST model over
-:class:`gnnst.train.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
+:class:`gnnst.graph.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
 Memory is read from the child's own ``/proc/self/status`` (peak RSS reset before each phase), so
 each phase's peak is its own. Embeddings and expression are stored as the library's default
 ``graph.storage: auto`` stores them (:func:`gnnst.graph.dataset.storage_dtype`: float32 up to 200,000
@@ -61,7 +61,7 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     from gnnst.config import Config
     from gnnst.graph.edges import edge_features, spatial_edges
     from gnnst.models import compute_losses, create_model
-    from gnnst.train.sampler import SubgraphLoader
+    from gnnst.graph.sampler import SubgraphLoader
 
     torch.manual_seed(seed)
     if threads:

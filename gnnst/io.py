@@ -40,3 +40,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_write_h5ad(adata: Any, path: str | Path) -> None:
+    """Write an AnnData as ``.h5ad`` under a temporary name, then rename: every h5ad gnnst writes goes
+    through here."""
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)

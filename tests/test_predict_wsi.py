@@ -51,7 +51,7 @@ def make_checkpoint(path, *, patch_size_um: float = 250.0) -> dict:
     from gnnst.config import config_to_dict
     from gnnst.data.encoders import create_encoder
     from gnnst.models import create_model
-    from gnnst.models.config import ModelConfig
+    from gnnst.config import ModelConfig
 
     enc = create_encoder("efficientnet_lite0")
     mcfg = ModelConfig(hidden=32, proj_dim=16, heads=2, predict_mode="head")
