@@ -59,8 +59,8 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     from torch_geometric.data import Data
 
     from gnnst.config import Config
-    from gnnst.graph.edges import edge_features, spatial_edges
-    from gnnst.models import compute_losses, create_model
+    from gnnst.graph.edges import graph_from_pos
+    from gnnst.models import create_model
     from gnnst.graph.sampler import SubgraphLoader
 
     torch.manual_seed(seed)
@@ -76,10 +76,10 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     _reset_peak()
     base = _status_mb("VmRSS")
     for _ in range(graph_repeats):
-        ei = ea = None
+        ei = ea = sg = None
         t0, c0 = time.perf_counter(), time.process_time()
-        ei = spatial_edges(pos, k=K)
-        ea = edge_features(pos, ei)
+        sg = graph_from_pos(pos, k=K, radius_um=None)  # the library's graph builder (spatial_edges + edge_features)
+        ei, ea = sg.edge_index, sg.edge_attr
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     r["graph_seconds"] = times
@@ -136,7 +136,7 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
             stepped += 1
             c1 = time.process_time()
             out = model(b)
-            loss = compute_losses(model, out, b, cfg.model)["total"]
+            loss = model.loss(out, b)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -84,6 +84,10 @@ class EncoderInfo:
     dim: int
 
     @classmethod
+    def of(cls, encoder: "PatchEncoder") -> "EncoderInfo":
+        return cls(name=encoder.name, identity=encoder.identity, input_size=encoder.input_size, dim=encoder.dim)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "EncoderInfo":
         return cls(name=str(d["name"]), identity=str(d["identity"]), input_size=int(d["input_size"]),
                    dim=int(d["dim"]))
@@ -186,6 +190,29 @@ class TrainedModel:
     cv: dict | None = None
     protocol: str = "honest"
     gnnst_version: str = __version__
+
+    @classmethod
+    def untrained(cls, encoder: EncoderInfo, genes: Sequence[str], *, model_config: ModelConfig | None = None,
+                  patch_size_um: float = 150.0, graph: GraphConfig | None = None, batch_nodes: int = 512,
+                  num_hops: int = 2, seed: int = 0) -> "TrainedModel":
+        """One randomly initialised member for ``encoder``'s embeddings and the panel ``genes`` (identity
+        scaling, head only): for speed and memory benchmarks and tests of the prediction path. Its
+        predictions mean nothing."""
+        import torch
+
+        from gnnst.models import create_model
+
+        mcfg = model_config or ModelConfig(predict_mode="head")
+        torch.manual_seed(seed)
+        model = create_model(mcfg.name, in_dim=encoder.dim, num_genes=len(genes), cfg=mcfg)
+        genes = [str(g) for g in genes]
+        return cls(model_name=mcfg.name, model_config=mcfg, in_dim=encoder.dim, encoder=encoder,
+                   patch_size_um=patch_size_um, panel=GenePanel(genes=genes, heg=genes, hvg=genes, source_slides=[]),
+                   expression=ExpressionConfig(), scaler=TargetScaler(np.zeros(len(genes), np.float32),
+                                                                      np.ones(len(genes), np.float32)),
+                   graph=graph or GraphConfig(), batch_nodes=batch_nodes, num_hops=num_hops,
+                   states=[model.state_dict()], blend_alpha=1.0,
+                   fold={"name": "untrained", "train_slides": [], "test_slides": [], "patient_disjoint": False})
 
     # ------------------------------------------------------------------ file
     def to_dict(self) -> dict:

@@ -46,26 +46,13 @@ def write_pyramid_tiff(path, *, mpp: float | None = MPP, levels=(1, 2, 4), tile=
 
 def make_model(path, *, patch_size_um: float = 250.0):
     """A tiny untrained GNNST for the default encoder's 1280-wide embeddings, saved as a TrainedModel."""
-    import numpy as np
-    import torch
-
-    from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig
+    from gnnst.config import GraphConfig, ModelConfig
     from gnnst.data.encoders import create_encoder
-    from gnnst.data.expression import GenePanel
-    from gnnst.models import create_model
-    from gnnst.predictor import EncoderInfo, TargetScaler, TrainedModel
+    from gnnst.predictor import EncoderInfo, TrainedModel
 
-    enc = create_encoder("efficientnet_lite0")
-    mcfg = ModelConfig(hidden=32, proj_dim=16, heads=2, predict_mode="head")
-    torch.manual_seed(0)
-    model = create_model("gnnst", in_dim=enc.dim, num_genes=len(GENES), cfg=mcfg)
-    tm = TrainedModel(model_name="gnnst", model_config=mcfg, in_dim=enc.dim,
-                      encoder=EncoderInfo(enc.name, enc.identity, enc.input_size, enc.dim), patch_size_um=patch_size_um,
-                      panel=GenePanel(genes=GENES, heg=GENES[:4], hvg=GENES[4:], source_slides=["S1"]),
-                      expression=ExpressionConfig(), scaler=TargetScaler(np.full(len(GENES), 1.0, np.float32),
-                                                                        np.full(len(GENES), 0.5, np.float32)),
-                      graph=GraphConfig(k=6), batch_nodes=64, num_hops=2, states=[model.state_dict()],
-                      blend_alpha=1.0, fold={"name": "S1", "train_slides": ["S1"], "test_slides": []})
+    tm = TrainedModel.untrained(EncoderInfo.of(create_encoder("efficientnet_lite0")), GENES,
+                                model_config=ModelConfig(hidden=32, proj_dim=16, heads=2, predict_mode="head"),
+                                patch_size_um=patch_size_um, graph=GraphConfig(k=6), batch_nodes=64)
     tm.save(path)
     return tm
 

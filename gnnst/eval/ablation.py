@@ -265,17 +265,21 @@ def write_table(rows: list[dict], out: Path, *, cfg: "Config", timing: dict) -> 
         df.to_csv(tmp, index=False, float_format="%.5g")
     n_slides = rows[0]["slides"] if rows else 0
     heg = ms.subset_label("heg")
-    per_slide = [k for k in ABLATION_COLUMNS if not k.endswith("_pooled")]
-    pooled_keys = [k for k in ABLATION_COLUMNS if k.endswith("_pooled")]
-    head = (["setting", "neighbours/spot"] + [ms.label(k) for k in per_slide]
-            + [f"Δ {ms.label('pcc_heg_per_slide')} vs none (paired)"] + [ms.label(k) for k in pooled_keys] + ["train s"])
+    first_pooled = next(i for i, k in enumerate(ABLATION_COLUMNS) if k.endswith("_pooled"))
+    keys = list(ABLATION_COLUMNS[:first_pooled]) + ["delta"] + list(ABLATION_COLUMNS[first_pooled:])
+    delta_label = f"Δ {ms.label('pcc_heg_per_slide')} vs none (paired)"
+    head = ["setting", "neighbours/spot"] + [delta_label if k == "delta" else ms.label(k) for k in keys] + ["train s"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         name = {"none": "none (no graph)"}.get(r["setting"], LABELS.get(r["setting"], r["setting"]))
         pm = lambda key: f"{_f(r[key + '_mean'])} ± {_f(r[key + '_sd'])}"  # noqa: E731
-        delta = "–" if r["setting"] == "none" else pm("delta_heg_vs_none")
-        cells = ([name, _f(r["neighbours_per_spot"], ".1f")] + [pm(k) for k in per_slide] + [delta]
-                 + [_f(r.get(k)) for k in pooled_keys] + [_f(r.get("train_seconds"), ".0f")])
+
+        def cell(k: str) -> str:
+            if k == "delta":
+                return "–" if r["setting"] == "none" else pm("delta_heg_vs_none")
+            return _f(r.get(k)) if k.endswith("_pooled") else pm(k)
+
+        cells = [name, _f(r["neighbours_per_spot"], ".1f")] + [cell(k) for k in keys] + [_f(r.get("train_seconds"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     pooled = next((r for r in rows if "n_genes_pooled_heg" in r), {})
     lines += [

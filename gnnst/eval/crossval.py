@@ -170,14 +170,17 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
                        "blend_alpha": ens.model.blend_alpha, "train_seconds": sum(f.seconds for f in ens.fits),
                        "nodes_per_second": float(np.mean([f.nodes_per_second for f in ens.fits])),
                        "epochs_run": [len(f.history) for f in ens.fits]})
+    seconds = {}
     for b in methods:
         if b != MODEL:
+            t0 = time.perf_counter()
             preds[b] = fit_baseline(b, ts, fold.test_slides, cfg.seed)
+            seconds[b] = time.perf_counter() - t0
     fps = {m: FoldPredictions(fold.name, list(ts.panel.genes), subsets, y_test, preds[m], fold.patient_disjoint)
            for m in methods}
     if MODEL in methods:
         result.update(_fold_block(fps[MODEL], per_gene=True))
-    result["baselines"] = {b: _fold_block(fps[b], per_gene=False) for b in methods if b != MODEL}
+    result["baselines"] = {b: {**_fold_block(fps[b], per_gene=False), "seconds": seconds[b]} for b in seconds}
     result["fold_seconds"] = time.perf_counter() - t_fold
     if main:
         _save_heldout(fdir / HELDOUT, fold, y_test, preds)
