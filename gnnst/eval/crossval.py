@@ -116,7 +116,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     metrics["train_seconds_per_fold"] = (float(np.mean([r["train_seconds"] for r in fold_results]))
                                          if fit_model and fold_results else 0.0)
     if fit_model and cfg.eval.final_model:
-        fit_final(cfg, loaded, out / "final", cv=cv_per_gene(fold_results), resume=resume, device=device,
+        fit_final(cfg, loaded, out / "final", fold_results=fold_results, resume=resume, device=device,
                   progress=progress, main=main)
     metrics["config"] = config_to_dict(cfg)
     metrics["seconds_total"] = time.perf_counter() - t_all
@@ -261,37 +261,37 @@ def _write_predictions(out: Path, loaded, ts: "TrainingSet", fold: "Fold", model
         atomic_write_h5ad(out_a, out / "predictions" / f"{s}.h5ad")
 
 
-def cv_per_gene(fold_results: list[dict]) -> dict:
-    """Per-gene cross-validated PCC of a run, for the final model's :attr:`TrainedModel.cv`: over every
-    held-out slide whose fold panel holds the gene, the mean and sd (``ddof=1``) of the gene's Pearson r on
-    that slide, the number of slides, and the mean over the patient-disjoint folds' slides."""
+def cv_per_gene(fold_results: list[dict], genes: list[str]) -> dict:
+    """Per-gene cross-validated PCC of a run for ``genes`` (the final model's panel, in its order), its
+    :attr:`TrainedModel.cv`: over every held-out slide whose fold panel holds the gene, the mean and sd
+    (``ddof=1``) of the gene's Pearson r on that slide, the number of slides, and the mean over the
+    patient-disjoint folds' slides; ``None`` where no fold's panel holds the gene (count 0)."""
     per_gene: dict[str, list[float]] = {}
     disjoint: dict[str, list[float]] = {}
     for f in fold_results:
-        genes = f["genes"]["all"]
-        for s, v in f.get("per_slide", {}).items():
-            for g, r in zip(genes, v.get("pcc_per_gene", [])):
+        for v in f.get("per_slide", {}).values():
+            for g, r in zip(f["genes"]["all"], v.get("pcc_per_gene", [])):
                 if r is None:
                     continue
                 per_gene.setdefault(g, []).append(r)
                 if f["patient_disjoint"]:
                     disjoint.setdefault(g, []).append(r)
-    genes = sorted(per_gene)
+    genes = list(genes)
     return {"genes": genes,
-            "pcc_mean": [float(np.mean(per_gene[g])) for g in genes],
-            "pcc_sd": [float(np.std(per_gene[g], ddof=1)) if len(per_gene[g]) > 1 else None for g in genes],
-            "n_slides": [len(per_gene[g]) for g in genes],
+            "pcc_mean": [float(np.mean(per_gene[g])) if g in per_gene else None for g in genes],
+            "pcc_sd": [float(np.std(per_gene[g], ddof=1)) if len(per_gene.get(g, [])) > 1 else None for g in genes],
+            "n_slides": [len(per_gene.get(g, [])) for g in genes],
             "pcc_patient_disjoint": [float(np.mean(disjoint[g])) if g in disjoint else None for g in genes],
             "definition": "Pearson r of the gene on each held-out slide of the run's folds (folds whose panel "
                           "holds it): mean, sd (ddof=1) and count over those slides; patient_disjoint: mean over "
                           "the slides of patient-disjoint folds"}
 
 
-def fit_final(cfg: "Config", loaded, fdir: Path, *, cv: dict | None, resume: bool, device, progress: bool,
-              main: bool = True) -> Path:
+def fit_final(cfg: "Config", loaded, fdir: Path, *, fold_results: list[dict], resume: bool, device,
+              progress: bool, main: bool = True) -> Path:
     """Train on every slide of ``loaded`` exactly as a fold trains on its training slides and write
-    ``fdir/model.pt`` (``fold.name == "final"``, no test slides, :attr:`TrainedModel.cv` = ``cv``).
-    With ``resume`` a finished one is kept."""
+    ``fdir/model.pt`` (``fold.name == "final"``, no test slides, :attr:`TrainedModel.cv` from the finished
+    folds' ``fold_results``, :func:`cv_per_gene`). With ``resume`` a finished one is kept."""
     from gnnst.predictor import EncoderInfo
     from gnnst.train.ensemble import fit_ensemble
     from gnnst.train.prepare import prepare_training
@@ -308,7 +308,7 @@ def fit_final(cfg: "Config", loaded, fdir: Path, *, cv: dict | None, resume: boo
     fold = {"name": "final", "train_slides": slides, "test_slides": [], "patient_disjoint": False}
     ens = fit_ensemble(cfg, ts, fdir, fold=fold, encoder=EncoderInfo.from_dict(loaded.encoder), resume=resume,
                        device=device, progress=progress)
-    ens.model.cv = cv
+    ens.model.cv = cv_per_gene(fold_results, ens.model.panel.genes)
     if main:
         ens.model.save(path)
     log.info("final model: %s (validation PCC %.3f, blend alpha %s, %.1f s)", path, ens.val_score,

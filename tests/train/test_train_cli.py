@@ -65,12 +65,14 @@ def test_train_outputs(three_patients, capsys):
     assert final.fold["test_slides"] == [] and len(final.states) == 2
     # the final model carries the run's per-gene cross-validated PCC, from the folds' held-out slides
     cv = final.cv
-    assert cv is not None and len(cv["genes"]) == len(cv["pcc_mean"]) == len(cv["n_slides"]) >= 1
-    g0 = cv["genes"][0]
+    assert cv is not None and cv["genes"] == final.panel.genes == list(final.panel.genes)
+    assert len(cv["pcc_mean"]) == len(cv["n_slides"]) == len(final.panel.genes)
+    g0 = next(g for g, n in zip(cv["genes"], cv["n_slides"]) if n > 0)
+    i0 = cv["genes"].index(g0)
     held = [v["pcc_per_gene"][f["genes"]["all"].index(g0)] for f in m["folds"] if g0 in f["genes"]["all"]
             for v in f["per_slide"].values()]
     held = [r for r in held if r is not None]
-    assert cv["n_slides"][0] == len(held) and cv["pcc_mean"][0] == pytest.approx(np.mean(held))
+    assert cv["n_slides"][i0] == len(held) and cv["pcc_mean"][i0] == pytest.approx(np.mean(held))
     fold_model = TrainedModel.load(out / "folds" / "patient_P1" / "model.pt")
     assert fold_model.fold["train_slides"] == ["S2", "S3"]  # the folds' models never saw their test slide
     assert fold_model.cv is None
