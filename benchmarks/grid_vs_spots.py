@@ -40,11 +40,12 @@ WHY = ("- Why `--supersample 2` is the default: a 200 µm grid meets a real spot
        "Averaging the predictions at 2 x 2 sub-positions of each cell makes a grid spot's value the mean over "
        "its cell instead of a point sample, at 4 patches per spot. The grid is anchored to the image origin "
        "(never fitted to the spots), so the point-sampled result depends on where the grid happens to fall.")
+N_HEG = 50  # the top highly expressed genes scored (the default eval.n_heg)
 MODES = {"spots": None, "hex": ("hex", 2), "hex_s1": ("hex", 1), "square": ("square", 2)}  # grid kind, --supersample
 
 
-def heg50_pcc(y: np.ndarray, p: np.ndarray) -> float:
-    from gnnst.eval.metrics import pearson_per_gene
+def heg_pcc(y: np.ndarray, p: np.ndarray) -> float:
+    from gnnst.metrics import pearson_per_gene
 
     r = pearson_per_gene(y, p)
     return float(np.nanmean(r))
@@ -52,19 +53,20 @@ def heg50_pcc(y: np.ndarray, p: np.ndarray) -> float:
 
 def run_slide(run: Path, data_root: Path, slide: str, grid_um: float, repeats: int) -> dict:
     import anndata as ad
-    import torch
     from scipy.spatial import cKDTree
 
+    from gnnst.predictor import TrainedModel
+
     ck_path = run / "folds" / slide / "model.pt"
-    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-    if slide not in ck["fold"]["test_slides"]:
+    model = TrainedModel.load(ck_path)
+    if slide not in model.fold["test_slides"]:
         raise SystemExit(f"{ck_path} did not hold out slide {slide}")
-    heg = list(ck["panel"]["heg"][:50])
+    heg = list(model.panel.heg[:N_HEG])
     meas = ad.read_h5ad(run / "predictions" / f"{slide}.h5ad")
     mpp = float(meas.uns["gnnst"]["mpp"])
-    y = np.asarray(meas[:, heg].X, dtype=np.float64)  # [N, 50] measured, normalised log
+    y = np.asarray(meas[:, heg].X, dtype=np.float64)  # [N, N_HEG] measured, normalised log
     res = {"slide": slide, "real_spots": meas.n_obs, "mpp": mpp,
-           "crossval_pcc": heg50_pcc(y, meas[:, heg].layers["gnnst_pred"])}
+           "crossval_pcc": heg_pcc(y, meas[:, heg].layers["gnnst_pred"])}
     image = data_root / f"{slide}_HE.jpg"
     for mode, grid in MODES.items():
         runs, pred = [], None
@@ -89,7 +91,7 @@ def run_slide(run: Path, data_root: Path, slide: str, grid_um: float, repeats: i
         p = np.asarray(pred[:, heg].layers["gnnst_pred"], dtype=np.float64)[idx]
         sec = statistics.median(x["seconds"] for x in runs)
         patches = pred.n_obs * (1 if grid is None else grid[1] ** 2)
-        res[mode] = {"pcc": heg50_pcc(y, p), "n_pred": pred.n_obs, "patches": patches, "seconds": sec,
+        res[mode] = {"pcc": heg_pcc(y, p), "n_pred": pred.n_obs, "patches": patches, "seconds": sec,
                      "patches_per_s": patches / sec,
                      "spots_per_s": pred.n_obs / sec, "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in runs),
                      "seconds_all": [x["seconds"] for x in runs], "median_dist_um": float(np.median(dist)),

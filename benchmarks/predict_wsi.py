@@ -110,24 +110,11 @@ def encoder_only_rate(batch: int = 64, batches: int = 4) -> float:
 
 def make_checkpoint(path: Path, genes: int = 250) -> None:
     """An untrained model of the default size for the default encoder (memory and speed, not accuracy)."""
-    import torch
-
-    from gnnst.config import config_to_dict
     from gnnst.data.encoders import create_encoder
-    from gnnst.models import create_model
-    from gnnst.models.config import ModelConfig
+    from gnnst.predictor import EncoderInfo, TrainedModel
 
-    enc = create_encoder("efficientnet_lite0")
-    mcfg = ModelConfig(predict_mode="head")
-    names = [f"G{i}" for i in range(genes)]
-    state = create_model("gnnst", in_dim=enc.dim, num_genes=genes, cfg=mcfg).state_dict()
-    torch.save({"model_state": state, "model_states": [state], "blend_alpha": 1.0, "model_name": "gnnst",
-                "model_cfg": config_to_dict(mcfg), "in_dim": enc.dim,
-                "panel": {"genes": names, "heg": names[:50], "hvg": names[:50], "source_slides": []},
-                "scaler": {"mean": [0.0] * genes, "std": [1.0] * genes},
-                "encoder": {"name": enc.name, "identity": enc.identity, "input_size": enc.input_size, "dim": enc.dim},
-                "patch_size_um": 150.0, "graph": {"k": 6, "radius_um": None},
-                "train": {"num_hops": 2, "batch_nodes": 512}}, path)
+    enc = EncoderInfo.of(create_encoder("efficientnet_lite0"))
+    TrainedModel.untrained(enc, [f"G{i}" for i in range(genes)]).save(path)
 
 
 def run(sizes: list[int], repeats: int, grid_um: float, mpp: float, workdir: Path) -> dict:

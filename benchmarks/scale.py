@@ -6,7 +6,7 @@ Per size, in a fresh child process: a square grid of spots at an 8 µm pitch (Vi
 bins), random patch embeddings of the default encoder's width (1280) and random expression of a
 her2st-sized panel (492 genes); graph construction (:func:`gnnst.graph.edges.spatial_edges`, k=6,
 plus edge features), then one training epoch of the default GNNST model over
-:class:`gnnst.train.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
+:class:`gnnst.graph.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
 Memory is read from the child's own ``/proc/self/status`` (peak RSS reset before each phase), so
 each phase's peak is its own. Embeddings and expression are stored as the library's default
 ``graph.storage: auto`` stores them (:func:`gnnst.graph.dataset.storage_dtype`: float32 up to 200,000
@@ -59,9 +59,9 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     from torch_geometric.data import Data
 
     from gnnst.config import Config
-    from gnnst.graph.edges import edge_features, spatial_edges
-    from gnnst.models import compute_losses, create_model
-    from gnnst.train.sampler import SubgraphLoader
+    from gnnst.graph.edges import graph_from_pos
+    from gnnst.models import create_model
+    from gnnst.graph.sampler import SubgraphLoader
 
     torch.manual_seed(seed)
     if threads:
@@ -76,10 +76,10 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     _reset_peak()
     base = _status_mb("VmRSS")
     for _ in range(graph_repeats):
-        ei = ea = None
+        ei = ea = sg = None
         t0, c0 = time.perf_counter(), time.process_time()
-        ei = spatial_edges(pos, k=K)
-        ea = edge_features(pos, ei)
+        sg = graph_from_pos(pos, k=K, radius_um=None)  # the library's graph builder (spatial_edges + edge_features)
+        ei, ea = sg.edge_index, sg.edge_attr
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     r["graph_seconds"] = times
@@ -136,7 +136,7 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
             stepped += 1
             c1 = time.process_time()
             out = model(b)
-            loss = compute_losses(model, out, b, cfg.model)["total"]
+            loss = model.loss(out, b)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

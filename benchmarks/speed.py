@@ -65,7 +65,7 @@ def bench_train(cache_dir: str, workdir: Path, folds: list[str] | None) -> dict:
             "fold_seconds": [f["fold_seconds"] for f in folds], "train_seconds": [f["train_seconds"] for f in folds],
             "nodes_per_second": [f["nodes_per_second"] for f in folds],
             "epochs_run": [f["epochs_run"] for f in folds], "fold_names": [f["name"] for f in folds],
-            "pcc_heg50_per_slide": m["summary"]["pcc_heg50_per_slide"],
+            "pcc_heg_per_slide": m["summary"]["pcc_heg_per_slide"],
             "checkpoint": str(out / "folds" / PREDICT_SLIDE / "model.pt")}
 
 
@@ -153,8 +153,8 @@ def format_report(r: dict) -> str:
         f"{t['ensemble']}, warm "
         f"cache); fold seconds = training all members + predictions + ridge + writing; per-fold epochs run "
         f"{t['epochs_run']}; whole run {t['wall_seconds']:.0f} s wall, {t['cpu_seconds']:.0f} s CPU (user + system) "
-        f"on {r['cores']} cores; summary PCC HEG50 per slide "
-        f"{t['pcc_heg50_per_slide']:.3f} (a sanity check, not the accuracy benchmark).",
+        f"on {r['cores']} cores; summary PCC HEG per slide (eval.n_heg genes) "
+        f"{t['pcc_heg_per_slide']:.3f} (a sanity check, not the accuracy benchmark).",
         f"- Inference: `gnnst.cli.main(['predict', ...])` with the checkpoint of fold {PREDICT_SLIDE} (never trained "
         f"on {PREDICT_SLIDE}), a fresh cache folder per run (patches decoded, cropped and encoded every time), "
         f"median of {len(p['runs'])} runs ({', '.join('%.1f' % x['main_seconds'] for x in p['runs'])} s in `main`); "

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
+from gnnst.runtime import CPU_BATCH_SIZE
 
 log = logging.getLogger("gnnst")
 
@@ -104,9 +104,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                    resume="continue an interrupted run in --out", quiet=True, common=True).parse_args(argv)
 
     def run() -> int:
-        from gnnst.train.crossval import run_crossval
+        from gnnst.eval.crossval import run_crossval
+        from gnnst.eval.report import format_summary
         from gnnst.train.distributed import cleanup, init_distributed
-        from gnnst.train.report import format_summary
 
         cfg = _load(args)
         out = Path(args.out)
@@ -127,8 +127,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots (or a tissue grid) -> an .h5ad."""
     p = _parser("predict", predict_main, quiet=True)
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `gnnst train`: OUT/final/model.pt (trained on every "
-                        "slide), or OUT/folds/<fold>/model.pt (the fold's held-out slides never seen)")
+    p.add_argument("--checkpoint", required=True, help="model.pt (a TrainedModel) written by `gnnst train`: OUT/final/model.pt "
+                        "(trained on every slide), or OUT/folds/<fold>/model.pt (the fold's held-out slides never seen)")
     p.add_argument("--image", required=True, help="the slide's full-resolution H&E image")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--spots", help="spot table (CSV/TSV: pixel_x, pixel_y or x, y in pixels)")
@@ -151,8 +151,9 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        from gnnst.inference import load_checkpoint, predict_grid, write_grid_maps
+        from gnnst.inference import predict_grid, write_grid_maps
         from gnnst.io import atomic_write_h5ad
+        from gnnst.predictor import TrainedModel
 
         out = Path(args.out)
         if out.suffix != ".h5ad":
@@ -165,15 +166,15 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             raise GnnstError("--plot-genes draws grid maps: use it with --grid-um")
         if args.grid_um is None:
             return _predict_spots(args)
-        ck = load_checkpoint(args.checkpoint)
+        model = TrainedModel.load(args.checkpoint)
         slide_id = args.slide_id or Path(args.image).stem
-        genes = ck["panel"]["heg"][:3] if args.plot_genes is None else \
+        genes = model.panel.heg[:3] if args.plot_genes is None else \
             [g.strip() for g in args.plot_genes.split(",") if g.strip()]
-        missing = [g for g in genes if g not in ck["panel"]["genes"]]
+        missing = [g for g in genes if g not in model.panel.genes]
         if missing:
             raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
         setup_logging(None, "predict")
-        adata = predict_grid(ck, args.image, grid_um=args.grid_um, kind=args.grid,
+        adata = predict_grid(model, args.image, grid_um=args.grid_um, kind=args.grid,
                              supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
                              cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet)
@@ -189,13 +190,14 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
 def _predict_spots(args: argparse.Namespace) -> int:
     """``gnnst predict --spots``: the image is decoded in a background thread (Pillow and openslide
-    release the GIL) while the spot table, torch and the checkpoint load."""
+    release the GIL) while the spot table, torch and the model load."""
     from concurrent.futures import ThreadPoolExecutor
 
     from gnnst.data.images import open_image
     from gnnst.data.readers.legacy_st import mpp_from_pitch
-    from gnnst.inference import load_checkpoint, predict_slide, read_spot_table
+    from gnnst.inference import predict_slide, read_spot_table
     from gnnst.io import atomic_write_h5ad
+    from gnnst.predictor import TrainedModel
 
     out = Path(args.out)
     slide_id = args.slide_id or Path(args.image).stem
@@ -204,14 +206,14 @@ def _predict_spots(args: argparse.Namespace) -> int:
         im = None
         try:
             xy, bc, arr = read_spot_table(args.spots, slide_id=slide_id)
-            ck = load_checkpoint(args.checkpoint)
+            model = TrainedModel.load(args.checkpoint)
             im = decoding.result()
             mpp = args.mpp if args.mpp is not None else im.mpp
             if mpp is None and arr is not None and len(arr) >= 3:
                 mpp = mpp_from_pitch(arr[:, 0], arr[:, 1], xy, 200.0)
             if mpp is None:
                 raise GnnstError(f"{args.image}: no micrometres per pixel in the image metadata; give --mpp")
-            adata = predict_slide(ck, args.image, xy, bc, slide_id=slide_id, mpp=mpp, cache_dir=args.cache_dir,
+            adata = predict_slide(model, args.image, xy, bc, slide_id=slide_id, mpp=mpp, cache_dir=args.cache_dir,
                                   batch_size=args.batch_size, device=args.device, progress=not args.quiet,
                                   opened=im)
         finally:
@@ -230,7 +232,7 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
                    resume="reuse finished settings and folds in --out", quiet=True, common=True).parse_args(argv)
 
     def run() -> int:
-        from gnnst.train.ablation import parse_settings, run_ablation
+        from gnnst.eval.ablation import parse_settings, run_ablation
 
         cfg = _load(args)
         parse_settings(cfg)  # bad settings fail before anything is read or written

@@ -8,19 +8,88 @@ Sizes that come from the data (number of genes, embedding width) are never set h
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
-from gnnst.models.config import ModelConfig
+from gnnst.runtime import CPU_BATCH_SIZE
+
+
+# --- value ranges, checked when a section is built (so before any file is read) ----------------
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric config key: ``lo <= v`` (``lo < v`` when ``lo_open``), likewise ``hi``;
+    ``None`` also allowed when the key's type admits it. Values must be finite."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``."""
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "finite"
+
+
+def num(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+        lt: float | None = None) -> Any:
+    """A numeric dataclass field with its allowed range (``ge``/``gt``: lower bound, ``le``/``lt``: upper)."""
+    rng = Range(lo=gt if gt is not None else ge, hi=lt if lt is not None else le, lo_open=gt is not None,
+                hi_open=lt is not None)
+    return field(default=default, metadata={"range": rng})
+
+
+class _Section:
+    """Base of every config section: ``__post_init__`` checks each numeric field against its :func:`num`
+    range and names the offending key (``config key 'train.batch_nodes': expected an integer >= 1, got 0``).
+    ``key`` is the section's name in the config (``train``)."""
+
+    key: ClassVar[str] = ""
+
+    def bad(self, name: str, want: str) -> GnnstError:
+        where = f"{self.key}.{name}" if self.key else name
+        return GnnstError(f"config key '{where}': expected {want}, got {getattr(self, name)!r}")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            rng = f.metadata.get("range")
+            if rng is None:
+                continue
+            v = getattr(self, f.name)
+            nullable = type(None) in typing.get_args(hints[f.name])
+            if v is None and nullable:
+                continue
+            integer = int in (hints[f.name], *typing.get_args(hints[f.name]))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not rng.contains(float(v)):
+                raise self.bad(f.name, f"{'an integer' if integer else 'a number'} {rng.describe()}"
+                                       f"{' or null' if nullable else ''}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields of the section (none by default)."""
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
+    key: ClassVar[str] = "data"
     manifest: str = "data_manifests/her2st.yaml"  # dataset manifest (YAML), relative to the cwd
     data_root: str | None = None  # where the manifest's files live; else $GNNST_DATA_ROOT, then defaults
     cache_dir: str | None = None  # downloads + embedding cache; else $GNNST_CACHE, else ~/.cache/gnnst
@@ -29,84 +98,155 @@ class DataConfig:
 
 
 @dataclass
-class PatchConfig:
-    size_um: float = 150.0  # physical side of the square patch cut around each spot centre
-    pad_value: int = 255  # fill for the part of a border patch that lies outside the image (white)
+class PatchConfig(_Section):
+    key: ClassVar[str] = "patch"
+    size_um: float = num(150.0, gt=0)  # physical side of the square patch cut around each spot centre
+    pad_value: int = num(255, ge=0, le=255)  # fill for the part of a border patch outside the image (white)
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(_Section):
+    key: ClassVar[str] = "encoder"
     name: str = "efficientnet_lite0"  # registry name, "timm:<model>" or "torchscript:<path>"
     checkpoint: str | None = None  # local weights file for the encoder (e.g. UNI for timm:vit_large_patch16_224)
-    batch_size: int = CPU_BATCH_SIZE  # patches per forward pass (see gnnst.data.encoders); 64+ on a GPU
-    num_threads: int | None = None  # torch CPU threads; None = all cores
+    batch_size: int = num(CPU_BATCH_SIZE, ge=1)  # patches per forward pass (see gnnst.runtime); 64+ on a GPU
+    num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores
     device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:i]"
 
 
 @dataclass
-class ExpressionConfig:
-    target_sum: float | None = 1e4  # scanpy normalize_total target; None = median of totals
+class ExpressionConfig(_Section):
+    key: ClassVar[str] = "expression"
+    target_sum: float | None = num(1e4, gt=0)  # scanpy normalize_total target; None = median of totals
     log1p: bool = True  # apply sc.pp.log1p after normalising
-    n_top_expressed: int = 250  # highly expressed genes in the panel (by mean normalised expression)
-    n_top_variable: int = 250  # highly variable genes in the panel (scanpy seurat flavour)
-    min_spot_fraction: float = 0.1  # a panel gene must be detected in at least this fraction of spots
+    n_top_expressed: int = num(250, ge=1)  # highly expressed genes in the panel (by mean normalised expression)
+    n_top_variable: int = num(250, ge=1)  # highly variable genes in the panel (scanpy seurat flavour)
+    min_spot_fraction: float = num(0.1, ge=0, le=1)  # a panel gene must be detected in at least this fraction of spots
 
 
 @dataclass
-class GraphConfig:
-    k: int | None = 6  # k nearest neighbours per spot (same slide); None = off
-    radius_um: float | None = None  # also join all spots within this distance (µm); None = off
+class GraphConfig(_Section):
+    key: ClassVar[str] = "graph"
+    k: int | None = num(6, ge=1)  # k nearest neighbours per spot (same slide); None = off
+    radius_um: float | None = num(None, gt=0)  # also join all spots within this distance (µm); None = off
     # dtype of the node arrays x [N, D] and y [N, G] as stored and held in memory: float32, float16
     # (half the memory; batches are widened to float32 for the model), or auto = float16 for slides of
     # more than 200,000 spots (Visium HD bins), float32 otherwise
     storage: typing.Literal["auto", "float32", "float16"] = "auto"
 
+    def check(self) -> None:
+        if self.k is None and self.radius_um is None:
+            raise GnnstError("config key 'graph.k': set at least one of graph.k and graph.radius_um (both are null)")
+
+
+PREDICT_MODES = ("head", "retrieval", "blend")  # allowed values of ModelConfig.predict_mode
+
 
 @dataclass
-class TrainConfig:
-    epochs: int = 60  # maximum epochs per fold
-    lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay
-    warmup_epochs: int = 3  # linear warm-up, then cosine decay
-    batch_nodes: int = 512  # centre spots per subgraph mini-batch (halo spots come on top)
-    num_hops: int = 2  # halo depth of each mini-batch subgraph (>= model message-passing depth)
-    patience: int = 15  # early stopping on the validation loss (epochs without improvement)
-    val_fraction: float = 0.15  # fraction of training spots held out (as spatial blocks) for validation
+class ModelConfig(_Section):
+    """Model hyper-parameters (sizes that come from the data are not here).
+
+    Every component of :class:`~gnnst.models.gnnst.GNNST` has a switch, so each ablation is one
+    override (``model.use_graph=false``); the comparison models read the fields they name.
+    """
+
+    key: ClassVar[str] = "model"
+    name: str = "gnnst"  # registered model name (gnnst.models.registry: gnnst, bleep, mclstexp, ...)
+    hidden: int = num(256, ge=1)  # width of every embedding inside the model
+    proj_dim: int = num(256, ge=1)  # width of the shared image/expression contrastive space (and retrieval bank)
+    heads: int = num(4, ge=1)  # attention heads per message-passing layer; must divide `hidden`
+    num_layers: int = num(2, ge=1)  # message-passing rounds = receptive field in hops (the last is the centre's
+    #                                 cross-attention read-out); keep train.num_hops >= num_layers
+    dropout: float = num(0.1, ge=0, lt=1)  # dropout inside MLPs and on attention weights
+    input_dropout: float = num(0.1, ge=0, lt=1)  # dropout on the patch embedding x before the query branch
+    edge_scale_um: float = num(200.0, gt=0)  # edge_attr (µm) is divided by this before the edge encoder (~ one ST spot pitch)
+    edge_augment: bool = True  # training only: random rotation/reflection of (dx, dy); tissue has no fixed orientation
+    # --- components (ablations) -----------------------------------------------------------
+    use_graph: bool = True  # neighbour branch on/off; off = spot-only model and no neighbourhood-scale loss
+    use_contrastive: bool = True  # gene branch + both InfoNCE losses; off = no shared space, predict uses the head
+    use_neighbourhood_scale: bool = True  # neighbourhood-scale InfoNCE (acts only with use_graph and use_contrastive)
+    use_masked_recon: bool = False  # cross-modal masked expression reconstruction (CMRCNet-style)
+    mask_ratio: float = num(0.5, gt=0, lt=1)  # fraction of genes hidden per spot for the masked reconstruction
+    # --- loss weights (GNNST.loss); a weight of 0 drops that term ---------------------------
+    w_mse: float = num(1.0, ge=0)  # regression head vs y
+    w_clip_spot: float = num(1.0, ge=0)  # spot-scale InfoNCE, z_img vs z_gene
+    w_clip_nbhd: float = num(0.5, ge=0)  # neighbourhood-scale InfoNCE, z_img_nb vs z_gene_nb
+    w_recon: float = num(0.5, ge=0)  # masked reconstruction MSE on the hidden genes
+    # --- prediction (GNNST.predict) --------------------------------------------------------
+    predict_mode: str = "blend"  # "head", "retrieval" (bank of training spots) or "blend" of both
+    retrieval_k: int = num(50, ge=1)  # training spots averaged per query (softmax of similarity x logit scale)
+    blend_alpha: float = num(0.5, ge=0, le=1)  # weight of the regression head in "blend"; 1 - alpha goes to retrieval
+
+    def check(self) -> None:
+        if self.hidden % self.heads:
+            raise GnnstError(f"config key 'model.heads': {self.heads} does not divide model.hidden={self.hidden}")
+        if self.predict_mode not in PREDICT_MODES:
+            raise self.bad("predict_mode", f"one of {', '.join(PREDICT_MODES)}")
+
+
+@dataclass
+class TrainConfig(_Section):
+    key: ClassVar[str] = "train"
+    epochs: int = num(60, ge=1)  # maximum epochs per fold
+    lr: float = num(1e-3, gt=0)  # AdamW learning rate
+    weight_decay: float = num(1e-4, ge=0)  # AdamW weight decay
+    warmup_epochs: int = num(3, ge=0)  # linear warm-up, then cosine decay
+    batch_nodes: int = num(512, ge=1)  # centre spots per subgraph mini-batch (halo spots come on top)
+    num_hops: int = num(2, ge=0)  # halo depth of each mini-batch subgraph (>= model message-passing depth)
+    patience: int = num(15, ge=1)  # early stopping on the validation score (epochs without improvement)
+    val_fraction: float = num(0.15, ge=0, lt=1)  # fraction of training spots held out (as spatial blocks) for validation
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
-    num_threads: int | None = None  # torch CPU threads; None = all cores
-    ensemble: int = 3  # models trained per fold with seeds seed..seed+ensemble-1; predictions averaged
+    num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores
+    ensemble: int = num(3, ge=1)  # models trained per fold with seeds seed..seed+ensemble-1; predictions averaged
     select_blend: bool = True  # choose the head/retrieval blend weight on the validation spots (per fold)
 
 
+BASELINES = ("mean", "ridge", "ridge_neighbours")  # allowed values of EvalConfig.baselines (gnnst.eval.baselines)
+
+
 @dataclass
-class EvalConfig:
-    n_heg: int = 50  # top highly expressed genes reported (chosen on training slides)
-    n_hvg: int = 50  # top highly variable genes reported (chosen on training slides)
-    folds: str = "auto"  # "auto" (patients if >= 3, else slides), "patient" or "slide"
-    only_folds: list[str] | None = None  # run only these folds (by test slide id); None = all
-    ridge: bool = True  # fit the ridge baseline in the same run
+class EvalConfig(_Section):
+    key: ClassVar[str] = "eval"
+    n_heg: int = num(50, ge=1)  # top highly expressed genes reported (chosen on training slides)
+    n_hvg: int = num(50, ge=1)  # top highly variable genes reported (chosen on training slides)
+    # how the reported HVG-n are chosen (gnnst.metrics): "seurat" = scanpy's seurat dispersion ranking of the
+    # panel (genes detected in >= expression.min_spot_fraction of training spots); "variance" = highest
+    # variance of the normalised expression among the panel genes on the training spots (HEST-Benchmark)
+    hvg: typing.Literal["seurat", "variance"] = "seurat"
+    folds: typing.Literal["auto", "patient", "slide"] = "auto"  # "auto": patients if >= 3, else slides
+    only_folds: list[str] | None = None  # run only these folds (by name or test slide id); None = all
+    # baselines fitted on the same folds, panels and embeddings (gnnst.eval.baselines): "mean" (mean of the
+    # training spots), "ridge" (PCA 256 + ridge on the spot's embedding, HEST-Benchmark), "ridge_neighbours"
+    # (the same on [spot embedding, mean embedding of its graph neighbours]: the bar a graph model must clear)
+    baselines: list[typing.Literal["mean", "ridge", "ridge_neighbours"]] = field(
+        default_factory=lambda: ["ridge", "ridge_neighbours"])
     figures: bool = True  # write PNG figures (maps, per-gene PCC, Moran's I) into OUT/figures after training
     # after the folds, train the same way on every slide (panel, normalisation and validation blocks from
     # all of them) and write OUT/final/model.pt: the model for `gnnst predict` on new slides (no metrics:
     # nothing is held out, the folds' figures are its estimate)
     final_model: bool = True
+    # LEAKY, for comparison with published numbers only: true chooses the gene panel and the reported
+    # subsets on all slides including the held-out one, and early stopping, checkpoint and blend on the
+    # held-out slide (its spots are the validation set). Outputs of such a run say LEAKY.
+    select_on_heldout: bool = False
 
 
 ABLATION_SETTINGS = ["none", "k=4", "k=6", "k=8", "r=300", "r=450", "r=600"]  # default of AblationConfig.settings
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(_Section):
+    key: ClassVar[str] = "ablation"
     settings: list[str] = field(default_factory=lambda: list(ABLATION_SETTINGS))  # neighbourhoods compared:
     #   "none" (model.use_graph=false), "k=<int>" (k nearest), "r=<µm>" (radius), "k=<int>,r=<µm>" (both)
-    ensemble: int = 1  # models per fold in every setting (replaces train.ensemble; 1 keeps the run short)
-    ridge: bool = True  # also report the graph-free ridge baseline (fitted once, in the first setting)
+    ensemble: int = num(1, ge=1)  # models per fold in every setting (replaces train.ensemble; 1 keeps the run short)
+    baselines: bool = True  # also report eval.baselines (fitted once, in the first setting)
     keep_checkpoints: bool = False  # keep each setting's per-member last/best.pt (model.pt is always kept)
 
 
 @dataclass
-class Config:
+class Config(_Section):
     data: DataConfig = field(default_factory=DataConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -116,8 +256,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
-    seed: int = 0  # seed for every random choice
-    num_workers: int = 0  # reserved for data loading processes
+    seed: int = num(0, ge=0)  # seed for every random choice
+    num_workers: int = num(0, ge=0)  # reserved for data loading processes
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Prediction for unseen slides: a trained checkpoint plus an H&E image and spot coordinates, no expression.
+"""Prediction for unseen slides: a :class:`~gnnst.predictor.TrainedModel` plus an H&E image and spot
+coordinates, no expression.
 
 ``predict_slide`` predicts at given spots; ``predict_grid`` lays a regular grid of spots over the
-tissue of an H&E-only whole slide and predicts there (``write_grid_maps`` draws the result).
+tissue of an H&E-only whole slide and predicts there (``write_grid_maps`` draws the result). Both
+build each slide's graph with :meth:`TrainedModel.slide_graph`, predict with
+:meth:`TrainedModel.predict` and package the result with :func:`gnnst.predictions.prediction_anndata`.
 
-The checkpoint carries everything needed (encoder name and identity, patch size in µm, gene panel,
+The model carries everything needed (encoder name and identity, patch size in µm, gene panel,
 graph parameters, normalisation, target scaling); a mismatch is an error, not a silent wrong answer.
 """
 
@@ -15,90 +18,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gnnst import __version__, keys
-from gnnst.data.encoders import CPU_BATCH_SIZE
+from gnnst import keys
 from gnnst.errors import GnnstError
+from gnnst.runtime import CPU_BATCH_SIZE
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from gnnst.data.encoders import PatchEncoder
     from gnnst.data.images import SlideImage
+    from gnnst.predictor import TrainedModel
 
 log = logging.getLogger("gnnst")
-
-CKPT_KEYS = ("model_state", "model_name", "model_cfg", "in_dim", "panel", "scaler", "encoder", "patch_size_um", "graph")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a ``model.pt`` written by ``gnnst train``; unreadable or incomplete files raise."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise GnnstError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise GnnstError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ck, dict):
-        raise GnnstError(f"{path}: not a gnnst checkpoint (got {type(ck).__name__})")
-    missing = [k for k in CKPT_KEYS if k not in ck]
-    if missing:
-        raise GnnstError(f"{path}: not a gnnst model checkpoint (key '{missing[0]}' missing); "
-                         "use the model.pt that `gnnst train` writes in OUT/final/ or OUT/folds/<fold>/")
-    check_checkpoint(ck, path)
-    return ck
-
-
-def check_checkpoint(ck: dict, path: str | Path) -> None:
-    """Raise when the parts of a checkpoint disagree (gene panel, normalisation, model, encoder width)."""
-    genes = list(ck["panel"].get("genes", []))
-    if not genes or len(set(genes)) != len(genes):
-        raise GnnstError(f"{path}: the gene panel ('panel.genes') is empty or lists a gene twice")
-    for part in ("mean", "std"):
-        n = len(ck["scaler"].get(part, []))
-        if n != len(genes):
-            raise GnnstError(f"{path}: 'scaler.{part}' has {n} values for a panel of {len(genes)} genes")
-    for kind in ("heg", "hvg"):
-        extra = [g for g in ck["panel"].get(kind, []) if g not in set(genes)]
-        if extra:
-            raise GnnstError(f"{path}: 'panel.{kind}' gene '{extra[0]}' is not in the panel")
-    if int(ck["encoder"].get("dim", ck["in_dim"])) != int(ck["in_dim"]):
-        raise GnnstError(f"{path}: encoder width {ck['encoder'].get('dim')} != model input width {ck['in_dim']}")
-    if not float(ck["patch_size_um"]) > 0:
-        raise GnnstError(f"{path}: 'patch_size_um' must be > 0, got {ck['patch_size_um']}")
-
-
-def encoder_for_checkpoint(ck: dict, device) -> "PatchEncoder":
-    """The checkpoint's patch encoder on ``device``; an encoder that differs from the training one raises."""
-    from gnnst.data.encoders import create_encoder
-
-    enc = create_encoder(ck["encoder"]["name"]).to(device)
-    if enc.identity != ck["encoder"]["identity"] or enc.dim != ck["in_dim"]:
-        raise GnnstError(f"encoder mismatch: the checkpoint was trained on '{ck['encoder']['identity']}' "
-                         f"embeddings (width {ck['in_dim']}), this machine's encoder is '{enc.identity}' "
-                         f"(width {enc.dim})")
-    return enc
-
-
-def models_from_checkpoint(ck: dict) -> list:
-    """The checkpoint's ensemble members, in eval mode."""
-    from gnnst.config import _from_dict
-    from gnnst.models import create_model
-    from gnnst.models.config import ModelConfig
-
-    mcfg = _from_dict(ModelConfig, ck["model_cfg"], prefix="model.")
-    models = []
-    for state in ck.get("model_states") or [ck["model_state"]]:
-        model = create_model(ck["model_name"], in_dim=ck["in_dim"], num_genes=len(ck["panel"]["genes"]), cfg=mcfg)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:  # shapes disagree: another panel size or embedding width
-            raise GnnstError(f"checkpoint: the model weights do not fit a panel of {len(ck['panel']['genes'])} "
-                             f"genes and input width {ck['in_dim']} ({str(e).splitlines()[-1].strip()})") from None
-        models.append(model.eval())
-    return models
 
 
 def read_spot_table(path: str | Path, *, slide_id: str) -> tuple[np.ndarray, list[str], np.ndarray | None]:
@@ -143,7 +73,7 @@ def read_spot_table(path: str | Path, *, slide_id: str) -> tuple[np.ndarray, lis
 
 
 def predict_slide(
-    ck: dict,
+    model: "TrainedModel",
     image: str | Path,
     pixel_xy: np.ndarray,
     barcodes: list[str],
@@ -156,30 +86,25 @@ def predict_slide(
     progress: bool = True,
     opened: "SlideImage | None" = None,
 ) -> "AnnData":
-    """Predicted expression of one unseen slide as AnnData.
+    """Predicted expression of one unseen slide as AnnData (:func:`gnnst.predictions.prediction_anndata`,
+    predictions in ``X`` and ``layers['gnnst_pred']``, the graph in ``obsp``).
 
     ``batch_size`` patches go through the encoder at a time. ``opened`` is ``image`` already opened
     (for JPEG/PNG: decoded), e.g. to read its resolution first; it is closed once the embeddings are
     there. Without it the image is opened only when the embeddings are not in the cache.
-
-    Sets ``X`` and ``layers['gnnst_pred']`` ``[N, G]`` (normalised log expression, panel order),
-    ``obsm['spatial']`` (pixels), ``obsm['X_img_<encoder>']``, ``obsp['spatial_connectivities']`` and
-    ``obsp['spatial_distances']`` (the gnnst graph), ``uns['spatial_neighbors']`` and ``uns['gnnst']``.
     """
     from gnnst.data.embeddings import embed_spots
     from gnnst.data.encoders import resolve_device
     from gnnst.data.manifest import cache_root
-    from gnnst.graph.dataset import slide_to_data
 
     dev = resolve_device(device)
-    enc = encoder_for_checkpoint(ck, dev)
+    enc = model.create_encoder(dev)
     a = spots_anndata(pixel_xy, barcodes, slide_id=slide_id, mpp=mpp, image=image)
-    emb = embed_spots(a, enc, size_um=ck["patch_size_um"], batch_size=batch_size, device=dev,
+    emb = embed_spots(a, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
                       cache_dir=cache_root(cache_dir) / "embeddings", progress=progress, image=opened)
     if opened is not None:
         opened.close()  # also when the cache held the embeddings
-    g = slide_to_data(a, emb, None, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
-    return predict_graph_to_anndata(ck, g, a, emb, device=dev)
+    return _predict_spots(model, a, emb, device=dev)
 
 
 def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, mpp: float,
@@ -197,47 +122,22 @@ def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, m
     return a
 
 
-def predict_graph_to_anndata(ck: dict, g, a: "AnnData", emb: np.ndarray, *, device) -> "AnnData":
-    """Run the checkpoint's model on graph ``g`` and package the result (see :func:`predict_slide`)."""
-    import anndata as ad
-    import pandas as pd
+def _predict_spots(model: "TrainedModel", a: "AnnData", emb: np.ndarray, *, device) -> "AnnData":
+    """Graph, prediction and AnnData of the spots ``a`` (:func:`spots_anndata`) with embeddings ``emb``."""
+    from gnnst.graph.dataset import slide_to_data
+    from gnnst.predictions import prediction_anndata
 
-    from gnnst.export.anndata import add_spatial_graph
-    from gnnst.train.crossval import TargetScaler
-    from gnnst.train.trainer import predict_graphs
-
-    if g.x.shape[1] != ck["in_dim"]:
-        raise GnnstError(f"embedding width mismatch: graph has {g.x.shape[1]}, checkpoint expects {ck['in_dim']}")
-    tr = ck.get("train", {})
-    kw = dict(batch_nodes=tr.get("batch_nodes", 512), num_hops=tr.get("num_hops", 2), device=device)
-    alpha = float(ck.get("blend_alpha", 1.0))
-    preds = []
-    for model in models_from_checkpoint(ck):
-        model.to(device)
-        (h,) = predict_graphs(model, [g], mode="head", **kw)
-        if alpha < 1.0:
-            (r,) = predict_graphs(model, [g], mode="retrieval", **kw)
-            h = alpha * h + (1 - alpha) * r
-        preds.append(h)
-    p = np.mean(preds, axis=0)  # [N, G] standardised
-    p = TargetScaler.from_dict(ck["scaler"]).inverse(p).astype(np.float32)
-    genes = ck["panel"]["genes"]
-    out = ad.AnnData(X=p, obs=a.obs.copy(), var=pd.DataFrame(index=genes))
-    out.layers[keys.PRED] = p.copy()
-    out.obsm[keys.SPATIAL] = a.obsm[keys.SPATIAL]
-    enc_key = "".join(c if c.isalnum() or c in "-_" else "_" for c in ck["encoder"]["name"])
-    out.obsm[keys.img_key(enc_key)] = emb.astype(np.float32)
-    add_spatial_graph(out, g.edge_index.numpy(), g.edge_attr[:, 2].numpy(), k=ck["graph"]["k"],
-                      radius_um=ck["graph"]["radius_um"])
-    out.uns[keys.UNS_GNNST] = {"version": __version__, keys.MPP: a.uns[keys.UNS_GNNST][keys.MPP],
-                               keys.IMAGE_PATH: a.uns[keys.UNS_GNNST].get(keys.IMAGE_PATH),
-                               "encoder": ck["encoder"]["name"], "fold": str(ck.get("fold", {}).get("name", "")),
-                               "X": "predicted normalize_total + log1p expression"}
-    return out
+    meta = a.uns[keys.UNS_GNNST]
+    g = slide_to_data(a, emb, None, k=model.graph.k, radius_um=model.graph.radius_um)
+    pred = model.predict(g, device=device, members=False).expression
+    return prediction_anndata(model, pred, slide_id=str(a.obs[keys.SLIDE_ID].iloc[0]), barcodes=list(a.obs_names),
+                              pixel=a.obsm[keys.SPATIAL], mpp=meta[keys.MPP], graph=g, embeddings=emb,
+                              image_path=meta.get(keys.IMAGE_PATH),
+                              image_scalef=meta.get(keys.IMAGE_SCALEF, 1.0))
 
 
 def predict_grid(
-    ck: dict,
+    model: "TrainedModel",
     image: str | Path,
     *,
     grid_um: float,
@@ -254,7 +154,7 @@ def predict_grid(
 
     Tissue is detected on a thumbnail (:mod:`gnnst.data.tissue`); grid points (:mod:`gnnst.data.grid`)
     on glass are dropped before anything is encoded. Patches are read at the pyramid level closest to
-    the checkpoint's patch size and streamed in batches, so memory does not grow with the slide.
+    the model's patch size and streamed in batches, so memory does not grow with the slide.
 
     With ``supersample = S > 1`` the grid is predicted ``S * S`` times, shifted to sub-positions spread
     over each cell (:func:`gnnst.data.grid.cell_offsets`); every copy is a grid of the same pitch with
@@ -262,7 +162,7 @@ def predict_grid(
     per spot). ``S = 1`` is a point sample at the spot centre, ~S² times faster.
 
     Args:
-        ck: a checkpoint from :func:`load_checkpoint`.
+        model: the trained model (:meth:`TrainedModel.load`).
         image: the slide (openslide formats or JPEG/PNG).
         grid_um: centre-to-centre distance of neighbouring grid spots, µm.
         kind: ``"hex"`` or ``"square"``.
@@ -275,16 +175,14 @@ def predict_grid(
     Visium scale factors; ``spot_diameter_fullres`` = the grid pitch, so the spots tile the map) and
     ``uns['gnnst']['grid']`` (kind, pitch in µm and pixels, supersample, tissue threshold and fraction).
     """
-    import pandas as pd
-
     from gnnst.data.embeddings import embed_spots
     from gnnst.data.encoders import resolve_device
     from gnnst.data.grid import cell_offsets, tissue_grid
     from gnnst.data.images import open_image
     from gnnst.data.manifest import cache_root
     from gnnst.data.tissue import detect_tissue
-    from gnnst.export.anndata import add_image, add_spatial_graph, graph_from_pixels
     from gnnst.graph.dataset import slide_to_data
+    from gnnst.predictions import add_image, prediction_anndata
 
     if not np.isfinite(grid_um) or grid_um <= 0:
         raise GnnstError(f"--grid-um must be > 0, got {grid_um}")
@@ -303,29 +201,20 @@ def predict_grid(
     log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm, %d patch(es) each",
              slide_id, size[0], size[1], mpp, 100 * tissue.fraction, n, kind, grid_um, n_sub)
     dev = resolve_device(device)
-    enc = encoder_for_checkpoint(ck, dev)
+    enc = model.create_encoder(dev)
     sub_xy = np.concatenate([np.clip(xy + off, 0, (size[0] - 1, size[1] - 1)) for off in offsets])  # [K*N, 2]
     sub = spots_anndata(sub_xy, [f"{b}/{k}" for k in range(n_sub) for b in barcodes], slide_id=slide_id,
                         mpp=mpp, image=image)
-    emb = embed_spots(sub, enc, size_um=ck["patch_size_um"], batch_size=batch_size, device=dev,
+    emb = embed_spots(sub, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
                       cache_dir=cache_root(cache_dir) / "embeddings", progress=progress)  # [K*N, D]
-    preds = []
-    for k in range(n_sub):  # each shifted copy is a whole grid: its graph is built as in training
-        rows = slice(k * n, (k + 1) * n)
-        a_k = sub[rows]
-        g = slide_to_data(a_k, emb[rows], None, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
-        preds.append(predict_graph_to_anndata(ck, g, a_k, emb[rows], device=dev))
-    out = preds[0]
-    out.obs.index = pd.Index(barcodes, name=keys.BARCODE)
-    out.obsm[keys.SPATIAL] = np.asarray(xy, dtype=np.float64)  # cell centres
-    if n_sub > 1:
-        p = np.mean([np.asarray(q.X) for q in preds], axis=0).astype(np.float32)  # [N, G]
-        out.X = p
-        out.layers[keys.PRED] = p.copy()
-        emb_key = next(key for key in out.obsm if key.startswith(keys.img_key("")))
-        out.obsm[emb_key] = emb.reshape(n_sub, n, -1).mean(0).astype(np.float32)  # [N, D]
-        ei, dist = graph_from_pixels(xy, mpp, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
-        add_spatial_graph(out, ei, dist, k=ck["graph"]["k"], radius_um=ck["graph"]["radius_um"])
+    # each shifted copy is a whole grid: its graph is built as in training
+    graphs = [slide_to_data(sub[k * n:(k + 1) * n], emb[k * n:(k + 1) * n], None, k=model.graph.k,
+                            radius_um=model.graph.radius_um) for k in range(n_sub)]
+    preds = model.predict(graphs, device=dev, members=False)
+    p = np.mean([q.expression for q in preds], axis=0).astype(np.float32)  # [N, G] mean over the cell
+    out = prediction_anndata(model, p, slide_id=slide_id, barcodes=barcodes, pixel=xy, mpp=mpp,
+                             graph=graphs[0] if n_sub == 1 else model.slide_graph(xy, mpp),
+                             embeddings=emb.reshape(n_sub, n, -1).mean(0), image_path=image)
     add_image(out, image, library_id=slide_id, mpp=mpp, spot_diameter_um=grid_um)
     out.uns[keys.UNS_GNNST]["grid"] = {"kind": kind, "pitch_um": float(grid_um), "pitch_px": float(pitch_px),
                                        "supersample": int(supersample), "patches_per_spot": int(n_sub),
@@ -351,7 +240,7 @@ def write_grid_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, 
     diameter = float(lib[keys.SCALEFACTORS][keys.SPOT_DIAMETER]) * scalef  # thumbnail pixels
     unknown = [g for g in genes if g not in adata.var_names]
     if unknown:
-        raise GnnstError(f"--plot-genes: gene '{unknown[0]}' is not in the checkpoint's panel "
+        raise GnnstError(f"--plot-genes: gene '{unknown[0]}' is not in the model's panel "
                          f"({adata.n_vars} genes, e.g. {', '.join(map(str, adata.var_names[:5]))})")
     hex_grid = adata.uns[keys.UNS_GNNST].get("grid", {}).get("kind", "hex") == "hex"
     h, w = img.shape[:2]

@@ -8,7 +8,7 @@ import pytest
 from gnnst.cli import main
 from gnnst.config import load_config
 from gnnst.errors import GnnstError
-from gnnst.train.ablation import parse_setting, parse_settings, setting_config
+from gnnst.eval.ablation import parse_setting, parse_settings, setting_config
 from gnnst_tinyrun import TINY_RUN, data_args, tiny_dataset
 
 
@@ -30,13 +30,13 @@ def test_parse_setting_rejects(text):
 
 def test_setting_config_overrides_only_graph_and_speed():
     cfg = load_config(None, ["graph.k=6", "train.ensemble=3", "train.lr=0.01"])
-    none = setting_config(cfg, parse_setting("none"), ridge=False)
+    none = setting_config(cfg, parse_setting("none"), baselines=False)
     assert none.model.use_graph is False and none.graph.k == 6
-    r = setting_config(cfg, parse_setting("r=300"), ridge=True)
+    r = setting_config(cfg, parse_setting("r=300"), baselines=True)
     assert r.model.use_graph is True and r.graph.k is None and r.graph.radius_um == 300.0
     for c in (none, r):
         assert c.train.ensemble == cfg.ablation.ensemble and c.eval.figures is False and c.train.lr == 0.01
-    assert r.eval.ridge is True and none.eval.ridge is False
+    assert r.eval.baselines == cfg.eval.baselines == ["ridge", "ridge_neighbours"] and none.eval.baselines == []
     assert cfg.train.ensemble == 3  # the base config is not modified
 
 
@@ -61,13 +61,19 @@ def test_ablate_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| none (no graph) |" in printed and "| r=250 |" in printed
     t = pd.read_csv(out / "ablation.csv")
-    assert list(t["setting"]) == ["none", "k=3", "r=250", "ridge"]
+    assert list(t["setting"]) == ["none", "k=3", "r=250", "ridge", "ridge_neighbours"]
     assert t.set_index("setting").loc["k=3", "neighbours_per_spot"] == 3.0
     assert 2.0 < t.set_index("setting").loc["r=250", "neighbours_per_spot"] < 4.0  # 4 inside, fewer at the border
-    assert (t["folds"] == 3).all() and t["pcc_heg50_per_slide_mean"].notna().all()
-    assert t["pcc_all_pooled"].iloc[:3].notna().all()
+    assert (t["slides"] == 3).all() and t["pcc_heg_per_slide_mean"].notna().all()
+    assert t["pcc_all_pooled"].notna().all()
+    # the table's figures are the runs' own (gnnst.metrics): the per-slide mean and the pooled value
+    k3 = json.loads((out / "settings" / "k3" / "metrics.json").read_text())["summary"]
+    row = t.set_index("setting").loc["k=3"]
+    assert row["pcc_heg_per_slide_mean"] == pytest.approx(k3["pcc_heg_per_slide"], abs=1e-4)
+    assert row["pcc_all_pooled"] == pytest.approx(k3["pcc_all_pooled"], abs=1e-4)
     md = (out / "ablation.md").read_text()
-    assert sum(line.startswith("| ") for line in md.splitlines()) == 5  # header + 4 rows
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 6  # header + 5 rows
+    assert "PCC HEG3/slide" in md.splitlines()[0]  # labels from gnnst.metrics, n from eval.n_heg
     with open(out / "ablation.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
     cfg = json.loads((out / "settings" / "none" / "metrics.json").read_text())["config"]

@@ -10,7 +10,7 @@ from gnnst_testdata import write_legacy_slide, write_manifest
 TINY = ["train.epochs=2", "train.num_threads=1", "encoder.num_threads=1", "eval.figures=false", "train.ensemble=1", "model.hidden=32",
         "model.proj_dim=16", "model.heads=2",
         "expression.n_top_expressed=6", "expression.n_top_variable=6", "eval.n_heg=3", "eval.n_hvg=3",
-        "train.val_fraction=0.25", "eval.ridge=false"]
+        "train.val_fraction=0.25", "eval.baselines=[]"]
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_unreadable_or_missing_checkpoint(trained, capsys):
     bad.write_bytes(b"not a checkpoint")
     t = dict(trained, ckpt=bad)
     assert _predict(t) == 2
-    assert "bad.pt: unreadable checkpoint" in capsys.readouterr().err
+    assert "bad.pt: not a gnnst model file" in capsys.readouterr().err
     t = dict(trained, ckpt=trained["tmp"] / "missing.pt")
     assert _predict(t) == 2
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert "model file not found" in capsys.readouterr().err
 
 
 def test_bad_spot_tables(trained, capsys):

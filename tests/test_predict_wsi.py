@@ -44,35 +44,24 @@ def write_pyramid_tiff(path, *, mpp: float | None = MPP, levels=(1, 2, 4), tile=
                      subfiletype=0 if i == 0 else 1, **kw)
 
 
-def make_checkpoint(path, *, patch_size_um: float = 250.0) -> dict:
-    """A tiny untrained GNNST for the default encoder's 1280-wide embeddings, saved as crossval writes it."""
-    import torch
-
-    from gnnst.config import config_to_dict
+def make_model(path, *, patch_size_um: float = 250.0):
+    """A tiny untrained GNNST for the default encoder's 1280-wide embeddings, saved as a TrainedModel."""
+    from gnnst.config import GraphConfig, ModelConfig
     from gnnst.data.encoders import create_encoder
-    from gnnst.models import create_model
-    from gnnst.models.config import ModelConfig
+    from gnnst.predictor import EncoderInfo, TrainedModel
 
-    enc = create_encoder("efficientnet_lite0")
-    mcfg = ModelConfig(hidden=32, proj_dim=16, heads=2, predict_mode="head")
-    torch.manual_seed(0)
-    model = create_model("gnnst", in_dim=enc.dim, num_genes=len(GENES), cfg=mcfg)
-    ck = {"model_state": model.state_dict(), "model_states": [model.state_dict()], "blend_alpha": 1.0,
-          "model_name": "gnnst", "model_cfg": config_to_dict(mcfg), "in_dim": enc.dim,
-          "panel": {"genes": GENES, "heg": GENES[:4], "hvg": GENES[4:], "source_slides": ["S1"]},
-          "scaler": {"mean": [1.0] * len(GENES), "std": [0.5] * len(GENES)},
-          "encoder": {"name": enc.name, "identity": enc.identity, "input_size": enc.input_size, "dim": enc.dim},
-          "patch_size_um": patch_size_um, "graph": {"k": 6, "radius_um": None},
-          "train": {"num_hops": 2, "batch_nodes": 64}, "fold": {"name": "S1"}}
-    torch.save(ck, path)
-    return ck
+    tm = TrainedModel.untrained(EncoderInfo.of(create_encoder("efficientnet_lite0")), GENES,
+                                model_config=ModelConfig(hidden=32, proj_dim=16, heads=2, predict_mode="head"),
+                                patch_size_um=patch_size_um, graph=GraphConfig(k=6), batch_nodes=64)
+    tm.save(path)
+    return tm
 
 
 @pytest.fixture(scope="module")
 def wsi(tmp_path_factory):
     d = tmp_path_factory.mktemp("wsi")
     write_pyramid_tiff(d / "slide.tif")
-    make_checkpoint(d / "model.pt")
+    make_model(d / "model.pt")
     return d
 
 
@@ -135,7 +124,7 @@ def test_grid_predict_output_fields(grid_run):
     assert np.allclose(a.X, a.layers["gnnst_pred"]) and np.isfinite(a.X).all()
     assert a.obsm["X_img_efficientnet_lite0"].shape == (a.n_obs, 1280)
     assert a.obsp["spatial_connectivities"].shape == (a.n_obs, a.n_obs)
-    assert (a.obsp["spatial_connectivities"].sum(1) == 6).all()  # the checkpoint's k
+    assert (a.obsp["spatial_connectivities"].sum(1) == 6).all()  # the model's k
     assert a.uns["spatial_neighbors"]["connectivities_key"] == "spatial_connectivities"
     lib = a.uns["spatial"]["slide"]
     hires = lib["images"]["hires"]
@@ -153,10 +142,11 @@ def test_supersampled_square_grid_is_the_mean_of_its_shifted_copies(wsi):
     from scipy.spatial import cKDTree
 
     from gnnst.data.grid import cell_offsets
-    from gnnst.inference import load_checkpoint, predict_grid, predict_slide, write_grid_maps
+    from gnnst.inference import predict_grid, predict_slide, write_grid_maps
+    from gnnst.predictor import TrainedModel
 
-    ck = load_checkpoint(wsi / "model.pt")
-    a = predict_grid(ck, wsi / "slide.tif", grid_um=160, kind="square", supersample=2, slide_id="slide",
+    model = TrainedModel.load(wsi / "model.pt")
+    a = predict_grid(model, wsi / "slide.tif", grid_um=160, kind="square", supersample=2, slide_id="slide",
                      cache_dir=str(wsi / "cache"), progress=False)
     xy = a.obsm["spatial"]
     d, _ = cKDTree(xy).query(xy, k=5)
@@ -165,7 +155,7 @@ def test_supersampled_square_grid_is_the_mean_of_its_shifted_copies(wsi):
     offs = cell_offsets(160 / MPP, kind="square", supersample=2)
     assert sorted(map(tuple, offs / (160 / MPP))) == [(-0.25, -0.25), (-0.25, 0.25), (0.25, -0.25), (0.25, 0.25)]
     # each copy is the whole grid shifted within its cells and predicted with its own graph
-    copies = [predict_slide(ck, wsi / "slide.tif", xy + o, list(a.obs_names), slide_id="slide", mpp=MPP,
+    copies = [predict_slide(model, wsi / "slide.tif", xy + o, list(a.obs_names), slide_id="slide", mpp=MPP,
                             cache_dir=str(wsi / "cache"), progress=False).X for o in offs]
     np.testing.assert_allclose(a.X, np.mean(copies, 0), rtol=1e-4, atol=1e-4)
     maps = write_grid_maps(a, ["G5", "G7"], wsi / "sq" / "p")
@@ -190,7 +180,7 @@ def test_slide_without_mpp_is_an_error(wsi, tmp_path, capsys):
 def test_mismatches_are_errors(wsi, tmp_path, capsys, case, pattern):
     import torch
 
-    ck = torch.load(wsi / "model.pt", weights_only=False)
+    ck = torch.load(wsi / "model.pt", weights_only=True)  # the plain data of a TrainedModel file
     extra = []
     if case == "gene":
         extra = ["--plot-genes", "G1,NOPE"]

@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from gnnst.errors import GnnstError
+from gnnst.runtime import CPU_BATCH_SIZE  # noqa: F401  (defined with the other CPU speed settings)
 
 if TYPE_CHECKING:
     import torch
 
 _REGISTRY: dict[str, Callable[..., "PatchEncoder"]] = {}
 
-# Patches per forward pass on a CPU (the default of encoder.batch_size, `gnnst predict --batch-size` and
-# the embedding functions): on the 2-core CPU, with gnnst.runtime's malloc settings, 4 to 16 all ran at
-# ~240 patches/s and 32 at 159 (without them 6 was best, 8: 207, 16: 162). On a GPU use 64 or more.
-CPU_BATCH_SIZE = 6
 
 
 def register_encoder(name: str) -> Callable:

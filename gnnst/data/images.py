@@ -35,6 +35,12 @@ class SlideImage:
         self.mpp: float | None = None
         self._pil = None  # decoded PIL.Image in RGB (Pillow backend); regions are cropped from it
         self._slide = None  # openslide.OpenSlide (WSI backend)
+        if self.path.is_dir():  # an OME-Zarr image group (SpatialData image element); no mpp in it
+            from gnnst.data.zarr_image import ZarrPyramid
+
+            self._slide = ZarrPyramid(self.path)
+            self.width, self.height = self._slide.dimensions
+            return
         if not self.path.is_file():
             raise GnnstError(f"image file not found: {self.path}")
         suffix = self.path.suffix.lower()
@@ -156,8 +162,4 @@ class SlideImage:
 
 def open_image(path: str | Path, *, pad_value: int = 255) -> SlideImage:
     """Open ``path`` with the backend its format needs (a folder: an OME-Zarr image group)."""
-    if Path(path).is_dir():
-        from gnnst.data.zarr_image import ZarrImage
-
-        return ZarrImage(path, pad_value=pad_value)
     return SlideImage(path, pad_value=pad_value)

@@ -2,10 +2,10 @@
 
 A SpatialData store keeps its H&E as an image element, an OME-NGFF multiscale group
 ``<store>.zarr/images/<name>`` of ``(c, y, x)`` arrays, one per pyramid level (``scale0`` = full
-resolution). :class:`ZarrImage` is a :class:`gnnst.data.images.SlideImage` over such a group: level
-0 is the element's full resolution, the other levels are its downscaled copies, and every region is
-read from the chunks it touches (decoded chunks are kept in a small LRU cache), never the whole image.
-:func:`gnnst.data.images.open_image` returns one for a folder.
+resolution). :class:`ZarrPyramid` reads such a group with openslide's interface (levels, dimensions, regions), so
+:class:`gnnst.data.images.SlideImage` uses it as the backend of an image folder: level 0 is the
+element's full resolution, the other levels are its downscaled copies, and every region is read from
+the chunks it touches (decoded chunks are kept in a small LRU cache), never the whole image.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gnnst.data.images import SlideImage
 from gnnst.errors import GnnstError
 
 CHUNK_CACHE_BYTES = 512 * 2**20  # decoded chunks kept per open image (least recently used dropped first)
@@ -120,25 +119,3 @@ class ZarrPyramid:
     def close(self) -> None:
         self._cache.clear()
         self._cached_bytes = 0
-
-
-class ZarrImage(SlideImage):
-    """A :class:`SlideImage` over an OME-Zarr multiscale image group (see :class:`ZarrPyramid`).
-
-    Args:
-        path: the image group, e.g. ``sample.zarr/images/he``.
-        pad_value: grey level used for the part of a region outside the image.
-
-    ``mpp`` is ``None``: SpatialData images carry no physical pixel size; it comes from the manifest
-    (``scale.mpp`` or ``scale.pitch_um``) or ``--mpp``.
-    """
-
-    def __init__(self, path: str | Path, *, pad_value: int = 255):
-        self.path = Path(path)
-        self.pad_value = pad_value
-        self.mpp = None
-        self._pil = None
-        if not self.path.is_dir():
-            raise GnnstError(f"image not found: {self.path}")
-        self._slide = ZarrPyramid(self.path)
-        self.width, self.height = self._slide.dimensions

@@ -46,7 +46,7 @@ def agg_figure(**kw) -> "Figure":
 
 def per_gene_pcc(adata: "AnnData", *, layer: str = keys.PRED) -> np.ndarray:
     """Pearson r of ``layers[layer]`` against ``X`` per gene ``[G]`` (NaN where either is constant)."""
-    from gnnst.eval.metrics import pearson_per_gene
+    from gnnst.metrics import pearson_per_gene
 
     return pearson_per_gene(_dense(adata.X), _dense(adata.layers[layer]))
 
@@ -67,7 +67,7 @@ def plot_gene_maps(adata: "AnnData", *, genes: dict[str, tuple[str, float]] | No
     """Measured (left) and predicted (right) expression over the H&E, one row per gene.
 
     Args:
-        adata: one exported slide (:func:`gnnst.export.anndata.slide_from_run`); the H&E is drawn
+        adata: one slide of a run (:func:`gnnst.eval.run.slide_from_run`); the H&E is drawn
             when ``uns['spatial'][<slide>]`` holds it.
         genes: row label -> (gene, r); default :func:`pick_genes` (best, median, worst).
         layer: the layer holding the predictions.
@@ -244,7 +244,7 @@ def plot_run(run: str | Path, *, out: str | Path | None = None, slides: Sequence
 
     Returns the paths written.
     """
-    from gnnst.export.anndata import read_run_metrics, select_run_slides, slide_from_run
+    from gnnst.eval.run import read_run_metrics, select_run_slides, slide_from_run
     from gnnst.io import atomic_path
 
     run = Path(run)
@@ -254,17 +254,17 @@ def plot_run(run: str | Path, *, out: str | Path | None = None, slides: Sequence
     adatas = {}
     for s in slides:
         try:
-            adatas[s] = slide_from_run(run, s, image=image, max_side=IMAGE_MAX_SIDE, metrics=metrics)
+            adatas[s] = slide_from_run(run, s, image=image, max_side=IMAGE_MAX_SIDE)
         except GnnstError as e:
             if not image:
                 raise
             log.warning("slide %s: maps without the H&E (%s)", s, e)
-            adatas[s] = slide_from_run(run, s, image=False, metrics=metrics)
+            adatas[s] = slide_from_run(run, s, image=False)
     heg = {}
     for f in metrics.get("folds", []):
         for s in f.get("test_slides", []):
-            if "heg50" in f.get("genes", {}):
-                heg[s] = f["genes"]["heg50"]
+            if "heg" in f.get("genes", {}):
+                heg[s] = f["genes"]["heg"]
     written = []
 
     def save(fig, name: str, dpi: int = FIG_DPI) -> None:

@@ -211,7 +211,7 @@ def cell_polygon(pitch_px: float, *, kind: str) -> np.ndarray:
 
 def _spot_diameter_px(xy: np.ndarray, adata: "AnnData", slide_id: str, meta: dict,
                       spot_diameter_um: float | None) -> float:
-    from gnnst.export.anndata import _pitch_px
+    from gnnst.predictions import _pitch_px
 
     if spot_diameter_um is not None:
         mpp = meta.get(keys.MPP)

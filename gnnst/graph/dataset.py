@@ -63,24 +63,23 @@ def slide_to_data(
         adata: canonical AnnData (pixels in ``obsm['spatial']``, ``uns['gnnst']['mpp']``).
         emb: patch embeddings ``[N, D]``.
         y: normalised expression of the panel ``[N, G]``, or ``None`` (unseen slide).
-        k, radius_um: graph parameters (see :func:`gnnst.graph.edges.spatial_edges`).
+        k, radius_um: graph parameters (see :func:`gnnst.graph.edges.slide_graph`).
         storage: dtype of ``x`` and ``y`` (see :func:`storage_dtype`); the loader widens batches to float32.
     """
     import torch
     from torch_geometric.data import Data
 
-    from gnnst.graph.edges import edge_features, spatial_edges
+    from gnnst.graph.edges import slide_graph
 
     pixel = np.asarray(adata.obsm[keys.SPATIAL], dtype=np.float64)  # [N, 2]
-    pos = pixel * float(adata.uns[keys.UNS_GNNST][keys.MPP])  # [N, 2] µm
-    ei = spatial_edges(pos, k=k, radius_um=radius_um)
+    sg = slide_graph(pixel, float(adata.uns[keys.UNS_GNNST][keys.MPP]), k=k, radius_um=radius_um)
     dt = storage_dtype(adata.n_obs, storage)
     np_dt = np.float16 if dt == torch.float16 else np.float32
     data = Data(
         x=torch.from_numpy(np.ascontiguousarray(emb, dtype=np_dt)),
-        pos=torch.from_numpy(pos.astype(np.float32)),
-        edge_index=torch.from_numpy(ei),
-        edge_attr=torch.from_numpy(edge_features(pos, ei)),
+        pos=torch.from_numpy(sg.pos.astype(np.float32)),
+        edge_index=torch.from_numpy(sg.edge_index),
+        edge_attr=torch.from_numpy(sg.edge_attr),
         num_nodes=adata.n_obs,
     )
     if y is not None:

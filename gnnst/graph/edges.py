@@ -1,5 +1,10 @@
 """Spatial edges between spots of one slide: k nearest and/or within a radius in µm.
 
+:func:`slide_graph` is the one place a slide's graph is built from its pixel coordinates and µm per
+pixel: graph building, training, prediction, export and the benchmarks all call it (the
+:class:`~gnnst.graph.transforms.SpatialGraph` transform calls :func:`graph_from_pos`, the same code
+from positions already in µm).
+
 PyG's ``knn_graph``/``radius_graph`` need pyg-lib or torch-cluster, which have no PyPI wheels; edges
 are built with scipy's cKDTree instead. Ties in distance are broken by the lower node index, so the
 result is deterministic.
@@ -7,9 +12,46 @@ result is deterministic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from gnnst.errors import GnnstError
+
+
+@dataclass
+class SlideGraph:
+    """One slide's spot graph as numpy arrays.
+
+    Attributes:
+        pos: ``[N, 2]`` float64 spot centres in µm.
+        edge_index: ``[2, E]`` int64, row 0 neighbour (source), row 1 centre (target).
+        edge_attr: ``[E, 3]`` float32 (dx, dy, distance) in µm, source minus target.
+    """
+
+    pos: np.ndarray
+    edge_index: np.ndarray
+    edge_attr: np.ndarray
+
+    @property
+    def distances(self) -> np.ndarray:
+        """``[E]`` edge lengths in µm."""
+        return self.edge_attr[:, 2]
+
+
+def slide_graph(pixel: np.ndarray, mpp: float, *, k: int | None, radius_um: float | None) -> SlideGraph:
+    """The spot graph of one slide from full-resolution pixel coordinates ``[N, 2]`` (x, y) and
+    micrometres per pixel: positions in µm, edges of :func:`spatial_edges`, features of
+    :func:`edge_features`."""
+    pos = np.asarray(pixel, dtype=np.float64) * float(mpp)  # [N, 2] µm
+    return graph_from_pos(pos, k=k, radius_um=radius_um)
+
+
+def graph_from_pos(pos: np.ndarray, *, k: int | None, radius_um: float | None) -> SlideGraph:
+    """:func:`slide_graph` for positions already in µm ``[N, 2]``."""
+    pos = np.asarray(pos, dtype=np.float64)
+    ei = spatial_edges(pos, k=k, radius_um=radius_um)
+    return SlideGraph(pos=pos, edge_index=ei, edge_attr=edge_features(pos, ei))
 
 
 def spatial_edges(pos: np.ndarray, *, k: int | None = 6, radius_um: float | None = None) -> np.ndarray:

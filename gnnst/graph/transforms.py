@@ -6,7 +6,7 @@ import torch
 from torch_geometric.data import Data
 from torch_geometric.transforms import BaseTransform
 
-from gnnst.graph.edges import edge_features, spatial_edges
+from gnnst.graph.edges import graph_from_pos
 
 
 class SpatialGraph(BaseTransform):
@@ -29,10 +29,9 @@ class SpatialGraph(BaseTransform):
         self.radius_um = radius_um
 
     def forward(self, data: Data) -> Data:
-        pos = data.pos.detach().cpu().double().numpy()
-        ei = spatial_edges(pos, k=self.k, radius_um=self.radius_um)
-        data.edge_index = torch.from_numpy(ei)
-        data.edge_attr = torch.from_numpy(edge_features(pos, ei))
+        g = graph_from_pos(data.pos.detach().cpu().double().numpy(), k=self.k, radius_um=self.radius_um)
+        data.edge_index = torch.from_numpy(g.edge_index)
+        data.edge_attr = torch.from_numpy(g.edge_attr)
         return data
 
     def __repr__(self) -> str:

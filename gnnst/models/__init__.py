@@ -1,9 +1,9 @@
-"""Models: registry, layers, neighbour branch, the gnnst model, losses.
+"""Models: the interface (base), registry, layers, neighbour branch, retrieval, losses, the gnnst model
+and the BLEEP-style and mclSTExp-style comparison models.
 
-``create_model(name, in_dim=..., num_genes=..., cfg=...)`` builds a registered model.
-The names below are imported lazily (PEP 562), so ``gnnst.config`` can import
-``gnnst.models.config`` without pulling in torch and PyG; ``import gnnst`` does not import
-this package at all.
+``create_model(name, in_dim=..., num_genes=..., cfg=...)`` builds a registered model; every one
+implements :class:`~gnnst.models.base.ExpressionModel`. The names below are imported lazily
+(PEP 562); ``import gnnst`` does not import this package at all.
 """
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ModelConfig": "gnnst.models.config",
+    "ModelConfig": "gnnst.config",
     "GNNST": "gnnst.models.gnnst",
+    "BLEEP": "gnnst.models.bleep",
+    "MclSTExp": "gnnst.models.mclstexp",
+    "ExpressionModel": "gnnst.models.base",
+    "blend": "gnnst.models.base",
+    "retrieve_topk": "gnnst.models.retrieval",
     "NeighborBranch": "gnnst.models.neighbour",
     "clip_loss": "gnnst.models.losses",
     "compute_losses": "gnnst.models.losses",
@@ -26,8 +31,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from gnnst.models.config import ModelConfig
+    from gnnst.config import ModelConfig
+    from gnnst.models.base import ExpressionModel, blend
+    from gnnst.models.bleep import BLEEP
     from gnnst.models.gnnst import GNNST
+    from gnnst.models.mclstexp import MclSTExp
+    from gnnst.models.retrieval import retrieve_topk
     from gnnst.models.losses import clip_loss, compute_losses, masked_recon_loss
     from gnnst.models.neighbour import NeighborBranch
     from gnnst.models.registry import create_model, list_models, register_model

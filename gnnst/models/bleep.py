@@ -16,10 +16,9 @@ Written from the method's published description:
 
 Differences from the paper: the image side starts from the frozen patch embeddings that every
 gnnst model uses (the paper fine-tunes a ResNet-50), so the comparison with gnnst isolates the
-head and the training objective; there is no regression head. The model does not follow the
-:class:`~gnnst.models.gnnst.GNNST` training contract (``y_hat`` plus
-:func:`~gnnst.models.losses.compute_losses`), so it is not in the registry: train it with
-:meth:`BLEEP.loss` (``benchmarks/accuracy.py`` does).
+head and the training objective; there is no regression head. Registered as ``bleep``
+(``gnnst train model.name=bleep``); it implements :class:`~gnnst.models.base.ExpressionModel` and
+trains in the same loop as every model.
 """
 
 from __future__ import annotations
@@ -31,84 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 
+from gnnst.config import ModelConfig
 from gnnst.errors import GnnstError
-from gnnst.models.config import ModelConfig
-from gnnst.models.layers import ProjectionHead, RetrievalBankMixin
+from gnnst.models.base import centre_rows, check_xy
+from gnnst.models.layers import ProjectionHead
+from gnnst.models.registry import register_model
+from gnnst.models.retrieval import RetrievalOnlyModel
 
-RETRIEVAL_CHUNK = 512  # query rows per similarity block in retrieval
-RETRIEVAL_WEIGHTS = ("mean", "inverse_distance")  # how the top-k retrieved profiles are averaged
-
-
-def retrieve_topk(query: Tensor, bank_z: Tensor, bank_y: Tensor, k: int, weights: str = "mean") -> Tensor:
-    r"""Average of the measured expression of the ``k`` bank spots most similar to each query.
-
-    Similarity is the dot product. ``weights="mean"`` averages the ``k`` profiles equally (BLEEP);
-    ``"inverse_distance"`` weighs each by ``1 / ||query - bank||`` (mclSTExp).
-
-    Shapes:
-        - **input:** query ``[N, P]``, bank_z ``[M, P]``, bank_y ``[M, G]``
-        - **output:** ``[N, G]``
-    """
-    if weights not in RETRIEVAL_WEIGHTS:
-        raise GnnstError(f"retrieve_topk: weights must be one of {', '.join(RETRIEVAL_WEIGHTS)}, got {weights!r}")
-    if bank_z.size(0) == 0:
-        raise GnnstError("no retrieval bank: call model.build_retrieval_bank(...) with the training spots first")
-    k = min(k, bank_z.size(0))
-    query = query.to(bank_z)
-    outs = []
-    for q in query.split(RETRIEVAL_CHUNK):
-        sim = q @ bank_z.T  # [n, M]
-        top, idx = sim.topk(k, dim=1)  # [n, k]
-        if weights == "mean":
-            w = torch.full_like(top, 1.0 / k)
-        else:
-            d2 = (q * q).sum(1, keepdim=True) - 2 * top + (bank_z * bank_z).sum(1)[idx]  # [n, k] squared distances
-            w = 1.0 / (d2.clamp_min(0).sqrt() + 1e-6)
-            w = w / w.sum(1, keepdim=True)
-        outs.append(torch.einsum("nk,nkg->ng", w, bank_y[idx]))  # [n, k, G] -> [n, G]
-    return torch.cat(outs) if outs else query.new_zeros(0, bank_y.size(1))
-
-
-def centre_rows(batch: Data) -> Tensor | None:
-    """``batch.center_mask`` ``[N]`` bool when present (halo spots carry no loss), else ``None``."""
-    mask = getattr(batch, "center_mask", None)
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch.num_nodes,)):
-        raise GnnstError(f"batch.center_mask: expected a bool tensor of shape [{batch.num_nodes}]")
-    return mask
-
-
-def check_xy(batch: Data, in_dim: int, num_genes: int) -> tuple[Tensor, Tensor | None]:
-    """``(x [N, in_dim], y [N, num_genes] or None)`` of ``batch``; a wrong shape raises naming the field."""
-    x, y = batch.x, getattr(batch, "y", None)
-    if x is None or x.dim() != 2 or x.size(1) != in_dim:
-        raise GnnstError(f"batch.x: expected shape [N, {in_dim}] (model in_dim), got {None if x is None else list(x.shape)}")
-    if y is not None and y.shape != (x.size(0), num_genes):
-        raise GnnstError(f"batch.y: expected shape [{x.size(0)}, {num_genes}] (N, model num_genes), got {list(y.shape)}")
-    return x, y
-
-
-class RetrievalOnlyMixin(RetrievalBankMixin):
-    """``predict`` of models without a regression head: top-k retrieval from the bank, weighted as the
-    class attribute ``retrieval_weights`` says (see :func:`retrieve_topk`)."""
-
-    retrieval_weights = "mean"
-
-    @torch.no_grad()
-    def predict(self, batch: Data, *, mode: str | None = None) -> Tensor:
-        """Predicted expression ``[N, G]`` of every node by retrieval; ``batch.y`` is not used.
-
-        ``mode`` may only be ``None`` or ``"retrieval"`` (the model has no regression head).
-        Does not switch train/eval: call ``model.eval()`` first.
-        """
-        if mode not in (None, "retrieval"):
-            raise GnnstError(f"{type(self).__name__}.predict: only mode='retrieval' exists (no regression head), "
-                             f"got {mode!r}")
-        x, _ = check_xy(batch, self.in_dim, self.num_genes)
-        return retrieve_topk(self.encode_image(x), self.bank_z, self.bank_y, self.cfg.retrieval_k,
-                             self.retrieval_weights)
-
-
-class BLEEP(RetrievalOnlyMixin, nn.Module):
+class BLEEP(RetrievalOnlyModel):
     r"""Bi-modal contrastive embedding with retrieval prediction (BLEEP-style).
 
     Args:
@@ -154,8 +83,8 @@ class BLEEP(RetrievalOnlyMixin, nn.Module):
             out["z_gene"] = self.encode_genes(y.to(x.dtype))
         return out
 
-    def loss(self, out: dict[str, Tensor], batch: Data) -> Tensor:
-        r"""BLEEP's contrastive loss over the centre spots of ``batch``.
+    def loss(self, out: dict[str, Tensor], batch: Data) -> dict[str, Tensor]:
+        r"""BLEEP's contrastive loss over the centre spots of ``batch``: ``{'contrastive', 'total'}``.
 
         ``logits = z_gene @ z_img.T``; ``targets = softmax((z_img @ z_img.T + z_gene @ z_gene.T) / 2)``;
         the mean of the cross-entropies of ``logits`` against ``targets`` (per expression row) and
@@ -170,7 +99,8 @@ class BLEEP(RetrievalOnlyMixin, nn.Module):
         targets = torch.softmax((zi @ zi.T + zg @ zg.T) / 2, dim=-1).detach()  # [n, n]
         genes_loss = -(targets * F.log_softmax(logits, dim=-1)).sum(1)
         images_loss = -(targets.T * F.log_softmax(logits.T, dim=-1)).sum(1)
-        return ((genes_loss + images_loss) / 2).mean()
+        loss = ((genes_loss + images_loss) / 2).mean()
+        return {"contrastive": loss, "total": loss}
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()
@@ -202,3 +132,9 @@ class BLEEP(RetrievalOnlyMixin, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, num_genes={self.num_genes}, proj_dim={self.cfg.proj_dim}, "
                 f"retrieval_k={self.cfg.retrieval_k}, bank={self.bank_z.size(0)}")
+
+
+@register_model("bleep")
+def _bleep(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> BLEEP:
+    """BLEEP-style comparison model: contrastive image/expression heads, retrieval with equal weights."""
+    return BLEEP(in_dim, num_genes, cfg)

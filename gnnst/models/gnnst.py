@@ -1,6 +1,6 @@
 """GNNST: spot + neighbourhood image features, contrastively aligned with expression.
 
-Architecture (every component switchable from :class:`~gnnst.models.config.ModelConfig`)::
+Architecture (every component switchable from :class:`~gnnst.config.ModelConfig`)::
 
     image side (x; all that exists at inference)
       h_img    = img_encoder(dropout(x))                      [N, H]   query branch
@@ -17,6 +17,8 @@ Architecture (every component switchable from :class:`~gnnst.models.config.Model
 
 Prediction (:meth:`GNNST.predict`) uses the head, retrieval of training spots (BLEEP /
 mclSTExp: ``z_img`` of the query against a bank of ``z_gene`` of training spots) or a blend.
+It implements :class:`~gnnst.models.base.ExpressionModel` (``prediction_modes`` = ``("head",
+"retrieval")``, or ``("head",)`` without the contrastive branch).
 """
 
 from __future__ import annotations
@@ -29,18 +31,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 
+from gnnst.config import PREDICT_MODES, ModelConfig
 from gnnst.errors import GnnstError
-from gnnst.models.config import PREDICT_MODES, ModelConfig
-from gnnst.models.layers import MLP, ProjectionHead, RetrievalBankMixin
-from gnnst.models.losses import LOGIT_SCALE_MAX
+from gnnst.models.base import ExpressionModel, blend
+from gnnst.models.layers import MLP, ProjectionHead
+from gnnst.models.losses import LOGIT_SCALE_MAX, compute_losses
 from gnnst.models.neighbour import NeighborBranch
 from gnnst.models.registry import register_model
+from gnnst.models.retrieval import RetrievalBankMixin, retrieve_topk
 
 EDGE_DIM = 3  # edge_attr columns: (dx, dy, distance) in micrometres, source minus target
-_RETRIEVAL_CHUNK = 512  # query rows per similarity block in retrieval
 
 
-class GNNST(RetrievalBankMixin, nn.Module):
+class GNNST(RetrievalBankMixin, ExpressionModel):
     r"""Predict spot expression from the spot's patch embedding and its neighbourhood.
 
     Build with :func:`~gnnst.models.registry.create_model` (``"gnnst"``, or ``"gnnst_mlp"`` for
@@ -297,16 +300,10 @@ class GNNST(RetrievalBankMixin, nn.Module):
         (``k = cfg.retrieval_k``, at most the bank size); ``k = 1`` returns the nearest spot's y.
         """
         self._check_bank()
-        k = min(self.cfg.retrieval_k if k is None else k, self.bank_z.size(0))
         scale = self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX)
         z_img = F.normalize(z_img.to(self.bank_z), dim=-1)
-        outs = []
-        for q in z_img.split(_RETRIEVAL_CHUNK):
-            sim = q @ self.bank_z.T  # [n, M]
-            top, idx = sim.topk(k, dim=1)  # [n, k]
-            w = torch.softmax(top * scale, dim=1)  # [n, k]
-            outs.append(torch.einsum("nk,nkg->ng", w, self.bank_y[idx]))  # [n, k, G] -> [n, G]
-        return torch.cat(outs) if outs else z_img.new_zeros(0, self.num_genes)
+        return retrieve_topk(z_img, self.bank_z, self.bank_y, self.cfg.retrieval_k if k is None else k,
+                             "softmax", scale)
 
     @torch.no_grad()
     def predict(self, batch: Data, *, mode: str | None = None) -> Tensor:
@@ -333,8 +330,22 @@ class GNNST(RetrievalBankMixin, nn.Module):
         y_ret = self.retrieve(self.proj_img(f_img))  # [N, G]
         if mode == "retrieval":
             return y_ret
-        a = self.cfg.blend_alpha
-        return a * self.forward_head(f_img) + (1 - a) * y_ret
+        return blend(self.forward_head(f_img), y_ret, self.cfg.blend_alpha)
+
+    # ------------------------------------------------------------------ the model interface
+    @property
+    def prediction_modes(self) -> tuple[str, ...]:
+        """``("head", "retrieval")``; ``("head",)`` without the contrastive branch."""
+        return ("head", "retrieval") if self.proj_img is not None else ("head",)
+
+    def loss(self, out: dict[str, Tensor], batch: Data) -> dict[str, Tensor]:
+        """The weighted loss terms of :func:`~gnnst.models.losses.compute_losses` and their ``'total'``."""
+        return compute_losses(self, out, batch)
+
+    def after_fit(self, train_graphs, *, batch_nodes: int) -> None:
+        """Fill the retrieval bank with every training spot (contrastive models only)."""
+        if self.proj_gene is not None:
+            self.build_retrieval_bank(torch.cat([g.y for g in train_graphs]).to(self.bank_z.device))
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -356,3 +367,21 @@ def _gnnst(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> GNNST:
 def _gnnst_mlp(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> GNNST:
     """The same model without the graph (``use_graph`` forced off): a spot-only baseline."""
     return GNNST(in_dim, num_genes, dataclasses.replace(cfg, use_graph=False))
+
+
+@register_model("gnnst_no_contrastive")
+def _gnnst_no_contrastive(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> GNNST:
+    """Ablation: no gene branch and no InfoNCE losses (``use_contrastive`` forced off); head only."""
+    return GNNST(in_dim, num_genes, dataclasses.replace(cfg, use_contrastive=False))
+
+
+@register_model("gnnst_no_nbhd_scale")
+def _gnnst_no_nbhd_scale(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> GNNST:
+    """Ablation: spot-scale contrastive loss only (``use_neighbourhood_scale`` forced off)."""
+    return GNNST(in_dim, num_genes, dataclasses.replace(cfg, use_neighbourhood_scale=False))
+
+
+@register_model("gnnst_masked_recon")
+def _gnnst_masked_recon(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> GNNST:
+    """GNNST plus the cross-modal masked expression reconstruction (CMRCNet-style, ``use_masked_recon`` on)."""
+    return GNNST(in_dim, num_genes, dataclasses.replace(cfg, use_masked_recon=True))

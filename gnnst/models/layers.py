@@ -1,5 +1,4 @@
-"""Small building blocks: an MLP, a residual projection head, an edge-aware attention block, and the
-retrieval-bank mixin of the models that predict by retrieval."""
+"""Small building blocks: an MLP, a residual projection head, an edge-aware attention block."""
 
 from __future__ import annotations
 
@@ -128,23 +127,3 @@ class EdgeAttentionBlock(nn.Module):
             f"{self.__class__.__name__}({self.dim}, edge_dim={self.edge_dim}, heads={self.heads}, "
             f"residual={self.residual})"
         )
-
-
-class RetrievalBankMixin:
-    """For ``nn.Module`` models holding a retrieval bank in the buffers ``bank_z`` ``[M, P]`` (embedded
-    training spots) and ``bank_y`` ``[M, G]`` (their expression); put it before ``nn.Module`` in the bases.
-
-    A checkpoint restores the bank whatever its size ``M`` (known only from the checkpoint).
-    """
-
-    @property
-    def has_retrieval_bank(self) -> bool:
-        return self.bank_z.size(0) > 0
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # resize the bank's buffers to the checkpoint's M before nn.Module copies into them
-        for name in ("bank_z", "bank_y"):
-            key = prefix + name
-            if key in state_dict and self._buffers.get(name) is not None:
-                self._buffers[name] = self._buffers[name].new_empty(state_dict[key].shape)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from gnnst.errors import GnnstError
-from gnnst.models.config import ModelConfig
+from gnnst.config import ModelConfig
 
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here wherever it is used (open_clip: 100)
 CENTER_MASK = "center_mask"  # optional Data attribute [N] bool: loss-bearing (non-halo) nodes

@@ -13,19 +13,18 @@ Written from the method's published description: spots are read like words of a 
   proportional to the embedding distance.
 
 There is no spatial graph: the batch is the sentence (here a spatial tile of the
-:class:`~gnnst.train.sampler.SubgraphLoader`, with ``num_hops=0``; each tile of a packed batch is
-its own sentence). Positions are binned at ``model.edge_scale_um`` and counted from the tile's
+:class:`~gnnst.graph.sampler.SubgraphLoader`; the model sets ``uses_halo = False``, so tiles come
+without a halo; each tile of a packed batch is its own sentence). Positions are binned at ``model.edge_scale_um`` and counted from the tile's
 lower-left spot, so they mean the same on any slide (the paper embeds the array coordinates of the
 slide). Differences from the paper: frozen patch embeddings on the image side (the paper
-fine-tunes a DenseNet-121), no regression head. Like :class:`~gnnst.models.bleep.BLEEP` it does
-not follow the GNNST training contract and is not in the registry; train it with
-:meth:`MclSTExp.loss`.
+fine-tunes a DenseNet-121), no regression head. Registered as ``mclstexp``
+(``gnnst train model.name=mclstexp``), trained in the same loop as every model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +32,18 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 from torch_geometric.utils import to_dense_batch
 
+from gnnst.config import ModelConfig
 from gnnst.errors import GnnstError
-from gnnst.models.bleep import RetrievalOnlyMixin, centre_rows, check_xy
-from gnnst.models.config import ModelConfig
+from gnnst.models.base import centre_rows, check_xy
 from gnnst.models.layers import ProjectionHead
 from gnnst.models.losses import clip_loss
+from gnnst.models.registry import register_model
+from gnnst.models.retrieval import RetrievalOnlyModel
 
 NUM_POS_BINS = 64  # learnable position embeddings per axis; farther bins share the last one
 
 
-class MclSTExp(RetrievalOnlyMixin, nn.Module):
+class MclSTExp(RetrievalOnlyModel):
     r"""Transformer over the spots of a batch on the expression side, contrastive alignment with
     the image side, retrieval with inverse-distance weights.
 
@@ -129,15 +130,24 @@ class MclSTExp(RetrievalOnlyMixin, nn.Module):
             out["z_gene"] = self.encode_spots(y.to(x.dtype), pos, self._sentence(batch, x.size(0)))
         return out
 
-    def loss(self, out: dict[str, Tensor], batch: Data) -> Tensor:
-        """Symmetric InfoNCE between ``z_img`` and ``z_gene`` over the centre spots of ``batch``."""
+    def loss(self, out: dict[str, Tensor], batch: Data) -> dict[str, Tensor]:
+        """Symmetric InfoNCE between ``z_img`` and ``z_gene`` over the centre spots of ``batch``:
+        ``{'contrastive', 'total'}``."""
         if "z_gene" not in out:
             raise GnnstError("MclSTExp.loss: batch.y (expression) is missing; the loss needs training spots")
         mask = centre_rows(batch)
         zi, zg = (out["z_img"], out["z_gene"]) if mask is None else (out["z_img"][mask], out["z_gene"][mask])
-        return clip_loss(zi, zg, self.logit_scale)
+        loss = clip_loss(zi, zg, self.logit_scale)
+        return {"contrastive": loss, "total": loss}
 
     # ------------------------------------------------------------------ retrieval
+    def after_fit(self, train_graphs: Sequence[Data], *, batch_nodes: int) -> None:
+        """The bank: every training spot, encoded within its spatial tile of ``batch_nodes`` spots (the
+        sentences it was trained on, without halo)."""
+        from gnnst.graph.sampler import SubgraphLoader
+
+        self.build_retrieval_bank(SubgraphLoader(train_graphs, batch_nodes=batch_nodes, num_hops=0))
+
     @torch.no_grad()
     def build_retrieval_bank(self, batches: Iterable[Data]) -> None:
         """Encode the training spots (batches with ``y`` and ``pos``, e.g. a ``SubgraphLoader`` over
@@ -166,3 +176,9 @@ class MclSTExp(RetrievalOnlyMixin, nn.Module):
         c = self.cfg
         return (f"in_dim={self.in_dim}, num_genes={self.num_genes}, hidden={c.hidden}, layers={c.num_layers}, "
                 f"proj_dim={c.proj_dim}, retrieval_k={c.retrieval_k}, bank={self.bank_z.size(0)}")
+
+
+@register_model("mclstexp")
+def _mclstexp(*, in_dim: int, num_genes: int, cfg: ModelConfig) -> MclSTExp:
+    """mclSTExp-style comparison model: spots as a sentence on the expression side, retrieval with 1/d weights."""
+    return MclSTExp(in_dim, num_genes, cfg)

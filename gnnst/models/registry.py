@@ -1,7 +1,11 @@
 """Models registered by name and built with :func:`create_model` (as in timm's ``_registry``).
 
-A registered entry point is a function ``fn(*, in_dim, num_genes, cfg) -> nn.Module``; the model
-files register their variants at import time (``gnnst.models`` imports them all).
+A registered entry point is a function ``fn(*, in_dim, num_genes, cfg) -> ExpressionModel``
+(:mod:`gnnst.models.base`); the model files register their variants at import time (listed in
+``_BUILTIN``): ``gnnst`` and its ablations ``gnnst_mlp``, ``gnnst_no_contrastive``,
+``gnnst_no_nbhd_scale``, ``gnnst_masked_recon``; the comparison models ``bleep`` and ``mclstexp``.
+A new model: a module under ``gnnst/models/`` with a class implementing the interface, a
+``@register_model("name")`` entry point, and its module added to ``_BUILTIN``.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from typing import Callable
 from torch import nn
 
 from gnnst.errors import GnnstError
-from gnnst.models.config import ModelConfig
+from gnnst.config import ModelConfig
 
 EntryPoint = Callable[..., nn.Module]
 
 _MODELS: dict[str, EntryPoint] = {}
-_BUILTIN = ("gnnst.models.gnnst",)  # modules whose import registers the built-in models
+_BUILTIN = ("gnnst.models.gnnst", "gnnst.models.bleep", "gnnst.models.mclstexp")  # modules whose import registers the built-in models
 
 
 def _load_builtin() -> None:

@@ -1,5 +1,9 @@
-"""The training loop: AdamW, warm-up + cosine schedule, early stopping on a validation split carved from
-the training slides, a checkpoint every epoch, exact resume, AMP on CUDA and DDP when launched by torchrun.
+"""The training loop of every model: AdamW, warm-up + cosine schedule, early stopping on a validation split
+carved from the training slides, a checkpoint every epoch, exact resume, AMP on CUDA and DDP when
+launched by torchrun.
+
+:func:`fit` knows models only through :class:`gnnst.models.base.ExpressionModel` (``forward``,
+``loss``, ``predict``, ``after_fit``, ``uses_halo``); it has no model-specific code.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ if TYPE_CHECKING:
     from torch_geometric.data import Data
 
     from gnnst.config import Config
+    from gnnst.models.base import ExpressionModel
 
 log = logging.getLogger("gnnst")
 
@@ -35,43 +40,6 @@ class FitResult:
     nodes_per_second: float = 0.0
 
 
-def carve_validation(graphs: Sequence["Data"], fraction: float, seed: int) -> list[np.ndarray]:
-    """Per training slide, a ``[N]`` bool mask of validation spots: whole spatial blocks, about
-    ``fraction`` of each slide, so validation spots are not surrounded by training spots."""
-    from gnnst.train.sampler import spatial_tiles
-
-    rng = np.random.default_rng(seed)
-    masks = []
-    for g in graphs:
-        n = g.num_nodes
-        mask = np.zeros(n, dtype=bool)
-        if fraction > 0 and n >= 8:
-            tiles = spatial_tiles(g.pos.numpy(), max(int(math.ceil(n * fraction / 2)), 1))
-            for t in rng.permutation(len(tiles)):
-                if mask.sum() >= fraction * n:
-                    break
-                mask[tiles[t]] = True
-        masks.append(mask)
-    return masks
-
-
-def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
-    """The graph restricted to nodes ``keep`` ``[N]`` bool (edges among them only)."""
-    import torch
-    from torch_geometric.data import Data
-
-    k = torch.from_numpy(keep)
-    remap = torch.full((g.num_nodes,), -1, dtype=torch.long)
-    remap[k] = torch.arange(int(k.sum()))
-    src, dst = g.edge_index
-    e = k[src] & k[dst]
-    out = Data(x=g.x[k], pos=g.pos[k], edge_index=remap[g.edge_index[:, e]], edge_attr=g.edge_attr[e],
-               num_nodes=int(k.sum()))
-    if getattr(g, "y", None) is not None:
-        out.y = g.y[k]
-    return out
-
-
 def lr_factor(epoch_float: float, warmup: int, total: int) -> float:
     """Linear warm-up over ``warmup`` epochs, then cosine decay to 5% at ``total``."""
     if warmup > 0 and epoch_float < warmup:
@@ -80,44 +48,17 @@ def lr_factor(epoch_float: float, warmup: int, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def predict_graphs(model, graphs: Sequence["Data"], *, batch_nodes: int, num_hops: int, device,
-                   mode: str | None = None) -> list[np.ndarray]:
-    """Image-side predictions ``[N_s, G]`` for each graph, by halo subgraphs (any slide size).
-
-    ``mode``: the model's ``predict`` mode (``"head"``, ``"retrieval"``, ``"blend"``; default its config).
-    """
-    import torch
-
-    from gnnst.train.sampler import SubgraphLoader
-
-    model.eval()
-    outs = [np.zeros((g.num_nodes, model.num_genes), dtype=np.float32) for g in graphs]
-    stripped = []
-    for g in graphs:
-        d = g.clone()
-        d.y = None
-        stripped.append(d)
-    loader = SubgraphLoader(stripped, batch_nodes=batch_nodes, num_hops=num_hops)
-    with torch.no_grad():
-        for b in loader:
-            b = b.to(device)
-            p = model.predict(b, mode=mode)[b.center_mask].float().cpu().numpy()
-            sl, nid = b.slide[b.center_mask].cpu().numpy(), b.node_id[b.center_mask].cpu().numpy()
-            for s in np.unique(sl):
-                outs[s][nid[sl == s]] = p[sl == s]
-    return outs
-
-
-def _val_score(y: list[np.ndarray], p: list[np.ndarray]) -> float:
-    """Mean per-gene Pearson over the validation spots of all training slides (higher is better)."""
-    from gnnst.eval.metrics import pearson_per_gene
+def validation_score(y: list[np.ndarray], p: list[np.ndarray]) -> float:
+    """Mean per-gene Pearson over the validation spots of all training slides (higher is better); the
+    score that picks the epoch, the checkpoint and the blend weight."""
+    from gnnst.metrics import pearson_per_gene
 
     r = pearson_per_gene(np.concatenate(y), np.concatenate(p))
     return float(np.nanmean(r)) if np.isfinite(r).any() else -1.0
 
 
 def fit(
-    model: "torch.nn.Module",
+    model: "ExpressionModel",
     train_graphs: Sequence["Data"],
     val_graphs: Sequence["Data"],
     val_masks: Sequence[np.ndarray],
@@ -128,7 +69,7 @@ def fit(
     device=None,
     progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` on ``train_graphs``; pick the epoch with the best validation score.
+    """Train ``model`` (any registered model) on ``train_graphs``; pick the epoch with the best validation score.
 
     Args:
         train_graphs: training part of each training slide (validation spots removed).
@@ -137,15 +78,18 @@ def fit(
         ckpt_dir: ``last.pt`` (every epoch, for ``resume``) and ``best.pt`` are written here.
         resume: continue from ``ckpt_dir/last.pt`` when it exists; the result equals an uninterrupted run.
 
-    The model ends holding the best epoch's weights and a retrieval bank of the training spots.
+    The validation score is :func:`validation_score` of the model's default ``predict`` on the
+    validation spots, after ``model.after_fit(train_graphs)`` (e.g. a retrieval bank of the training
+    spots); without validation spots the training loss decides. The model ends holding the best epoch's
+    weights, ``after_fit`` done.
     """
     import torch
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
+    from gnnst.graph.sampler import SubgraphLoader
     from gnnst.io import atomic_torch_save
-    from gnnst.models import compute_losses
-    from gnnst.train.sampler import SubgraphLoader
+    from gnnst.predictor import halo_hops, predict_graphs
 
     tc = cfg.train
     device = device or torch.device("cpu")
@@ -160,8 +104,8 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     use_amp = tc.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loader = SubgraphLoader(train_graphs, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, shuffle=True, seed=cfg.seed)
-    y_train = torch.cat([g.y for g in train_graphs]).to(device)
+    loader = SubgraphLoader(train_graphs, batch_nodes=tc.batch_nodes, num_hops=halo_hops(model, tc.num_hops),
+                            shuffle=True, seed=cfg.seed)
     val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val_graphs, val_masks)]
     has_val = sum(len(v) for v in val_y) > 1
 
@@ -195,7 +139,7 @@ def fit(
                 pg["lr"] = tc.lr * lr_factor(epoch + i / max(len(groups), 1), tc.warmup_epochs, tc.epochs)
             with torch.autocast(device.type, enabled=use_amp):
                 out = net(b)
-                losses = compute_losses(model, out, b, cfg.model)
+                losses = model.loss(out, b)
             opt.zero_grad(set_to_none=True)
             scaler.scale(losses["total"]).backward()
             scaler.unscale_(opt)
@@ -208,10 +152,10 @@ def fit(
         rec = {"epoch": epoch, "loss": tot / max(steps, 1)}
         if has_val:
             model.eval()
-            if model.cfg.use_contrastive:
-                model.build_retrieval_bank(y_train)
-            preds = predict_graphs(model, val_graphs, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, device=device)
-            rec["val_pcc"] = _val_score(val_y, [p[m] for p, m in zip(preds, val_masks)])
+            model.after_fit(train_graphs, batch_nodes=tc.batch_nodes)
+            (preds,) = predict_graphs(model, val_graphs, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops,
+                                      device=device).values()
+            rec["val_pcc"] = validation_score(val_y, [p[m] for p, m in zip(preds, val_masks)])
             score = rec["val_pcc"]
         else:
             score = -rec["loss"]
@@ -234,7 +178,6 @@ def fit(
         elif ckpt_dir is not None and (ckpt_dir / "best.pt").is_file():
             model.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)["model"])
     model.eval()
-    if model.cfg.use_contrastive:
-        model.build_retrieval_bank(y_train)
+    model.after_fit(train_graphs, batch_nodes=tc.batch_nodes)
     return FitResult(best_epoch=best_epoch, best_score=float(best), history=history, seconds=seconds,
                      nodes_per_second=nodes_seen / max(seconds, 1e-9))

@@ -61,7 +61,10 @@ def test_per_slide_export_runs_in_squidpy_and_scanpy(exported, tmp_path):
         assert lib[keys.SCALEFACTORS][keys.SPOT_DIAMETER] == pytest.approx(20.0)  # half the 40 px pitch
         meta = a.uns[keys.UNS_GNNST]
         assert meta["version"] and json.loads(meta["config"])["graph"]["k"] == 4
-        assert "pcc_heg50_per_slide" in json.loads(meta["metrics"])
+        assert "pcc_heg" in json.loads(meta["metrics"])  # this slide's scores (gnnst.metrics.slide_scores)
+        # the one uns['gnnst'] layout of gnnst.predictions, plus the run folder
+        assert meta["slide_id"] == s and meta["model"]["held_out"].tolist() == [s] and meta["run"]
+        assert meta["graph"]["k"] == 4 and meta["graph"]["units"] == "um" and meta["X"].startswith("measured")
         assert a.uns[keys.NEIGHBORS]["connectivities_key"] == keys.CONNECTIVITIES
         assert a.uns[keys.NEIGHBORS]["params"]["n_neighbors"] == 4
     _squidpy_and_scanpy_run(a, a.var_names[0], s, tmp_path / "scatter.png")
@@ -72,7 +75,7 @@ def test_concat_export_runs_in_squidpy_and_scanpy(exported, tmp_path):
     assert list(a.obs[keys.SLIDE_ID].cat.categories) == list(SLIDES) and a.n_obs == 60
     assert set(a.uns[keys.SPATIAL]) == set(SLIDES)
     assert set(a.uns[keys.UNS_GNNST]["slides"]) == set(SLIDES)
-    assert "pcc_heg50_per_slide" in json.loads(a.uns[keys.UNS_GNNST]["metrics"])  # the run's summary
+    assert "pcc_heg_per_slide" in json.loads(a.uns[keys.UNS_GNNST]["metrics"])  # the run's summary
     _squidpy_and_scanpy_run(a, a.var_names[0], "S2", tmp_path / "scatter.png", library_key=keys.SLIDE_ID)
 
 
@@ -119,11 +122,13 @@ def test_export_unknown_slide(tiny_run, tmp_path, capsys):  # noqa: F811
 
 
 def test_add_spatial_graph_hand_placed():
-    from gnnst.export.anndata import add_spatial_graph, graph_from_pixels
+    from gnnst.graph.edges import slide_graph
+    from gnnst.graph.neighbors import add_spatial_graph
 
     a = ad.AnnData(np.zeros((4, 1), dtype=np.float32))
     a.obsm[keys.SPATIAL] = np.array([[0.0, 0.0], [10.0, 0.0], [30.0, 0.0], [60.0, 0.0]])  # pixels, mpp 2
-    ei, dist = graph_from_pixels(a.obsm[keys.SPATIAL], 2.0, k=1, radius_um=None)
+    g = slide_graph(a.obsm[keys.SPATIAL], 2.0, k=1, radius_um=None)
+    ei, dist = g.edge_index, g.distances
     # nearest neighbour of each spot: 0 <- 1, 1 <- 0, 2 <- 1, 3 <- 2
     assert ei.tolist() == [[1, 0, 1, 2], [0, 1, 2, 3]]
     np.testing.assert_allclose(dist, [20.0, 20.0, 40.0, 60.0])

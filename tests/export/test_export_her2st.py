@@ -24,7 +24,7 @@ def test_export_b4_in_squidpy(her2st_root, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--data-root", str(her2st_root), "--cache-dir", cache, "--out", str(run), "--quiet",
                  "data.download=false", "data.slides=[B4, C2]", "eval.only_folds=[B4]", "train.epochs=2",
-                 "train.ensemble=1", "train.num_threads=1", "eval.figures=false", "eval.ridge=false"]) == 0
+                 "train.ensemble=1", "train.num_threads=1", "eval.figures=false", "eval.baselines=[]"]) == 0
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
     a = ad.read_h5ad(tmp_path / "export" / "B4.h5ad")
     assert a.n_obs == 283

@@ -9,8 +9,9 @@ from torch_geometric.data import Data
 
 from gnnst import keys
 from gnnst.errors import GnnstError
-from gnnst.export.anndata import add_spatial_graph, concat_slides, graph_from_pixels
+from gnnst.export.anndata import add_spatial_graph, concat_slides
 from gnnst.export.networkx import to_networkx
+from gnnst.graph.edges import slide_graph
 
 
 def _line_data() -> Data:
@@ -43,8 +44,8 @@ def _slide(slide_id: str, n: int, seed: int) -> ad.AnnData:
     a.obsm[keys.SPATIAL] = rng.random((n, 2)) * 100
     a.obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * n)
     a.uns[keys.UNS_GNNST] = {keys.MPP: 2.0, "config": "{}", "metrics": "{}"}
-    ei, dist = graph_from_pixels(a.obsm[keys.SPATIAL], 2.0, k=2, radius_um=None)
-    add_spatial_graph(a, ei, dist, k=2)
+    g = slide_graph(a.obsm[keys.SPATIAL], 2.0, k=2, radius_um=None)
+    add_spatial_graph(a, g.edge_index, g.distances, k=2)
     return a
 
 

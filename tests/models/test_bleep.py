@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from gnnst.errors import GnnstError
 from gnnst.models import ModelConfig
-from gnnst.models.bleep import BLEEP, retrieve_topk
+from gnnst.models.bleep import BLEEP
+from gnnst.models.retrieval import retrieve_topk
 
 D, G = 16, 8  # widths of the conftest graphs (x and y)
 
@@ -25,7 +26,7 @@ def test_shapes_nans_and_gradients(two_slides):
     assert set(out) == {"z_img", "z_gene"}
     assert out["z_img"].shape == out["z_gene"].shape == (N, 16)
     assert all(torch.isfinite(t).all() for t in out.values())
-    loss = model.loss(out, two_slides)
+    loss = model.loss(out, two_slides)["total"]
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -38,7 +39,7 @@ def test_loss_uses_centre_spots_only(graph):
     halo_moved = graph.clone()
     halo_moved.y = graph.y.clone()
     halo_moved.y[~graph.center_mask] += 5.0
-    torch.testing.assert_close(model.loss(model(halo_moved), halo_moved), model.loss(out, graph))
+    torch.testing.assert_close(model.loss(model(halo_moved), halo_moved)["total"], model.loss(out, graph)["total"])
 
 
 def test_retrieval_averages_top_k_equally(graph):

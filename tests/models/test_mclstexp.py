@@ -27,7 +27,7 @@ def test_shapes_nans_and_gradients(two_slides):
     for t in out.values():
         assert torch.isfinite(t).all()
         torch.testing.assert_close(t.norm(dim=-1), torch.ones(N))
-    loss = model.loss(out, two_slides)
+    loss = model.loss(out, two_slides)["total"]
     assert torch.isfinite(loss)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

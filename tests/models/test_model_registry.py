@@ -13,13 +13,14 @@ from gnnst.models import GNNST, ModelConfig, create_model, list_models, register
 
 
 def test_builtin_models_registered():
-    assert {"gnnst", "gnnst_mlp"} <= set(list_models())
+    assert {"gnnst", "gnnst_mlp", "gnnst_no_contrastive", "gnnst_no_nbhd_scale", "gnnst_masked_recon", "bleep",
+            "mclstexp"} <= set(list_models())
     model = create_model("gnnst", in_dim=16, num_genes=8, hidden=32, heads=2)
     assert isinstance(model, GNNST) and model.cfg.hidden == 32 and model.cfg.name == "gnnst"
 
 
 def test_unknown_model_name_lists_known_names():
-    with pytest.raises(GnnstError, match="unknown model name 'nope'.*gnnst, gnnst_mlp"):
+    with pytest.raises(GnnstError, match="unknown model name 'nope'.*bleep, gnnst, .*gnnst_mlp, .*mclstexp"):
         create_model("nope", in_dim=16, num_genes=8)
 
 
@@ -76,7 +77,7 @@ def test_register_model_by_name(monkeypatch):
 
 def test_imports_stay_light():
     code = (
-        "import sys, gnnst, gnnst.models.config; "
+        "import sys, gnnst, gnnst.config, gnnst.metrics; "
         "heavy = [m for m in ('torch', 'torch_geometric', 'gnnst.models.gnnst', 'timm', 'scanpy') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -30,7 +30,8 @@ def _worker(rank, world, port, out_dir):
     from gnnst.config import load_config
     from gnnst.models import create_model
     from gnnst.train.distributed import cleanup, init_distributed
-    from gnnst.train.trainer import carve_validation, fit, node_subgraph
+    from gnnst.train.prepare import carve_validation, node_subgraph
+    from gnnst.train.trainer import fit
 
     info = init_distributed("cpu")
     assert info.world_size == world and info.rank == rank

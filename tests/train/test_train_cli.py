@@ -33,15 +33,21 @@ def test_train_outputs(three_patients, capsys):
     assert _train(three_patients, out) == 0
     printed = capsys.readouterr().out
     assert "gnnst, all folds" in printed and "ridge, all folds" in printed
+    assert "ridge + neighbour mean, all folds" in printed and "PCC HEG3/slide" in printed  # labels carry eval.n_heg
     m = json.loads((out / "metrics.json").read_text())
-    for k in ("pcc_heg50_per_slide", "pcc_hvg50_per_slide", "pcc_all_per_slide", "pcc_heg50_pooled", "mse", "mae"):
+    from gnnst.metrics import ALL_KEYS
+
+    for k in ALL_KEYS:
         assert np.isfinite(m["summary"][k]), k
-        assert k in m["baselines"]["ridge"]
+        assert k in m["baselines"]["ridge"] and k in m["baselines"]["ridge_neighbours"]
+        assert m["definitions"]["metrics"][k]["definition"]  # every figure states its definition
+    assert m["protocol"] == "honest" and m["definitions"]["hvg"] == "seurat"
+    assert m["summary"]["n_genes_pooled"]["all"] >= 1
     assert len(m["folds"]) == 3  # three patients: leave one patient out
     for f in m["folds"]:
         assert f["patient_disjoint"] is True and len(f["test_slides"]) == 1
         assert f["test_slides"][0] not in f["train_slides"]
-        assert set(f["genes"]["heg50"]) <= set(f["genes"]["all"])
+        assert set(f["genes"]["heg"]) <= set(f["genes"]["all"]) and len(f["genes"]["heg"]) == 3
         assert f["blend_alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     for s in ("S1", "S2", "S3"):
         a = ad.read_h5ad(out / "predictions" / f"{s}.h5ad")
@@ -52,17 +58,49 @@ def test_train_outputs(three_patients, capsys):
     assert (out / "folds" / "patient_P1" / "model.pt").is_file()
     assert (out / "folds" / "patient_P1" / "member0" / "last.pt").is_file()
     # the final model: trained on all three slides, for `gnnst predict`
-    import torch
+    from gnnst.predictor import TrainedModel
 
-    final = torch.load(out / "final" / "model.pt", weights_only=False)
-    assert final["fold"]["name"] == "final" and final["fold"]["train_slides"] == ["S1", "S2", "S3"]
-    assert final["fold"]["test_slides"] == [] and len(final["model_states"]) == 2
-    fold_ck = torch.load(out / "folds" / "patient_P1" / "model.pt", weights_only=False)
-    assert fold_ck["fold"]["train_slides"] == ["S2", "S3"]  # the folds' checkpoints never saw their test slide
+    final = TrainedModel.load(out / "final" / "model.pt")
+    assert final.fold["name"] == "final" and final.fold["train_slides"] == ["S1", "S2", "S3"]
+    assert final.fold["test_slides"] == [] and len(final.states) == 2
+    # the final model carries the run's per-gene cross-validated PCC, from the folds' held-out slides
+    cv = final.cv
+    assert cv is not None and cv["genes"] == final.panel.genes == list(final.panel.genes)
+    assert len(cv["pcc_mean"]) == len(cv["n_slides"]) == len(final.panel.genes)
+    g0 = next(g for g, n in zip(cv["genes"], cv["n_slides"]) if n > 0)
+    i0 = cv["genes"].index(g0)
+    held = [v["pcc_per_gene"][f["genes"]["all"].index(g0)] for f in m["folds"] if g0 in f["genes"]["all"]
+            for v in f["per_slide"].values()]
+    held = [r for r in held if r is not None]
+    assert cv["n_slides"][i0] == len(held) and cv["pcc_mean"][i0] == pytest.approx(np.mean(held))
+    fold_model = TrainedModel.load(out / "folds" / "patient_P1" / "model.pt")
+    assert fold_model.fold["train_slides"] == ["S2", "S3"]  # the folds' models never saw their test slide
+    assert fold_model.cv is None
     rc = main(["predict", "--checkpoint", str(out / "final" / "model.pt"), "--image",
                str(three_patients["root"] / "S1_HE.jpg"), "--spots", str(three_patients["root"] / "S1_selection.tsv"),
                "--out", str(out / "s1_final.h5ad"), "--cache-dir", str(three_patients["cache"]), "--quiet"])
-    assert rc == 0 and ad.read_h5ad(out / "s1_final.h5ad").n_vars == len(final["panel"]["genes"])
+    assert rc == 0 and ad.read_h5ad(out / "s1_final.h5ad").n_vars == len(final.panel.genes)
+
+
+def test_crossval_scores_through_the_saved_fold_model(three_patients):
+    """A fold's held-out predictions are TrainedModel.predict of the saved folds/<fold>/model.pt on the
+    slide's graph: the metrics of a fold and `gnnst predict` run the same code."""
+    from gnnst import keys
+    from gnnst.graph.dataset import slide_to_data
+    from gnnst.predictions import encoder_key
+    from gnnst.predictor import TrainedModel
+
+    out = three_patients["tmp"] / "run1"
+    assert _train(three_patients, out, "eval.final_model=false", "eval.only_folds=[S2]") == 0
+    model = TrainedModel.load(out / "folds" / "patient_P2" / "model.pt")
+    a = ad.read_h5ad(out / "predictions" / "S2.h5ad")
+    assert a.uns[keys.UNS_GNNST]["model"]["fold"] == "patient_P2"
+    g = slide_to_data(a, a.obsm[encoder_key(model.encoder.name)], None, k=model.graph.k,
+                      radius_um=model.graph.radius_um)
+    got = model.predict(g)
+    np.testing.assert_array_equal(got.expression, a.layers["gnnst_pred"])
+    assert got.members.shape == (2, a.n_obs, a.n_vars)  # train.ensemble=2
+    np.testing.assert_allclose(got.members.mean(0), got.expression, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_reproduces_uninterrupted_run(three_patients, monkeypatch):
@@ -112,9 +150,46 @@ def test_half_storage_trains_like_float32(three_patients):
     assert storage_dtype(HALF_STORAGE_ABOVE + 1, "auto") == torch.float16
     assert storage_dtype(10, "float16") == torch.float16
     ds = three_patients
-    assert _train(ds, ds["tmp"] / "f32", "graph.storage=float32", "train.ensemble=1", "eval.ridge=false") == 0
-    assert _train(ds, ds["tmp"] / "f16", "graph.storage=float16", "train.ensemble=1", "eval.ridge=false") == 0
+    assert _train(ds, ds["tmp"] / "f32", "graph.storage=float32", "train.ensemble=1", "eval.baselines=[]") == 0
+    assert _train(ds, ds["tmp"] / "f16", "graph.storage=float16", "train.ensemble=1", "eval.baselines=[]") == 0
     a = ad.read_h5ad(ds["tmp"] / "f32" / "predictions" / "S1.h5ad").layers["gnnst_pred"]
     b = ad.read_h5ad(ds["tmp"] / "f16" / "predictions" / "S1.h5ad").layers["gnnst_pred"]
     assert np.isfinite(b).all() and not np.array_equal(a, b)  # the half run really ran on rounded inputs
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+
+
+def test_train_a_comparison_model_from_the_command_line(three_patients, capsys):
+    """`gnnst train model.name=bleep`: the BLEEP-style model trains in the one loop, is scored like any
+    model, and its model.pt predicts new slides."""
+    from gnnst.predictor import TrainedModel
+
+    out = three_patients["tmp"] / "bleep"
+    assert _train(three_patients, out, "model.name=bleep", "train.ensemble=1", "eval.baselines=[]", "eval.only_folds=[S1]",
+                  "model.retrieval_k=5") == 0
+    assert "| bleep, all folds |" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "bleep" and np.isfinite(m["summary"]["pcc_all_per_slide"])
+    final = TrainedModel.load(out / "final" / "model.pt")
+    assert final.model_name == "bleep" and final.blend_alpha == 0.0 and final.modes() == ("retrieval",)
+    rc = main(["predict", "--checkpoint", str(out / "final" / "model.pt"), "--image",
+               str(three_patients["root"] / "S2_HE.jpg"), "--spots", str(three_patients["root"] / "S2_selection.tsv"),
+               "--out", str(out / "s2.h5ad"), "--cache-dir", str(three_patients["cache"]), "--quiet"])
+    a = ad.read_h5ad(out / "s2.h5ad")
+    assert rc == 0 and a.uns["gnnst"]["model"]["name"] == "bleep" and np.isfinite(a.X).all()
+
+
+def test_leaky_protocol_is_one_visible_switch(three_patients, capsys):
+    """eval.select_on_heldout=true: panel chosen with the held-out slide, which is also the validation set;
+    every output says LEAKY."""
+    from gnnst.predictor import TrainedModel
+
+    out = three_patients["tmp"] / "leaky"
+    assert _train(three_patients, out, "eval.select_on_heldout=true", "eval.only_folds=[S1]", "train.ensemble=1",
+                  "eval.baselines=[ridge]", "eval.final_model=false") == 0
+    printed = capsys.readouterr()
+    assert "LEAKY" in printed.out and "LEAKY" in printed.err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["protocol"].startswith("LEAKY") and m["folds"][0]["protocol"].startswith("LEAKY")
+    model = TrainedModel.load(out / "folds" / "patient_P1" / "model.pt")
+    assert "S1" in model.panel.source_slides and model.protocol.startswith("LEAKY")  # the held-out slide chose genes
+    assert ad.read_h5ad(out / "predictions" / "S1.h5ad").uns["gnnst"]["model"]["protocol"].startswith("LEAKY")

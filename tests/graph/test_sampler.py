@@ -4,7 +4,7 @@ import torch
 from torch_geometric.data import Data
 
 from gnnst.graph.edges import edge_features, spatial_edges
-from gnnst.train.sampler import SubgraphLoader, spatial_tiles
+from gnnst.graph.sampler import SubgraphLoader, spatial_tiles
 
 
 def _slide(n, seed=0, k=4):

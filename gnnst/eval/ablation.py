@@ -1,6 +1,6 @@
 """Neighbourhood ablation: the same cross-validation for several spot graphs, and "no graph".
 
-Each setting of ``cfg.ablation.settings`` is one full :func:`~gnnst.train.crossval.run_crossval`
+Each setting of ``cfg.ablation.settings`` is one full :func:`~gnnst.eval.crossval.run_crossval`
 (same folds, panels, seeds and embeddings; slides are read and embedded once for all settings) with:
 
 - ``"none"``: ``model.use_graph=false`` (spot-only model; the graph is built but never used);
@@ -8,7 +8,9 @@ Each setting of ``cfg.ablation.settings`` is one full :func:`~gnnst.train.crossv
 - ``"r=<µm>"``: every spot within the radius (``graph.k=null``);
 - ``"k=<int>,r=<µm>"``: both;
 
-and ``train.ensemble=cfg.ablation.ensemble``, no figures. Writes into ``out``: ``config.yaml``,
+and ``train.ensemble=cfg.ablation.ensemble``, no figures; the baselines of ``eval.baselines`` run in the
+first setting only (``ablation.baselines``). The table's figures are those of :mod:`gnnst.metrics`
+(:data:`~gnnst.metrics.ABLATION_COLUMNS`, pooled across folds as every run computes it). Writes into ``out``: ``config.yaml``,
 ``settings/<setting>/`` (each a train output folder; per-member checkpoints removed unless
 ``ablation.keep_checkpoints``), ``ablation.csv``, ``ablation.md`` and ``ablation.png``.
 """
@@ -88,18 +90,18 @@ def parse_settings(cfg: "Config") -> list[Setting]:
     dup = next((s for s in slugs if slugs.count(s) > 1), None)
     if dup is not None:
         raise GnnstError(f"config key 'ablation.settings': setting '{dup}' is listed twice")
-    if cfg.ablation.ensemble < 1:
-        raise GnnstError(f"config key 'ablation.ensemble': expected an integer >= 1, got {cfg.ablation.ensemble}")
     return out
 
 
-def setting_config(cfg: "Config", setting: Setting, *, ridge: bool) -> "Config":
-    """``cfg`` with the setting's graph, ``ablation.ensemble`` models per fold and no figures."""
+def setting_config(cfg: "Config", setting: Setting, *, baselines: bool) -> "Config":
+    """``cfg`` with the setting's graph, ``ablation.ensemble`` models per fold, no figures, and the
+    baselines of ``eval.baselines`` only when ``baselines``."""
     from gnnst.config import Config, _from_dict, _merge, config_to_dict, parse_overrides
 
     over = setting.overrides() + [f"train.ensemble={cfg.ablation.ensemble}", "eval.figures=false",
-                                  "eval.final_model=false",  # a comparison of settings: no model to ship
-                                  f"eval.ridge={'true' if ridge else 'false'}"]
+                                  "eval.final_model=false"]  # a comparison of settings: no model to ship
+    if not baselines:
+        over.append("eval.baselines=[]")
     return _from_dict(Config, _merge(config_to_dict(cfg), parse_overrides(over)))
 
 
@@ -120,7 +122,7 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     results = []
     for i, st in enumerate(settings):
         sdir = out / "settings" / st.slug
-        scfg = setting_config(cfg, st, ridge=cfg.ablation.ridge and i == 0)
+        scfg = setting_config(cfg, st, baselines=cfg.ablation.baselines and i == 0)
         timing_file = sdir / "ablation_timing.json"
         if resume and (sdir / "metrics.json").is_file():
             log.info("setting %s: already done, reusing %s", st.name, sdir / "metrics.json")
@@ -128,7 +130,7 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, progre
             timing = (json.loads(timing_file.read_text()) if timing_file.is_file()
                       else {"seconds": float(metrics.get("seconds_total", float("nan"))), "cpu_seconds": float("nan")})
         else:
-            from gnnst.train.crossval import run_crossval
+            from gnnst.eval.crossval import run_crossval
 
             log.info("setting %d/%d %s (%s)", i + 1, len(settings), st.name, " ".join(st.overrides()))
             ts, cs = time.perf_counter(), time.process_time()
@@ -151,42 +153,17 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, progre
 def mean_degree(loaded, cfg: "Config", setting: Setting) -> float:
     """Mean number of neighbours per spot over all slides (0 for ``"none"``)."""
     from gnnst import keys
-    from gnnst.graph.edges import spatial_edges
+    from gnnst.graph.edges import slide_graph
 
     if not setting.use_graph:
         return 0.0
     edges = nodes = 0
-    for s, a in loaded.adatas.items():
-        pos = np.asarray(a.obsm[keys.SPATIAL], dtype=np.float64) * float(a.uns[keys.UNS_GNNST][keys.MPP])
-        edges += spatial_edges(pos, k=cfg.graph.k, radius_um=cfg.graph.radius_um).shape[1]
-        nodes += len(pos)
+    for a in loaded.adatas.values():
+        g = slide_graph(a.obsm[keys.SPATIAL], float(a.uns[keys.UNS_GNNST][keys.MPP]), k=cfg.graph.k,
+                        radius_um=cfg.graph.radius_um)
+        edges += g.edge_index.shape[1]
+        nodes += len(g.pos)
     return edges / max(nodes, 1)
-
-
-def _pooled(sdir: Path, folds: list[dict]) -> dict:
-    """Per-gene Pearson over all held-out spots of all folds, averaged over the genes in every fold's
-    panel (``all``) and in every fold's top-50 HEG (``heg50``); panels are chosen per fold."""
-    import anndata as ad
-
-    from gnnst import keys
-    from gnnst.eval.metrics import pearson_per_gene
-
-    all_g = set.intersection(*[set(f["genes"]["all"]) for f in folds])
-    heg = set.intersection(*[set(f["genes"]["heg50"]) for f in folds])
-    genes = sorted(all_g)
-    ys, ps = [], []
-    for f in folds:
-        for s in f["test_slides"]:
-            path = sdir / "predictions" / f"{s}.h5ad"
-            if not path.is_file():
-                return {}
-            a = ad.read_h5ad(path)[:, genes]
-            ys.append(np.asarray(a.X, dtype=np.float64))
-            ps.append(np.asarray(a.layers[keys.PRED], dtype=np.float64))
-    r = pearson_per_gene(np.concatenate(ys), np.concatenate(ps))
-    heg_mask = np.isin(genes, sorted(heg))
-    return {"pcc_all_pooled": float(np.nanmean(r)), "pcc_heg50_pooled": float(np.nanmean(r[heg_mask])),
-            "n_genes_pooled": len(genes), "n_heg_pooled": int(heg_mask.sum())}
 
 
 def _ms(values) -> tuple[float, float]:
@@ -196,43 +173,72 @@ def _ms(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def _slide_values(folds: list[dict], key: str, baseline: str | None = None) -> dict[str, float]:
+    """Held-out slide -> its score ``key`` (a per-slide figure of :mod:`gnnst.metrics`, e.g.
+    ``pcc_heg_per_slide``), of the model or of ``baseline``."""
+    from gnnst.metrics import slide_score_key
+
+    sk = slide_score_key(key)
+    out = {}
+    for f in folds:
+        block = f if baseline is None else f["baselines"][baseline]
+        out.update({s: v[sk] for s, v in block["per_slide"].items()})
+    return out
+
+
+def _row(row: dict, folds: list[dict], summary: dict, none: dict, baseline: str | None = None) -> dict:
+    """Fill ``row`` with the ablation columns of one method: per-slide figures as mean ± sd over the held-out
+    slides (the mean is the run's summary figure), the paired difference to "none", the pooled figures."""
+    from gnnst.metrics import ABLATION_COLUMNS
+
+    for key in ABLATION_COLUMNS:
+        if key.endswith("_pooled"):
+            row[key] = summary.get(key, float("nan"))
+        else:
+            row[f"{key}_mean"], row[f"{key}_sd"] = _ms(list(_slide_values(folds, key, baseline).values()))
+    own = _slide_values(folds, "pcc_heg_per_slide", baseline)
+    # paired with "no graph" slide by slide: the slide-to-slide spread cancels
+    paired = [v - none[s] for s, v in own.items() if s in none]
+    row["delta_heg_vs_none_mean"], row["delta_heg_vs_none_sd"] = _ms(paired) if none else (np.nan, np.nan)
+    for kind, n in summary.get("n_genes_pooled", {}).items():
+        row[f"n_genes_pooled_{kind}"] = n
+    return row
+
+
 def ablation_rows(results: list[dict]) -> list[dict]:
-    """One row per setting (and one for the ridge baseline when it ran): mean and sd over folds."""
+    """One row per setting (and one per baseline of the first setting): the columns of
+    :data:`gnnst.metrics.ABLATION_COLUMNS`, each per-slide figure as mean and sd over held-out slides."""
     rows = []
-    none = next((r for r in results if not r["setting"].use_graph), None)
-    base = {f["name"]: f for f in none["metrics"]["folds"]} if none else {}
+    none_res = next((r for r in results if not r["setting"].use_graph), None)
+    none = _slide_values(none_res["metrics"]["folds"], "pcc_heg_per_slide") if none_res else {}
     for res in results:
         st, m = res["setting"], res["metrics"]
         folds = m["folds"]
         row = {"setting": st.name, "k": st.k, "radius_um": st.radius_um, "use_graph": st.use_graph,
-               "neighbours_per_spot": res["degree"], "folds": len(folds)}
-        for key in ("pcc_heg50_per_slide", "pcc_all_per_slide", "mse"):
-            row[f"{key}_mean"], row[f"{key}_sd"] = _ms([f[key] for f in folds])
-        # paired with "no graph" fold by fold: the fold-to-fold spread cancels
-        paired = [f["pcc_heg50_per_slide"] - base[f["name"]]["pcc_heg50_per_slide"] for f in folds if f["name"] in base]
-        row["delta_heg50_vs_none_mean"], row["delta_heg50_vs_none_sd"] = _ms(paired) if none else (np.nan, np.nan)
-        row.update(_pooled(res["dir"], folds))
+               "neighbours_per_spot": res["degree"], "slides": int(m["summary"].get("slides", 0))}
+        _row(row, folds, m["summary"], none)
         row["train_seconds"] = float(sum(f["train_seconds"] for f in folds))
         row["seconds"] = float(res["seconds"])
         row["cpu_seconds"] = float(res.get("cpu_seconds", float("nan")))
         rows.append(row)
-    first = results[0]["metrics"]["folds"] if results else []
-    if first and all("ridge" in f for f in first):
-        row = {"setting": "ridge", "k": None, "radius_um": None, "use_graph": False, "neighbours_per_spot": 0.0,
-               "folds": len(first)}
-        for key in ("pcc_heg50_per_slide", "pcc_all_per_slide", "mse"):
-            row[f"{key}_mean"], row[f"{key}_sd"] = _ms([f["ridge"][key] for f in first])
-        paired = [f["ridge"]["pcc_heg50_per_slide"] - base[f["name"]]["pcc_heg50_per_slide"] for f in first
-                  if f["name"] in base]
-        row["delta_heg50_vs_none_mean"], row["delta_heg50_vs_none_sd"] = _ms(paired) if none else (np.nan, np.nan)
-        rows.append(row)
+    first = results[0]["metrics"] if results else {}
+    for b, summary in first.get("baselines", {}).items():
+        row = {"setting": b, "k": None, "radius_um": None, "use_graph": b == "ridge_neighbours",
+               "neighbours_per_spot": 0.0, "slides": int(summary.get("slides", 0))}
+        rows.append(_row(row, first["folds"], summary, none, baseline=b))
     return rows
 
 
-CSV_COLUMNS = ("setting", "k", "radius_um", "use_graph", "neighbours_per_spot", "folds",
-               "pcc_heg50_per_slide_mean", "pcc_heg50_per_slide_sd", "pcc_all_per_slide_mean", "pcc_all_per_slide_sd",
-               "delta_heg50_vs_none_mean", "delta_heg50_vs_none_sd", "pcc_heg50_pooled", "pcc_all_pooled",
-               "n_heg_pooled", "n_genes_pooled", "mse_mean", "mse_sd", "train_seconds", "seconds", "cpu_seconds")
+def csv_columns() -> tuple[str, ...]:
+    """Columns of ``ablation.csv``, from :data:`gnnst.metrics.ABLATION_COLUMNS`."""
+    from gnnst.metrics import ABLATION_COLUMNS, SUBSET_KINDS
+
+    figures = []
+    for key in ABLATION_COLUMNS:
+        figures += [key] if key.endswith("_pooled") else [f"{key}_mean", f"{key}_sd"]
+    return (("setting", "k", "radius_um", "use_graph", "neighbours_per_spot", "slides") + tuple(figures)
+            + ("delta_heg_vs_none_mean", "delta_heg_vs_none_sd")
+            + tuple(f"n_genes_pooled_{k}" for k in SUBSET_KINDS) + ("train_seconds", "seconds", "cpu_seconds"))
 
 
 def _f(v, spec: str = ".3f") -> str:
@@ -240,39 +246,49 @@ def _f(v, spec: str = ".3f") -> str:
 
 
 def write_table(rows: list[dict], out: Path, *, cfg: "Config", timing: dict) -> None:
-    """``ablation.csv`` (every column) and ``ablation.md`` (the table for the README).
+    """``ablation.csv`` (every column) and ``ablation.md`` (the table for the README); columns, labels and
+    definitions from :mod:`gnnst.metrics`.
 
     ``timing``: ``seconds`` and ``cpu_seconds`` summed over the settings, ``load_seconds`` (reading and
     embedding, once).
     """
     import pandas as pd
 
+    from gnnst.eval.baselines import LABELS
     from gnnst.io import atomic_path, atomic_write_text
+    from gnnst.metrics import ABLATION_COLUMNS, MetricSet
 
-    df = pd.DataFrame([{c: r.get(c) for c in CSV_COLUMNS} for r in rows])
+    ms = MetricSet.from_config(cfg.eval)
+    columns = csv_columns()
+    df = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows])
     with atomic_path(out / "ablation.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.5g")
-    n_folds = rows[0]["folds"] if rows else 0
-    lines = [
-        "| setting | neighbours/spot | PCC HEG50 per slide | PCC all per slide | Δ HEG50 vs none (paired) "
-        "| PCC HEG50 pooled | PCC all pooled | MSE | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    n_slides = rows[0]["slides"] if rows else 0
+    heg = ms.subset_label("heg")
+    first_pooled = next(i for i, k in enumerate(ABLATION_COLUMNS) if k.endswith("_pooled"))
+    keys = list(ABLATION_COLUMNS[:first_pooled]) + ["delta"] + list(ABLATION_COLUMNS[first_pooled:])
+    delta_label = f"Δ {ms.label('pcc_heg_per_slide')} vs none (paired)"
+    head = ["setting", "neighbours/spot"] + [delta_label if k == "delta" else ms.label(k) for k in keys] + ["train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        name = {"none": "none (no graph)", "ridge": "ridge baseline"}.get(r["setting"], r["setting"])
+        name = {"none": "none (no graph)"}.get(r["setting"], LABELS.get(r["setting"], r["setting"]))
         pm = lambda key: f"{_f(r[key + '_mean'])} ± {_f(r[key + '_sd'])}"  # noqa: E731
-        delta = "–" if r["setting"] == "none" else pm("delta_heg50_vs_none")
-        lines.append(f"| {name} | {_f(r['neighbours_per_spot'], '.1f')} | {pm('pcc_heg50_per_slide')} | "
-                     f"{pm('pcc_all_per_slide')} | {delta} | {_f(r.get('pcc_heg50_pooled'))} | "
-                     f"{_f(r.get('pcc_all_pooled'))} | {pm('mse')} | {_f(r.get('train_seconds'), '.0f')} |")
-    pooled = next((r for r in rows if "n_genes_pooled" in r), {})
+
+        def cell(k: str) -> str:
+            if k == "delta":
+                return "–" if r["setting"] == "none" else pm("delta_heg_vs_none")
+            return _f(r.get(k)) if k.endswith("_pooled") else pm(k)
+
+        cells = [name, _f(r["neighbours_per_spot"], ".1f")] + [cell(k) for k in keys] + [_f(r.get("train_seconds"), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    pooled = next((r for r in rows if "n_genes_pooled_heg" in r), {})
     lines += [
         "",
-        f"Mean ± sd over {n_folds} folds ({cfg.eval.folds} folds; each fold's panel and HEG50 chosen on its training "
-        f"slides); {cfg.ablation.ensemble} model(s) per fold. Δ: per-fold difference to \"none\" (same folds, "
-        f"seeds and panels). Pooled: per-gene Pearson over the held-out spots of all folds, averaged over the "
-        f"{pooled.get('n_heg_pooled', '?')} HEG50 / {pooled.get('n_genes_pooled', '?')} panel genes shared by "
-        f"every fold. Train s: training time summed over folds. Wall time {timing['seconds'] / 60:.1f} min for "
+        f"Mean ± sd over the {n_slides} held-out slides ({cfg.eval.folds} folds; each fold's panel and {heg} chosen "
+        f"on its training slides); {cfg.ablation.ensemble} model(s) per fold. Δ: per-slide difference to \"none\" "
+        f"(same folds, seeds and panels). Pooled: {ms.definition('pcc_heg_pooled')}; here "
+        f"{pooled.get('n_genes_pooled_heg', '?')} {heg} / {pooled.get('n_genes_pooled_all', '?')} panel genes. "
+        f"Train s: training time summed over folds. Wall time {timing['seconds'] / 60:.1f} min for "
         f"the settings + {timing['load_seconds']:.0f} s reading the slides and cached embeddings once; CPU time "
         f"(user + system, all threads) {_f(timing['cpu_seconds'] / 60, '.1f')} min.",
     ]
@@ -280,22 +296,24 @@ def write_table(rows: list[dict], out: Path, *, cfg: "Config", timing: dict) -> 
 
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
-    """PCC (mean ± sd over folds) against k and against radius; "no graph" and ridge as reference lines."""
+    """PCC (mean ± sd over held-out slides) against k and against radius; "no graph" and the baselines as
+    reference lines."""
+    from gnnst.eval.baselines import LABELS
     from gnnst.eval.figures import agg_figure
     from gnnst.io import atomic_path
 
     ks = sorted((r for r in rows if r["k"] is not None and r["radius_um"] is None), key=lambda r: r["k"])
     rs = sorted((r for r in rows if r["radius_um"] is not None and r["k"] is None), key=lambda r: r["radius_um"])
     both = [r for r in rows if r["k"] is not None and r["radius_um"] is not None]
-    refs = {r["setting"]: r for r in rows if r["setting"] in ("none", "ridge")}
+    refs = {r["setting"]: r for r in rows if not (r["k"] or r["radius_um"])}  # "none" and the baselines
     panels = [(p, lab, x) for p, lab, x in ((ks, "k nearest spots", "k"), (rs, "radius (µm)", "radius_um")) if p]
     if both:
         panels.append((both, "k and radius", None))
     panels = panels or [([], "setting", None)]
     fig = agg_figure(figsize=(4.6 * len(panels) + 0.6, 7.8))
     axes = fig.subplots(2, len(panels), squeeze=False, sharey="row", gridspec_kw={"height_ratios": [1.6, 1]})
-    series = (("pcc_heg50_per_slide", "top-50 HEG", "#1b9e77", "o"), ("pcc_all_per_slide", "all panel genes",
-                                                                       "#7570b3", "s"))
+    series = (("pcc_heg_per_slide", "top HEG", "#1b9e77", "o"), ("pcc_all_per_slide", "all panel genes",
+                                                                 "#7570b3", "s"))
     for j, (pts, label, xkey) in enumerate(panels):
         ax, axd = axes[0, j], axes[1, j]
         x = np.array([r[xkey] for r in pts], dtype=float) if xkey else np.arange(len(pts), dtype=float)
@@ -309,14 +327,15 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
                 ax.axhline(ref[f"{key}_mean"], color=colour, ls="--", lw=1.1, label=f"no graph, {name}")
                 ax.axhspan(ref[f"{key}_mean"] - ref[f"{key}_sd"], ref[f"{key}_mean"] + ref[f"{key}_sd"], color=colour,
                            alpha=0.07)
-            if "ridge" in refs:
-                ax.axhline(refs["ridge"][f"{key}_mean"], color=colour, ls=":", lw=1.1, label=f"ridge, {name}")
+            for b, ls in (("ridge", ":"), ("ridge_neighbours", "-.")):
+                if b in refs:
+                    ax.axhline(refs[b][f"{key}_mean"], color=colour, ls=ls, lw=1.1, label=f"{LABELS[b]}, {name}")
         for xi, r in zip(x, pts):
-            ax.annotate(f"{r['neighbours_per_spot']:.1f} nbrs", (xi, r["pcc_heg50_per_slide_mean"]),
+            ax.annotate(f"{r['neighbours_per_spot']:.1f} nbrs", (xi, r["pcc_heg_per_slide_mean"]),
                         textcoords="offset points", xytext=(0, 9), ha="center", fontsize=7, color="#555555")
         if len(pts):
-            axd.errorbar(x, [r["delta_heg50_vs_none_mean"] for r in pts],
-                         yerr=[r["delta_heg50_vs_none_sd"] for r in pts], color="#1b9e77", marker="o", capsize=3, lw=1.5)
+            axd.errorbar(x, [r["delta_heg_vs_none_mean"] for r in pts],
+                         yerr=[r["delta_heg_vs_none_sd"] for r in pts], color="#1b9e77", marker="o", capsize=3, lw=1.5)
         axd.axhline(0, color="k", lw=0.8, ls="--")
         if xkey is None:
             for a in (ax, axd):
@@ -328,8 +347,8 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
         axd.margins(x=0.12)
         ax.set_title(f"graph by {label}", fontsize=10)
         axd.set_xlabel(label)
-    axes[0, 0].set_ylabel("PCC per held-out slide\n(mean ± sd over folds)")
-    axes[1, 0].set_ylabel("Δ PCC HEG50 vs no graph\n(paired per fold, mean ± sd)")
+    axes[0, 0].set_ylabel("PCC per held-out slide\n(mean ± sd over slides)")
+    axes[1, 0].set_ylabel("Δ PCC top HEG vs no graph\n(paired per slide, mean ± sd)")
     handles, labels = axes[0, -1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("neighbourhood ablation: leave-one-out cross-validation (nbrs = mean neighbours per spot)",

@@ -1,0 +1,329 @@
+"""Cross-validation, the evaluation protocol: per fold, everything is chosen on the training slides only.
+
+Per fold (:func:`gnnst.train.prepare.prepare_training`): gene panel and reported subsets from the
+training slides; target standardisation from the training spots; a validation split carved from the
+training slides for early stopping, checkpoint and blend choice. The fold's ensemble becomes a
+:class:`~gnnst.predictor.TrainedModel` (written as ``folds/<fold>/model.pt``) and the held-out slides
+are scored THROUGH it (:meth:`TrainedModel.predict`: the image side alone, the same code as ``gnnst
+predict``), then compared with their measured expression (:mod:`gnnst.metrics`). The baselines of
+``eval.baselines`` (:mod:`gnnst.eval.baselines`) run on the same folds, panels and embeddings.
+``eval.select_on_heldout`` switches to the LEAKY protocol of the literature (for comparison only; see
+:mod:`gnnst.train.prepare`), and every output of such a run says LEAKY.
+
+The input is one :class:`~gnnst.graph.dataset.LoadedSlides` (entries, raw-count AnnData, embeddings,
+encoder identity), read once and shareable between runs (``gnnst ablate``, the accuracy benchmark).
+
+Writes into ``out``: ``config.yaml``, ``train.log``; per fold ``folds/<fold>/member<i>/{last,best}.pt``,
+``model.pt``, ``result.json`` and ``heldout.npz`` (the held-out measurements and every method's
+predictions, for the summary across folds and ``--resume``); ``predictions/<slide>.h5ad`` per held-out
+slide (:mod:`gnnst.predictions`); ``final/model.pt`` (``eval.final_model``); ``metrics.json``; ``figures/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gnnst import __version__
+from gnnst.errors import GnnstError
+
+if TYPE_CHECKING:
+    from gnnst.config import Config
+    from gnnst.eval.splits import Fold
+    from gnnst.metrics import FoldPredictions, MetricSet
+    from gnnst.train.prepare import TrainingSet
+
+log = logging.getLogger("gnnst")
+
+MODEL = "model"  # the method name of the trained model among the baselines in heldout.npz
+HELDOUT = "heldout.npz"  # per fold: y_<i> and p_<method>_<i> for the i-th test slide
+
+
+def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progress: bool = True,
+                 loaded=None, fit_model: bool = True) -> dict:
+    """Cross-validate ``cfg`` on its manifest's slides; returns (and writes) ``metrics.json``.
+
+    Args:
+        cfg: the resolved config.
+        out: output folder (see the module docstring).
+        resume: reuse finished folds (``result.json`` + ``heldout.npz``) and member checkpoints.
+        loaded: slides already read and embedded by :func:`gnnst.graph.dataset.load_and_embed` with the
+            same ``data``/``patch``/``encoder`` config (shared by the settings of ``gnnst ablate``).
+        fit_model: ``False`` fits and scores only the baselines (no model, predictions or final model).
+    """
+    from gnnst.config import config_to_dict, dump_config
+    from gnnst.data.encoders import resolve_device, set_cpu_threads
+    from gnnst.data.manifest import load_manifest
+    from gnnst.eval.splits import make_folds
+    from gnnst.graph.dataset import load_and_embed
+    from gnnst.io import atomic_write_json
+    from gnnst.metrics import MetricSet, summarise
+    from gnnst.models import list_models
+    from gnnst.train.distributed import current
+    from gnnst.train.prepare import LEAKY
+
+    t_all = time.perf_counter()
+    out = Path(out)
+    if fit_model and cfg.model.name not in list_models():
+        raise GnnstError(f"config key 'model.name': unknown model {cfg.model.name!r} (known: {', '.join(list_models())})")
+    main = current().is_main  # only the main process writes outputs
+    progress = progress and main
+    entries = load_manifest(cfg.data.manifest).select(cfg.data.slides)
+    folds = select_folds(make_folds({e.slide_id: e.patient_id or e.slide_id for e in entries}, mode=cfg.eval.folds),
+                         cfg.eval.only_folds)
+    if cfg.eval.select_on_heldout:
+        log.warning("%s: for comparison with published numbers only, not a valid estimate", LEAKY)
+    if loaded is None:
+        loaded = load_and_embed(cfg, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        dump_config(cfg, out / "config.yaml")
+    set_cpu_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    ms = MetricSet.from_config(cfg.eval)
+    methods = ([MODEL] if fit_model else []) + list(cfg.eval.baselines)
+    records: dict[str, list] = {m: [] for m in methods}
+    fold_results = []
+    for fi, fold in enumerate(folds):
+        fdir = out / "folds" / fold.name
+        done = _load_fold(fdir, fold, methods) if resume else None
+        if done is not None:
+            log.info("fold %s: already done, reusing %s", fold.name, fdir / "result.json")
+            result, preds = done
+        else:
+            log.info("fold %d/%d %s: train %s, test %s%s", fi + 1, len(folds), fold.name, fold.train_slides,
+                     fold.test_slides, " (patient-disjoint)" if fold.patient_disjoint else "")
+            result, preds = run_fold(cfg, loaded, fold, fdir, ms=ms, methods=methods, resume=resume, device=device,
+                                     progress=progress, main=main, run_config=config_to_dict(cfg), out=out)
+        fold_results.append(result)
+        for m in methods:
+            records[m].append(preds[m])
+    metrics = {"gnnst_version": __version__, "protocol": LEAKY if cfg.eval.select_on_heldout else "honest",
+               "model": cfg.model.name if fit_model else None, "definitions": ms.describe()}
+    if fit_model:
+        disjoint = [r for r in records[MODEL] if r.patient_disjoint]
+        metrics["summary"] = summarise(records[MODEL])
+        metrics["summary_patient_disjoint"] = summarise(disjoint)
+    metrics["baselines"] = {b: summarise(records[b]) for b in cfg.eval.baselines}
+    metrics["baselines_patient_disjoint"] = {b: summarise([r for r in records[b] if r.patient_disjoint])
+                                             for b in cfg.eval.baselines}
+    metrics["folds"] = fold_results
+    metrics["train_seconds_per_fold"] = (float(np.mean([r["train_seconds"] for r in fold_results]))
+                                         if fit_model and fold_results else 0.0)
+    if fit_model and cfg.eval.final_model:
+        fit_final(cfg, loaded, out / "final", fold_results=fold_results, resume=resume, device=device,
+                  progress=progress, main=main)
+    metrics["config"] = config_to_dict(cfg)
+    metrics["seconds_total"] = time.perf_counter() - t_all
+    metrics["embedding_timings"] = dict(loaded.timer.totals)
+    if main:
+        atomic_write_json(out / "metrics.json", metrics)
+    if main and fit_model and cfg.eval.figures:
+        _write_figures(out)
+    return metrics
+
+
+def select_folds(folds: list["Fold"], only: list[str] | None) -> list["Fold"]:
+    """``folds`` restricted to ``eval.only_folds`` (fold names or test slide ids); an unknown one raises."""
+    if not only:
+        return folds
+    names = {f.name for f in folds} | {s for f in folds for s in f.test_slides}
+    bad = [n for n in only if n not in names]
+    if bad:
+        raise GnnstError(f"config key 'eval.only_folds': unknown fold '{bad[0]}' (folds: {sorted(names)})")
+    return [f for f in folds if f.name in only or set(f.test_slides) & set(only)]
+
+
+def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet", methods: list[str], resume: bool,
+             device, progress: bool, main: bool, run_config: dict, out: Path) -> tuple[dict, dict]:
+    """One fold: train, score the held-out slides through the fold's TrainedModel, fit the baselines,
+    write the fold's files; returns ``(result, {method: FoldPredictions})``."""
+    from gnnst.eval.baselines import fit_baseline
+    from gnnst.io import atomic_write_json
+    from gnnst.metrics import FoldPredictions, report_subsets, summarise
+    from gnnst.predictor import EncoderInfo
+    from gnnst.train.ensemble import fit_ensemble
+    from gnnst.train.prepare import prepare_training
+
+    t_fold = time.perf_counter()
+    fdir.mkdir(parents=True, exist_ok=True)
+    ts = prepare_training(cfg, loaded, fold.train_slides, fold.test_slides,
+                          select_on_heldout=cfg.eval.select_on_heldout)
+    subsets = report_subsets(ts.panel.genes, ts.panel.heg, ts.panel.hvg, _selection_expression(cfg, ts), ms)
+    y_test = {s: ts.graphs[s].y.numpy().astype(np.float32) for s in fold.test_slides}
+    preds: dict[str, dict] = {}
+    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets}
+    if MODEL in methods:
+        ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(loaded.encoder),
+                           resume=resume, device=device, progress=progress)
+        if main:
+            ens.model.save(fdir / "model.pt")
+        got = ens.model.predict([ts.graphs[s] for s in fold.test_slides], device=device, members=False)
+        preds[MODEL] = {s: p.expression for s, p in zip(fold.test_slides, got)}
+        result.update({"best_epochs": [f.best_epoch for f in ens.fits],
+                       "val_pcc_members": [f.best_score for f in ens.fits], "val_pcc_ensemble": ens.val_score,
+                       "blend_alpha": ens.model.blend_alpha, "train_seconds": sum(f.seconds for f in ens.fits),
+                       "nodes_per_second": float(np.mean([f.nodes_per_second for f in ens.fits])),
+                       "epochs_run": [len(f.history) for f in ens.fits]})
+    seconds = {}
+    for b in methods:
+        if b != MODEL:
+            t0 = time.perf_counter()
+            preds[b] = fit_baseline(b, ts, fold.test_slides, cfg.seed)
+            seconds[b] = time.perf_counter() - t0
+    fps = {m: FoldPredictions(fold.name, list(ts.panel.genes), subsets, y_test, preds[m], fold.patient_disjoint)
+           for m in methods}
+    if MODEL in methods:
+        result.update(_fold_block(fps[MODEL], per_gene=True))
+    result["baselines"] = {b: {**_fold_block(fps[b], per_gene=False), "seconds": seconds[b]} for b in seconds}
+    result["fold_seconds"] = time.perf_counter() - t_fold
+    if main:
+        _save_heldout(fdir / HELDOUT, fold, y_test, preds)
+        if MODEL in methods:
+            _write_predictions(out, loaded, ts, fold, ens.model, preds[MODEL], y_test, result, run_config)
+        atomic_write_json(fdir / "result.json", result)
+    head = summarise([fps[MODEL]]) if MODEL in methods else {}
+    log.info("fold %s: PCC %s per slide %.3f%s, all %.3f, blend alpha %s, %.1f s", fold.name,
+             ms.subset_label("heg"), head.get("pcc_heg_per_slide", float("nan")),
+             "".join(f" ({b} {result['baselines'][b]['pcc_heg_per_slide']:.3f})" for b in result["baselines"]),
+             head.get("pcc_all_per_slide", float("nan")), result.get("blend_alpha"), result["fold_seconds"])
+    return result, fps
+
+
+def _selection_expression(cfg: "Config", ts: "TrainingSet") -> np.ndarray | None:
+    """The normalised expression the reported HVG are chosen on (``eval.hvg: variance``): the training
+    slides, or every slide of the fold under the LEAKY protocol."""
+    if cfg.eval.hvg != "variance":
+        return None
+    slides = ts.train_slides + (ts.test_slides if cfg.eval.select_on_heldout else [])
+    return np.concatenate([ts.graphs[s].y.numpy().astype(np.float32) for s in slides])
+
+
+def _fold_block(fp: "FoldPredictions", *, per_gene: bool) -> dict:
+    """A fold's figures (:func:`gnnst.metrics.summarise` over this fold) and its per-slide scores."""
+    from gnnst.metrics import summarise
+
+    block = summarise([fp])
+    block["per_slide"] = {s: (v if per_gene else {k: x for k, x in v.items() if k != "pcc_per_gene"})
+                          for s, v in fp.slide_scores().items()}
+    return block
+
+
+def _save_heldout(path: Path, fold: "Fold", y: dict, preds: dict) -> None:
+    from gnnst.io import atomic_path
+
+    arrays = {f"y_{i}": y[s] for i, s in enumerate(fold.test_slides)}
+    for m, p in preds.items():
+        arrays.update({f"p_{m}_{i}": p[s] for i, s in enumerate(fold.test_slides)})
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_fold(fdir: Path, fold: "Fold", methods: list[str]) -> tuple[dict, dict] | None:
+    """A finished fold's ``(result, {method: FoldPredictions})``, or ``None`` when it is not (completely)
+    there or lacks a method of this run."""
+    from gnnst.metrics import FoldPredictions
+
+    res, npz = fdir / "result.json", fdir / HELDOUT
+    if not (res.is_file() and npz.is_file()):
+        return None
+    result = json.loads(res.read_text())
+    with np.load(npz) as z:
+        if any(f"p_{m}_0" not in z for m in methods):
+            return None
+        y = {s: z[f"y_{i}"] for i, s in enumerate(fold.test_slides)}
+        fps = {m: FoldPredictions(fold.name, list(result["genes"]["all"]), result["genes"], y,
+                                  {s: z[f"p_{m}_{i}"] for i, s in enumerate(fold.test_slides)}, fold.patient_disjoint)
+               for m in methods}
+    return result, fps
+
+
+def _write_predictions(out: Path, loaded, ts: "TrainingSet", fold: "Fold", model, preds: dict, y: dict,
+                       result: dict, run_config: dict) -> None:
+    """``predictions/<slide>.h5ad`` of each held-out slide (measured in ``X``, prediction in the layer)."""
+    from gnnst import keys
+    from gnnst.io import atomic_write_h5ad
+    from gnnst.predictions import prediction_anndata
+
+    for s in fold.test_slides:
+        g, adata = ts.graphs[s], loaded.adatas[s]
+        meta = adata.uns[keys.UNS_GNNST]
+        scores = {k: v for k, v in result["per_slide"][s].items() if k != "pcc_per_gene"}
+        out_a = prediction_anndata(model, preds[s], slide_id=s, barcodes=list(adata.obs_names),
+                                   pixel=adata.obsm[keys.SPATIAL], mpp=meta[keys.MPP], graph=g,
+                                   embeddings=g.x.numpy(), measured=y[s], image_path=meta.get(keys.IMAGE_PATH),
+                                   image_scalef=meta.get(keys.IMAGE_SCALEF, 1.0),
+                                   config=run_config, metrics=scores)
+        atomic_write_h5ad(out_a, out / "predictions" / f"{s}.h5ad")
+
+
+def cv_per_gene(fold_results: list[dict], genes: list[str]) -> dict:
+    """Per-gene cross-validated PCC of a run for ``genes`` (the final model's panel, in its order), its
+    :attr:`TrainedModel.cv`: over every held-out slide whose fold panel holds the gene, the mean and sd
+    (``ddof=1``) of the gene's Pearson r on that slide, the number of slides, and the mean over the
+    patient-disjoint folds' slides; ``None`` where no fold's panel holds the gene (count 0)."""
+    per_gene: dict[str, list[float]] = {}
+    disjoint: dict[str, list[float]] = {}
+    for f in fold_results:
+        for v in f.get("per_slide", {}).values():
+            for g, r in zip(f["genes"]["all"], v.get("pcc_per_gene", [])):
+                if r is None:
+                    continue
+                per_gene.setdefault(g, []).append(r)
+                if f["patient_disjoint"]:
+                    disjoint.setdefault(g, []).append(r)
+    genes = list(genes)
+    return {"genes": genes,
+            "pcc_mean": [float(np.mean(per_gene[g])) if g in per_gene else None for g in genes],
+            "pcc_sd": [float(np.std(per_gene[g], ddof=1)) if len(per_gene.get(g, [])) > 1 else None for g in genes],
+            "n_slides": [len(per_gene.get(g, [])) for g in genes],
+            "pcc_patient_disjoint": [float(np.mean(disjoint[g])) if g in disjoint else None for g in genes],
+            "definition": "Pearson r of the gene on each held-out slide of the run's folds (folds whose panel "
+                          "holds it): mean, sd (ddof=1) and count over those slides; patient_disjoint: mean over "
+                          "the slides of patient-disjoint folds"}
+
+
+def fit_final(cfg: "Config", loaded, fdir: Path, *, fold_results: list[dict], resume: bool, device,
+              progress: bool, main: bool = True) -> Path:
+    """Train on every slide of ``loaded`` exactly as a fold trains on its training slides and write
+    ``fdir/model.pt`` (``fold.name == "final"``, no test slides, :attr:`TrainedModel.cv` from the finished
+    folds' ``fold_results``, :func:`cv_per_gene`). With ``resume`` a finished one is kept."""
+    from gnnst.predictor import EncoderInfo
+    from gnnst.train.ensemble import fit_ensemble
+    from gnnst.train.prepare import prepare_training
+
+    path = fdir / "model.pt"
+    if resume and path.is_file():
+        log.info("final model: already trained, reusing %s", path)
+        return path
+    slides = [e.slide_id for e in loaded.entries]
+    log.info("final model: training on all %d slides (%s)", len(slides), ", ".join(slides))
+    t0 = time.perf_counter()
+    fdir.mkdir(parents=True, exist_ok=True)
+    ts = prepare_training(cfg, loaded, slides, [])
+    fold = {"name": "final", "train_slides": slides, "test_slides": [], "patient_disjoint": False}
+    ens = fit_ensemble(cfg, ts, fdir, fold=fold, encoder=EncoderInfo.from_dict(loaded.encoder), resume=resume,
+                       device=device, progress=progress)
+    ens.model.cv = cv_per_gene(fold_results, ens.model.panel.genes)
+    if main:
+        ens.model.save(path)
+    log.info("final model: %s (validation PCC %.3f, blend alpha %s, %.1f s)", path, ens.val_score,
+             ens.model.blend_alpha, time.perf_counter() - t0)
+    return path
+
+
+def _write_figures(out: Path) -> None:
+    """The run's figures; a failure is logged, not raised (metrics and predictions are already written)."""
+    from gnnst.eval.figures import plot_run
+
+    try:
+        paths = plot_run(out)
+    except Exception as e:  # figures must not turn a finished training run into a failure
+        log.warning("figures not written (%s: %s); retry with `gnnst plot --run %s`", type(e).__name__, e, out)
+        return
+    log.info("figures: %s", ", ".join(p.name for p in paths))

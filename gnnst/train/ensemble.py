@@ -1,0 +1,106 @@
+"""An ensemble of one registered model, its head/retrieval blend chosen on validation spots, packaged as
+the :class:`~gnnst.predictor.TrainedModel` that prediction loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from gnnst.config import Config
+    from gnnst.predictor import EncoderInfo, TrainedModel
+    from gnnst.train.prepare import TrainingSet
+    from gnnst.train.trainer import FitResult
+
+log = logging.getLogger("gnnst")
+
+BLEND_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # weights of the regression head tried on the validation spots
+
+
+@dataclass
+class EnsembleFit:
+    """What :func:`fit_ensemble` produced.
+
+    Attributes:
+        model: the trained model (members, blend weight, panel, scaling, ...).
+        fits: each member's :class:`~gnnst.train.trainer.FitResult`.
+        val_score: validation score of the ensemble at the chosen blend weight.
+        blend_scores: validation score per blend weight tried (empty when none was chosen).
+    """
+
+    model: "TrainedModel"
+    fits: list["FitResult"]
+    val_score: float
+    blend_scores: dict[float, float] = field(default_factory=dict)
+
+
+def choose_blend(cfg: "Config", modes: tuple[str, ...], val_preds: dict, val_y: list[np.ndarray],
+                 val_masks: list[np.ndarray]) -> tuple[float, dict[float, float]]:
+    """The weight ``alpha`` of the head (``1 - alpha`` on retrieval) and the scores it was chosen by.
+
+    Models with one prediction mode take it (head: 1, retrieval: 0). Models with both choose among
+    :data:`BLEND_ALPHAS` on the validation spots when ``train.select_blend``; otherwise the model's own
+    ``predict_mode`` / ``blend_alpha`` apply. ``val_preds``: ``{mode: [N_s, G] per validation graph}``
+    averaged over the members.
+    """
+    from gnnst.models.base import blend
+    from gnnst.train.trainer import validation_score
+
+    if modes == ("head",):
+        return 1.0, {}
+    if modes == ("retrieval",):
+        return 0.0, {}
+    if cfg.train.select_blend and sum(len(v) for v in val_y) > 1:
+        scores = {a: validation_score(val_y, [blend(h, r, a)[mk] for h, r, mk in
+                                              zip(val_preds["head"], val_preds["retrieval"], val_masks)])
+                  for a in BLEND_ALPHAS}
+        alpha = max(scores, key=lambda a: (scores[a], a))
+        log.info("blend weight of the head chosen on validation spots: %s (scores %s)", alpha,
+                 {a: round(v, 4) for a, v in scores.items()})
+        return alpha, scores
+    return {"head": 1.0, "retrieval": 0.0}.get(cfg.model.predict_mode, cfg.model.blend_alpha), {}
+
+
+def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, encoder: "EncoderInfo",
+                 resume: bool, device, progress: bool) -> EnsembleFit:
+    """Train ``cfg.train.ensemble`` models ``cfg.model.name`` (seeds ``cfg.seed + i``) on ``ts`` through
+    :func:`gnnst.train.trainer.fit` (checkpoints in ``fdir/member<i>``), choose the blend weight on the
+    validation spots (:func:`choose_blend`), and package them as a :class:`~gnnst.predictor.TrainedModel`
+    (``fold``: its ``{'name', 'train_slides', 'test_slides', 'patient_disjoint'}``)."""
+    import torch
+
+    from gnnst.models import create_model
+    from gnnst.models.base import blend
+    from gnnst.predictor import TrainedModel, predict_graphs
+    from gnnst.train.trainer import fit, validation_score
+
+    tc = cfg.train
+    kw = dict(batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, device=device)
+    fits, states, modes, val_sum = [], [], None, None
+    for i in range(tc.ensemble):
+        mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
+        torch.manual_seed(mcfg.seed)
+        model = create_model(cfg.model.name, in_dim=ts.in_dim, num_genes=len(ts.panel.genes), cfg=cfg.model)
+        fits.append(fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
+                        device=device, progress=progress))
+        states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        modes = modes or tuple(model.prediction_modes)
+        v = predict_graphs(model, ts.val, modes=modes, **kw)
+        val_sum = v if val_sum is None else {m: [a + b for a, b in zip(val_sum[m], v[m])] for m in modes}
+    n = len(fits)
+    val_avg = {m: [a / n for a in val_sum[m]] for m in modes}
+    val_y = [g.y.numpy()[mk] for g, mk in zip(ts.val, ts.val_masks)]
+    alpha, scores = choose_blend(cfg, modes, val_avg, val_y, ts.val_masks)
+    mixed = val_avg[modes[0]] if len(modes) == 1 else \
+        [blend(h, r, alpha) for h, r in zip(val_avg["head"], val_avg["retrieval"])]
+    val_score = validation_score(val_y, [p[mk] for p, mk in zip(mixed, ts.val_masks)]) if val_y else float("nan")
+    tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
+                      patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
+                      graph=cfg.graph, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, states=states,
+                      blend_alpha=alpha, fold=dict(fold), protocol=ts.protocol)
+    return EnsembleFit(model=tm, fits=fits, val_score=val_score, blend_scores=scores)

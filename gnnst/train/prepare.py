@@ -1,0 +1,142 @@
+"""What a fit needs, chosen on the training slides only: the gene panel, the graphs, the validation
+blocks and the target scaling (:func:`prepare_training`, shared by the cross-validation folds and the
+final model).
+
+Honest protocol (default): the panel and the target standardisation come from the training spots;
+validation blocks (early stopping, checkpoint, blend weight) are carved from the training slides; the
+held-out slides are only predicted. With ``select_on_heldout`` (``eval.select_on_heldout``, LEAKY, for
+comparison with published numbers only) the panel is chosen on all slides including the held-out ones
+and the held-out slides are the validation set.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch_geometric.data import Data
+
+    from gnnst.config import Config
+    from gnnst.data.expression import GenePanel
+    from gnnst.predictor import TargetScaler
+
+LEAKY = ("LEAKY (eval.select_on_heldout): gene panel and reported subsets chosen on all slides including "
+         "the held-out one; early stopping, checkpoint and blend chosen on the held-out slide")
+
+
+def carve_validation(graphs: Sequence["Data"], fraction: float, seed: int) -> list[np.ndarray]:
+    """Per training slide, a ``[N]`` bool mask of validation spots: whole spatial blocks, about
+    ``fraction`` of each slide, so validation spots are not surrounded by training spots."""
+    from gnnst.graph.sampler import spatial_tiles
+
+    rng = np.random.default_rng(seed)
+    masks = []
+    for g in graphs:
+        n = g.num_nodes
+        mask = np.zeros(n, dtype=bool)
+        if fraction > 0 and n >= 8:
+            tiles = spatial_tiles(g.pos.numpy(), max(int(math.ceil(n * fraction / 2)), 1))
+            for t in rng.permutation(len(tiles)):
+                if mask.sum() >= fraction * n:
+                    break
+                mask[tiles[t]] = True
+        masks.append(mask)
+    return masks
+
+
+def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
+    """The graph restricted to nodes ``keep`` ``[N]`` bool (edges among them only)."""
+    import torch
+    from torch_geometric.data import Data
+
+    k = torch.from_numpy(keep)
+    remap = torch.full((g.num_nodes,), -1, dtype=torch.long)
+    remap[k] = torch.arange(int(k.sum()))
+    src, dst = g.edge_index
+    e = k[src] & k[dst]
+    out = Data(x=g.x[k], pos=g.pos[k], edge_index=remap[g.edge_index[:, e]], edge_attr=g.edge_attr[e],
+               num_nodes=int(k.sum()))
+    if getattr(g, "y", None) is not None:
+        out.y = g.y[k]
+    return out
+
+
+def scaled(g: "Data", scaler: "TargetScaler") -> "Data":
+    """``g`` with ``y`` standardised by ``scaler``; shares x, pos and the edges with ``g`` (a clone would
+    double a large slide); the storage dtype of ``y`` is kept."""
+    import torch
+
+    d = copy.copy(g)
+    y = g.y.numpy()
+    d.y = torch.from_numpy(scaler.transform(y).astype(y.dtype))
+    return d
+
+
+@dataclass
+class TrainingSet:
+    """The inputs of one fit (see :func:`prepare_training`).
+
+    Attributes:
+        panel: the gene panel (columns of every ``y``).
+        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled).
+        train_slides, test_slides: the slides.
+        train: training parts of the training slides (validation spots removed), ``y`` standardised.
+        val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised.
+        val_masks: ``[N]`` bool per ``val`` graph.
+        scaler: the standardisation (training spots only).
+        protocol: ``"honest"`` or :data:`LEAKY`.
+    """
+
+    panel: "GenePanel"
+    graphs: dict
+    train_slides: list[str]
+    test_slides: list[str]
+    train: list
+    val: list
+    val_masks: list[np.ndarray]
+    scaler: "TargetScaler"
+    protocol: str = "honest"
+
+    @property
+    def train_full(self) -> list:
+        """The whole training slides (validation spots included), unscaled."""
+        return [self.graphs[s] for s in self.train_slides]
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.train[0].x.shape[1])
+
+
+def prepare_training(cfg: "Config", loaded, train_slides: Sequence[str], test_slides: Sequence[str], *,
+                     select_on_heldout: bool = False) -> TrainingSet:
+    """What a fit needs, from ``train_slides`` only (unless ``select_on_heldout``, see the module docstring).
+
+    ``loaded``: the slides read and embedded once (:class:`gnnst.graph.dataset.LoadedSlides`).
+    """
+    from gnnst.data.expression import select_panel
+    from gnnst.graph.dataset import make_graphs
+    from gnnst.predictor import TargetScaler
+
+    train_slides, test_slides = list(train_slides), list(test_slides)
+    leaky = select_on_heldout and bool(test_slides)
+    panel_slides = train_slides + test_slides if leaky else train_slides
+    panel = select_panel([loaded.adatas[s] for s in panel_slides], cfg.expression)
+    graphs = make_graphs(loaded, cfg, panel, train_slides + test_slides)
+    train_full = [graphs[s] for s in train_slides]
+    if leaky:
+        train_parts = train_full
+        val_graphs = [graphs[s] for s in test_slides]
+        val_masks = [np.ones(g.num_nodes, dtype=bool) for g in val_graphs]
+    else:
+        val_graphs = train_full
+        val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+        train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
+    scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_parts]))
+    return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
+                       train=[scaled(g, scaler) for g in train_parts], val=[scaled(g, scaler) for g in val_graphs],
+                       val_masks=val_masks, scaler=scaler, protocol=LEAKY if leaky else "honest")
