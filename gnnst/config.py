@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
 from gnnst.models.config import ModelConfig
 
@@ -30,17 +29,38 @@ class DataConfig:
 
 @dataclass
 class PatchConfig:
-    size_um: float = 150.0  # physical side of the square patch cut around each spot centre
+    # physical side of the square patch cut around each spot centre; null = the encoder's own (its input
+    # size at the µm per pixel it was trained at: 112 for UNI, H-optimus, Virchow2...; 150 for the default)
+    size_um: float | None = None
     pad_value: int = 255  # fill for the part of a border patch that lies outside the image (white)
 
 
 @dataclass
 class EncoderConfig:
-    name: str = "efficientnet_lite0"  # registry name, "timm:<model>" or "torchscript:<path>"
-    checkpoint: str | None = None  # local weights file for the encoder (e.g. UNI for timm:vit_large_patch16_224)
-    batch_size: int = CPU_BATCH_SIZE  # patches per forward pass (see gnnst.data.encoders); 64+ on a GPU
+    name: str = "efficientnet_lite0"  # registry name, recipe (uni, uni2-h, h-optimus-0, ...), "timm:<model>" or "torchscript:<path>"
+    checkpoint: str | None = None  # local weights file (a recipe's file as its authors distribute it, or timm:<model>'s)
+    # architecture arguments of a timm:<model> (e.g. {init_values: 1.0e-5, reg_tokens: 4}; classes as dotted
+    # names: mlp_layer: timm.layers.SwiGLUPacked); recipes fix their own
+    timm_kwargs: dict[str, Any] | None = None
+    batch_size: int | None = None  # patches per forward pass; null = 6 on CPU, 256 on CUDA (gnnst.data.encoders)
     num_threads: int | None = None  # torch CPU threads; None = all cores
-    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:i]"
+    device: str = "auto"  # "auto" (cuda when present; LOCAL_RANK's GPU under torchrun), "cpu" or "cuda[:i]"
+    # arithmetic of the forward pass: auto = bfloat16 on CUDA where supported (float16 on older GPUs),
+    # float32 on CPU; lower precisions are cached apart from float32 embeddings
+    precision: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # processes that decode images and cut patches while the encoder runs (each opens its own image
+    # handle); null = 1 on CPU, one per core less one (at most 8) on CUDA; 0 = in this process
+    num_workers: int | None = None
+
+    def __post_init__(self):
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
+            raise GnnstError(f"config key 'encoder.batch_size': expected an integer >= 1 or null, got {self.batch_size!r}")
+        if self.num_workers is not None and (isinstance(self.num_workers, bool) or self.num_workers < 0):
+            raise GnnstError(f"config key 'encoder.num_workers': expected an integer >= 0 or null, got {self.num_workers!r}")
+        if self.timm_kwargs is not None and not (isinstance(self.timm_kwargs, dict)
+                                                 and all(isinstance(k, str) for k in self.timm_kwargs)):
+            raise GnnstError(f"config key 'encoder.timm_kwargs': expected a mapping of argument names to values, "
+                             f"got {self.timm_kwargs!r}")
 
 
 @dataclass

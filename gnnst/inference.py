@@ -74,7 +74,8 @@ def encoder_for_checkpoint(ck: dict, device) -> "PatchEncoder":
     """The checkpoint's patch encoder on ``device``; an encoder that differs from the training one raises."""
     from gnnst.data.encoders import create_encoder
 
-    enc = create_encoder(ck["encoder"]["name"]).to(device)
+    rec = ck["encoder"]
+    enc = create_encoder(rec["name"], checkpoint=rec.get("checkpoint"), timm_kwargs=rec.get("timm_kwargs")).to(device)
     if enc.identity != ck["encoder"]["identity"] or enc.dim != ck["in_dim"]:
         raise GnnstError(f"encoder mismatch: the checkpoint was trained on '{ck['encoder']['identity']}' "
                          f"embeddings (width {ck['in_dim']}), this machine's encoder is '{enc.identity}' "

@@ -10,7 +10,7 @@ def test_defaults_yaml_and_overrides_precedence(tmp_path):
     cfg = load_config(y, ["train.lr=0.5"])
     assert cfg.graph.k == 8  # YAML over default
     assert cfg.train.lr == 0.5  # command line over YAML
-    assert cfg.patch.size_um == 150.0  # default
+    assert cfg.patch.size_um is None  # default: the encoder's own patch side (150 µm for efficientnet_lite0)
 
 
 def test_unknown_keys_are_errors(tmp_path):
