@@ -23,10 +23,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))  # the gnnst of this checkout, whatever is installed
 
 from _results import machine_info, write_section  # noqa: E402
 
-STAGES = ("read", "model_load", "decode", "decode_wait", "crop", "encode", "panel", "graph", "write", "total")
+STAGES = ("read", "model_load", "decode", "crop", "patch_wait", "encode", "panel", "graph", "write", "total")
 
 
 def _build_child(out: str, cache: str, overrides: list[str], data_root: str | None) -> dict:
@@ -126,8 +127,8 @@ def format_table(r: dict) -> str:
         f"reached {100 * r['encode_fraction_of_floor']:.0f}% of it (depthwise convolutions, the "
         "TF-'same' padding copies and the activations are memory-bound, far from the matmul rate; the batch "
         "norms are folded into the convolutions, see `gnnst.data.encoders.fold_batchnorm`).",
-        "- `decode` is measured in the background thread that decodes the next slide while the current one "
-        "is encoded; `decode_wait` is the time the encoder waited for it.",
+        "- `decode` and `crop` are seconds summed over the patch workers (`encoder.num_workers`, which decode "
+        "and cut while the encoder runs); `patch_wait` is the time the encoder waited for patches.",
     ]
     return "\n".join(rows)
 

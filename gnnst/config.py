@@ -49,7 +49,8 @@ class EncoderConfig:
     # float32 on CPU; lower precisions are cached apart from float32 embeddings
     precision: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # processes that decode images and cut patches while the encoder runs (each opens its own image
-    # handle); null = 1 on CPU, one per core less one (at most 8) on CUDA; 0 = in this process
+    # handle); null = 0 on CPU (this process, next image decoded in a thread), one per core less one
+    # (at most 8) on CUDA
     num_workers: int | None = None
 
     def __post_init__(self):

