@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -133,16 +134,20 @@ def iter_patch_batches(
         yield rows, to_input(torch.from_numpy(read_crops(image, plan, rows)), out_size, interpolation)
 
 
-def split_units(sizes: Sequence[int], *, rows: int, workers: int) -> list[tuple[int, int, int]]:
-    """Work units ``(slide, start, stop)``: each slide cut into ``ceil(workers / slides)`` runs of whole
-    ``rows``-sized items, so that every worker has work even with fewer slides than workers, while a
-    slide is decoded by as few workers as possible (a JPEG is decoded whole by each worker that reads it)."""
+def split_units(sizes: Sequence[int], *, rows: int, workers: int,
+                splittable: Sequence[bool] | None = None) -> list[tuple[int, int, int]]:
+    """Work units ``(slide, start, stop)`` in runs of whole ``rows``-sized items.
+
+    A slide read region by region (a whole-slide image: opening it costs nothing) is cut into
+    ``ceil(workers / slides)`` units, so that every worker has work even with fewer slides than workers;
+    a plain image (``splittable`` false: each worker that reads it decodes all of it) stays one unit.
+    """
     workers = max(workers, 1)
     per_slide = -(-workers // max(len(sizes), 1))
     units = []
     for i, n in enumerate(sizes):
         items = -(-n // rows)
-        k = max(min(per_slide, items), 1)
+        k = max(min(per_slide if splittable is None or splittable[i] else 1, items), 1)
         bounds = [round(j * items / k) * rows for j in range(k + 1)]
         units += [(i, bounds[j], min(bounds[j + 1], n)) for j in range(k) if bounds[j] < n]
     return units
@@ -155,8 +160,9 @@ class PatchStream(IterableDataset):
     with ``patches`` ``[k, 3, S, S]`` float (``resize=True``) or ``[k, r, r, 3]`` uint8 crops
     (``resize=False``: :func:`to_input` runs where the encoder is), ``k <= rows``; or, when a slide
     cannot be read, ``{"error": message}`` and nothing more. Each worker takes every ``num_workers``-th
-    unit of :func:`split_units`, opens its own handle on each image it needs and decodes the next
-    image in a background thread while it cuts the current one.
+    unit of :func:`split_units` (whole-slide images shared between workers, plain images not), opens its
+    own handle on each image it needs and decodes the next image in a background thread while it cuts
+    the current one.
 
     Args:
         plans: one :class:`PatchPlan` per slide.
@@ -175,7 +181,10 @@ class PatchStream(IterableDataset):
         self.out_size = out_size
         self.interpolation = interpolation
         self.resize = resize
-        self.units = split_units([len(p.xy) for p in self.plans], rows=rows, workers=workers)
+        from gnnst.data.images import WSI_SUFFIXES
+
+        self.units = split_units([len(p.xy) for p in self.plans], rows=rows, workers=workers,
+                                 splittable=[Path(p.image_path).suffix.lower() in WSI_SUFFIXES for p in self.plans])
         self.images = images or {}
 
     def _open(self, i: int):

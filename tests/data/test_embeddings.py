@@ -118,6 +118,7 @@ def test_every_slide_is_checked_before_any_is_encoded(slides, lite0, tmp_path):
 def test_work_units_cover_every_spot_once():
     assert split_units([10, 3], rows=4, workers=1) == [(0, 0, 10), (1, 0, 3)]
     assert split_units([10, 3], rows=4, workers=4) == [(0, 0, 8), (0, 8, 10), (1, 0, 3)]
+    assert split_units([10, 3], rows=4, workers=4, splittable=[False, True]) == [(0, 0, 10), (1, 0, 3)]
     rng = np.random.default_rng(0)
     for _ in range(50):
         sizes = list(rng.integers(1, 60, size=rng.integers(1, 6)))
@@ -154,3 +155,34 @@ def test_batch_runner_packs_slides_into_fixed_shapes(lite0):
     assert [(s, a, len(e)) for s, a, e in done] == [(0, 0, 3), (1, 10, 1), (1, 11, 3)]
     ref = lite0.embed(x).numpy()
     assert np.concatenate([e for _, _, e in done]).tobytes() == ref.tobytes()
+
+
+def test_whole_slide_image_is_read_by_each_worker_through_its_own_openslide_handle(tmp_path, lite0):
+    """A pyramidal TIFF (openslide): two workers give what this process gives, read from level 1."""
+    import anndata as ad
+    import pandas as pd
+    import tifffile
+
+    from gnnst import keys
+    from gnnst.data.images import probe_image
+    from gnnst.data.patches import PatchPlan
+
+    rng = np.random.default_rng(0)
+    base = (rng.random((160, 200, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)  # 1600 x 1280 px
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for i, ds in enumerate((1, 2, 4)):
+            tw.write(base[::ds, ::ds], tile=(256, 256), photometric="rgb", compression="zlib",
+                     subfiletype=0 if i == 0 else 1, resolution=(1e4 / (0.5 * ds),) * 2, resolutionunit="CENTIMETER")
+    xy = rng.uniform(100, 1100, size=(9, 2))
+    a = ad.AnnData(X=np.zeros((9, 1), np.float32), obs=pd.DataFrame({keys.SLIDE_ID: ["W"] * 9},
+                                                                    index=[f"s{i}" for i in range(9)]))
+    a.obsm[keys.SPATIAL] = xy
+    a.uns[keys.UNS_GNNST] = {keys.MPP: 0.5, keys.IMAGE_PATH: str(path)}
+    w, h, ds = probe_image(path)
+    assert (w, h) == (1600, 1280) and len(ds) >= 2
+    plan = PatchPlan.make("W", str(path), xy, side_px=500, out_size=224, downsamples=ds)
+    assert plan.level == 1 and plan.read_px == 250  # 250 µm = 500 px at level 0, read at half resolution
+    here = embed_slides([a], lite0, size_um=250.0, num_workers=0, progress=False)[0]
+    workers = embed_slides([a], lite0, size_um=250.0, num_workers=2, batch_size=4, progress=False)[0]
+    assert here.shape == (9, 1280) and here.tobytes() == workers.tobytes()

@@ -136,7 +136,7 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
     return PatchEncoder(name="efficientnet_lite0", model=net, input_size=224, mean=(0.5, 0.5, 0.5),
                         std=(0.5, 0.5, 0.5), dim=net.num_features,
                         identity=f"efficientnet_lite0:{file_digest(Path(checkpoint))}", classifier=classifier,
-                        source={"checkpoint": None if default_weights else str(checkpoint)})
+                        source={"checkpoint": None if default_weights else str(Path(checkpoint).resolve())})
 
 
 def recipe_encoder(name: str, checkpoint: str | None, *, overrides: Mapping[str, Any] | None = None) -> PatchEncoder:
@@ -158,7 +158,7 @@ def recipe_encoder(name: str, checkpoint: str | None, *, overrides: Mapping[str,
     return PatchEncoder(name=name, model=net, input_size=recipe.input_size, mean=recipe.mean, std=recipe.std,
                         dim=recipe.dim, identity=f"{name}:r{recipe.revision}:{file_digest(path)}{extra}",
                         interpolation=recipe.interpolation, patch_um=recipe.patch_um,
-                        source={"checkpoint": str(path)})
+                        source={"checkpoint": str(path.resolve())})
 
 
 def _timm_encoder(model_name: str, checkpoint: str | None, timm_kwargs: Mapping[str, Any] | None) -> PatchEncoder:
@@ -200,7 +200,7 @@ def _timm_encoder(model_name: str, checkpoint: str | None, timm_kwargs: Mapping[
                         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
                         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), dim=net.num_features, identity=ident,
                         interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
-                        source={"checkpoint": None if checkpoint is None else str(checkpoint),
+                        source={"checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
                                 "timm_kwargs": dict(timm_kwargs) if timm_kwargs else None})
 
 
