@@ -113,6 +113,34 @@ def build_child(config: str | None, overrides: list[str]) -> dict:
     return t
 
 
+def cut_child(manifest: str, data_root: str, workers: int, resize: bool) -> dict:
+    """Patches/s of decoding and cutting alone (no encoder) with ``workers`` processes (child process)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gnnst import keys
+    from gnnst.data.images import probe_image
+    from gnnst.data.manifest import load_manifest
+    from gnnst.data.patches import PatchPlan, PatchStream, patch_side_px
+    from gnnst.data.readers import read_slide
+
+    m = load_manifest(manifest)
+    plans = []
+    for e in m.select(None):
+        a = read_slide(m, e, data_root=data_root, cache_dir=None, download=False)
+        meta = a.uns[keys.UNS_GNNST]
+        plans.append(PatchPlan.make(e.slide_id, meta[keys.IMAGE_PATH], a.obsm[keys.SPATIAL],
+                                    side_px=patch_side_px(150.0, meta[keys.MPP]), out_size=224,
+                                    downsamples=probe_image(meta[keys.IMAGE_PATH])[2]))
+    stream = PatchStream(plans, rows=64, workers=workers, out_size=224, resize=resize)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    n = 0
+    for item in DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
+        n += len(item["patches"])
+    return {"patches": n, "patches_per_s": n / (time.perf_counter() - t0), "cpu": _cpu_seconds() - c0,
+            "threads": torch.get_num_threads()}
+
+
 def bf16_drift(device: str, data_root: str | None, slides: list[str]) -> dict:
     """Default encoder, float32 vs bfloat16, on real patches (child process)."""
     import numpy as np
@@ -227,7 +255,7 @@ def run(args) -> dict:
             _in_child(build_child, her2st, fm_over) for _ in range(args.fm_repeats)]
     r["builds"] = builds
     # 3. bfloat16 drift
-    r["drift"] = _in_child(bf16_drift, dev, args.data_root, ["C3", "B4"])
+    r["drift"] = _in_child(bf16_drift, dev, args.data_root, args.drift_slides)
     # 4. synthetic cohort
     n_slides, n_spots = (int(v) for v in args.cohort.lower().split("x"))
     with tempfile.TemporaryDirectory(prefix="gnnst-cohort-") as tmp:
@@ -235,6 +263,8 @@ def run(args) -> dict:
         over = [f"data.data_root={Path(tmp) / 'data'}", f"encoder.device={dev}", "data.download=false", *threads]
         r["cohort"] = {"slides": n_slides, "spots": n_spots, "runs": {
             w: [_in_child(build_child, None, over + [f"data.manifest={manifest}", f"encoder.num_workers={w}"])
+                for _ in range(args.repeats)] for w in args.workers}, "cut": {
+            w: [_in_child(cut_child, str(manifest), str(Path(tmp) / "data"), w, True)
                 for _ in range(args.repeats)] for w in args.workers}}
     r["loadavg_after"] = os.getloadavg()
     return r
@@ -276,8 +306,13 @@ def format_tables(r: dict) -> str:
                      f"{runs[0]['patches'] / tot:.1f} | {median_of(runs, 'encode'):.1f} | "
                      f"{median_of(runs, 'patch_wait'):.1f} | "
                      f"{median_of(runs, 'decode') + median_of(runs, 'crop'):.1f} | {median_of(runs, 'cpu'):.1f} |")
+    cut = c["cut"]
+    cut0 = median_of(cut[ws[0]], "patches_per_s")
+    lines += ["", "Decoding and cutting alone (no encoder; 150-µm patches resampled to 224 px as for a CPU encoder): "
+              + "; ".join(f"{w} worker(s) {median_of(cut[w], 'patches_per_s'):.0f} patches/s "
+                          f"({median_of(cut[w], 'patches_per_s') / cut0:.2f}x)" for w in ws) + "."]
     d = r["drift"]
-    lines += ["", f"- bfloat16 vs float32, default encoder, {d['patches']} her2st patches (C3, B4) on {d['device']}: "
+    lines += ["", f"- bfloat16 vs float32, default encoder, {d['patches']} her2st patches on {d['device']}: "
               f"cosine similarity median {d['cosine_median']:.5f}, min {d['cosine_min']:.5f}; largest per-patch "
               f"deviation median {d['max_abs_rel_median']:.3f}, max {d['max_abs_rel_max']:.3f} of the patch's largest "
               f"value; RMS difference {d['rmse_over_std']:.3f} of the embeddings' standard deviation. Cached apart "
@@ -300,6 +335,7 @@ def main(argv=None) -> int:
     p.add_argument("--fm-repeats", type=int, default=1, help="repeats of the foundation-model build")
     p.add_argument("--fm-slides", nargs="*", default=["C3"], help="her2st slides of the foundation-model build "
                    "(none = all six)")
+    p.add_argument("--drift-slides", nargs="+", default=["C3", "B4"], help="her2st slides of the bfloat16 drift")
     p.add_argument("--cohort", default="200x2000", help="synthetic cohort SLIDESxSPOTS")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="encoder.num_workers of the cohort builds")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

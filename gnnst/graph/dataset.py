@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,10 @@ class LoadedSlides:
         return {e.slide_id: e.patient_id or e.slide_id for e in self.entries}
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
     """The configured encoder on ``device``, warmed up on CUDA with one batch of the run's shape (the
     cuDNN set-up, seconds, is then paid while the slides are read); and the seconds it took."""
@@ -145,7 +150,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
 
     The encoder is built (and on CUDA warmed up) in a thread while the slides are read, and
     ``alongside(adatas)`` (slide id -> AnnData; e.g. choosing the gene panel) runs in a thread while the
-    patches are embedded; its result is ``LoadedSlides.alongside``. Stage times therefore overlap.
+    patches are embedded when the encoder leaves cores free (on CUDA, or fewer torch threads than
+    cores), else after; its result is ``LoadedSlides.alongside``. Stage times therefore overlap.
 
     Under ``torchrun`` each rank embeds its share of the slides (:mod:`gnnst.data.sharding`) on its own
     device, then reads the others' from the cache: every rank returns every slide. ``cfg.patch.size_um``
@@ -153,7 +159,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch  # noqa: F401 - imported here, before the encoder thread imports timm
+    import torch  # imported here, before the encoder thread imports timm
     from tqdm.auto import tqdm
 
     from gnnst.data.embeddings import Timer, cache_path, embed_slides, load_cached
@@ -199,7 +205,10 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
         log.info("embedding %d slide(s) with %s on %s (%s, batch %d, %d worker(s))%s", len(mine), encoder.name,
                  device, encoder.precision, batch_size, workers,
                  f", rank {shard.rank} of {shard.world}" if shard.world > 1 else "")
-        side = pool.submit(alongside, dict(adatas)) if alongside is not None else None
+        # alongside the encoder only where it leaves cores free: on a CPU whose every core runs the
+        # encoder's threads, preempting them cost more encode time than the overlap saved (2-core CPU)
+        overlap = alongside is not None and (device.type == "cuda" or _cores() > torch.get_num_threads())
+        side = pool.submit(alongside, dict(adatas)) if overlap else None
         with process_group(shard):
             done = embed_slides([slides[i] for i in mine], encoder, size_um=cfg.patch.size_um, batch_size=batch_size,
                                 num_workers=workers, pad_value=cfg.patch.pad_value, device=device, cache_dir=cache_dir,
@@ -218,7 +227,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
                         raise GnnstError(f"slide '{e.slide_id}': rank {owner[i]}'s embeddings are not at {path}; "
                                          "data.cache_dir must be one folder every rank sees")
         with timer("alongside_wait"):
-            extra = side.result() if side is not None else None
+            extra = side.result() if side is not None else alongside(dict(adatas)) if alongside is not None else None
     embs = {e.slide_id: embs[e.slide_id] for e in entries}
     return LoadedSlides(manifest=manifest, entries=entries, adatas=adatas, embs=embs, encoder=encoder.record(),
                         timer=timer, alongside=extra)
