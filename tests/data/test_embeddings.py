@@ -186,3 +186,29 @@ def test_whole_slide_image_is_read_by_each_worker_through_its_own_openslide_hand
     here = embed_slides([a], lite0, size_um=250.0, num_workers=0, progress=False)[0]
     workers = embed_slides([a], lite0, size_um=250.0, num_workers=2, batch_size=4, progress=False)[0]
     assert here.shape == (9, 1280) and here.tobytes() == workers.tobytes()
+
+
+def test_crops_resampled_where_the_encoder_runs_equal_those_resampled_in_the_worker(slides):
+    """The CUDA path ships uint8 crops and resamples them on the device; on any device the patches are
+    those a CPU worker makes."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gnnst import keys
+    from gnnst.data.images import probe_image
+    from gnnst.data.patches import PatchPlan, PatchStream, patch_side_px, to_input
+
+    a = slides[0]
+    meta = a.uns[keys.UNS_GNNST]
+    plan = PatchPlan.make("S1", meta[keys.IMAGE_PATH], a.obsm[keys.SPATIAL], side_px=patch_side_px(150.0, meta[keys.MPP]),
+                          out_size=224, downsamples=probe_image(meta[keys.IMAGE_PATH])[2])
+
+    def items(resize):
+        return list(DataLoader(PatchStream([plan], rows=5, workers=1, out_size=224, resize=resize),
+                               batch_size=None, num_workers=1))
+
+    crops, ready = items(False), items(True)
+    assert [(c["start"], c["patches"].dtype, c["patches"].shape[1:]) for c in crops] == \
+           [(0, torch.uint8, (30, 30, 3)), (5, torch.uint8, (30, 30, 3)), (10, torch.uint8, (30, 30, 3))]
+    for c, r in zip(crops, ready):
+        assert torch.equal(to_input(c["patches"], 224), r["patches"])
