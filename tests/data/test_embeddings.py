@@ -210,5 +210,5 @@ def test_crops_resampled_where_the_encoder_runs_equal_those_resampled_in_the_wor
     crops, ready = items(False), items(True)
     assert [(c["start"], c["patches"].dtype, c["patches"].shape[1:]) for c in crops] == \
            [(0, torch.uint8, (30, 30, 3)), (5, torch.uint8, (30, 30, 3)), (10, torch.uint8, (30, 30, 3))]
-    for c, r in zip(crops, ready):
-        assert torch.equal(to_input(c["patches"], 224), r["patches"])
+    for c, r in zip(crops, ready):  # equal up to rounding: the worker resamples with 1 thread, this process with more
+        torch.testing.assert_close(to_input(c["patches"], 224), r["patches"], rtol=0, atol=1e-6)
