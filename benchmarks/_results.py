@@ -47,3 +47,16 @@ def write_section(key: str, title: str, body: str) -> None:
     pat = re.compile(rf"<!-- {re.escape(key)}:start -->.*?<!-- {re.escape(key)}:end -->", re.S)
     text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text)
+
+
+def publish(key: str, title: str, text: str, data: dict, *, write: bool = True) -> None:
+    """Print the machine line and ``text``; with ``write``, make ``text`` the section ``key`` of
+    RESULTS.md and save ``data`` as ``results/<key>.json``."""
+    import json
+
+    print(machine_info())
+    print(text)
+    if write:
+        write_section(key, title, text)
+        (RESULTS.parent / "results").mkdir(exist_ok=True)
+        (RESULTS.parent / "results" / f"{key}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -23,10 +23,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))  # the gnnst of this checkout, whatever is installed
 
 from _results import machine_info, write_section  # noqa: E402
 
-STAGES = ("read", "model_load", "decode", "decode_wait", "crop", "encode", "panel", "graph", "write", "total")
+STAGES = ("read", "model_load", "model_wait", "decode", "crop", "patch_wait", "encode", "panel", "alongside_wait",
+          "graph", "write", "total")
 
 
 def _build_child(out: str, cache: str, overrides: list[str], data_root: str | None) -> dict:
@@ -126,8 +128,11 @@ def format_table(r: dict) -> str:
         f"reached {100 * r['encode_fraction_of_floor']:.0f}% of it (depthwise convolutions, the "
         "TF-'same' padding copies and the activations are memory-bound, far from the matmul rate; the batch "
         "norms are folded into the convolutions, see `gnnst.data.encoders.fold_batchnorm`).",
-        "- `decode` is measured in the background thread that decodes the next slide while the current one "
-        "is encoded; `decode_wait` is the time the encoder waited for it.",
+        "- Stages overlap: the encoder is built in a thread while the slides are `read` (`model_wait`: what "
+        "the build then still waited for it); `decode` runs in a background thread (or the patch workers, "
+        "`encoder.num_workers`) while the encoder runs, `patch_wait` is what the encoder waited for patches; "
+        "the gene `panel` is chosen in a thread while the patches are encoded (`alongside_wait`: what the "
+        "build then still waited for it). `total` is the wall time of the build.",
     ]
     return "\n".join(rows)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gnnst.errors import GnnstError
-from gnnst.runtime import CPU_BATCH_SIZE
+from gnnst.data.encoders import CPU_BATCH_SIZE
 
 log = logging.getLogger("gnnst")
 
@@ -87,8 +87,10 @@ def build_graphs_main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         setup_logging(None, "build")
         res = build_graphs(cfg, out, progress=not args.quiet, use_cache=not args.no_cache)
-        _copy_log(out, "build")
         info = res.info
+        if info is None:  # a rank other than 0 under torchrun: rank 0 writes and reports
+            return 0
+        _copy_log(out, "build")
         print(f"built {len(info['slides'])} graphs in {out} ({info['total_nodes']} nodes, "
               f"{info['num_genes']} genes, x width {info['embedding_dim']}, {res.timings['total']:.1f} s)")
         for s, v in info["slides"].items():

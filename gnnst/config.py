@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gnnst.errors import GnnstError
-from gnnst.runtime import CPU_BATCH_SIZE
 
 
 # --- value ranges, checked when a section is built (so before any file is read) ----------------
@@ -100,18 +99,35 @@ class DataConfig(_Section):
 @dataclass
 class PatchConfig(_Section):
     key: ClassVar[str] = "patch"
-    size_um: float = num(150.0, gt=0)  # physical side of the square patch cut around each spot centre
+    # physical side of the square patch cut around each spot centre; null = the encoder's own (its input
+    # size at the µm per pixel it was trained at: 112 for UNI, H-optimus, Virchow2...; 150 for the default)
+    size_um: float | None = num(None, gt=0)
     pad_value: int = num(255, ge=0, le=255)  # fill for the part of a border patch outside the image (white)
 
 
 @dataclass
 class EncoderConfig(_Section):
     key: ClassVar[str] = "encoder"
-    name: str = "efficientnet_lite0"  # registry name, "timm:<model>" or "torchscript:<path>"
-    checkpoint: str | None = None  # local weights file for the encoder (e.g. UNI for timm:vit_large_patch16_224)
-    batch_size: int = num(CPU_BATCH_SIZE, ge=1)  # patches per forward pass (see gnnst.runtime); 64+ on a GPU
+    name: str = "efficientnet_lite0"  # registry name, recipe (uni, uni2-h, h-optimus-0, ...), "timm:<model>" or "torchscript:<path>"
+    checkpoint: str | None = None  # local weights file (a recipe's file as its authors distribute it, or timm:<model>'s)
+    # architecture arguments of a timm:<model> (e.g. {init_values: 1.0e-5, reg_tokens: 4}; classes as dotted
+    # names: mlp_layer: timm.layers.SwiGLUPacked); recipes fix their own
+    timm_kwargs: dict[str, Any] | None = None
+    batch_size: int | None = num(None, ge=1)  # patches per forward pass; null = 6 on CPU, 256 on CUDA (gnnst.data.encoders)
     num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores
-    device: str = "auto"  # "auto" (cuda when present), "cpu" or "cuda[:i]"
+    device: str = "auto"  # "auto" (cuda when present; LOCAL_RANK's GPU under torchrun), "cpu" or "cuda[:i]"
+    # arithmetic of the forward pass: auto = bfloat16 on CUDA where supported (float16 on older GPUs),
+    # float32 on CPU; lower precisions are cached apart from float32 embeddings
+    precision: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # processes that decode images and cut patches while the encoder runs (each opens its own image
+    # handle); null = 0 on CPU (this process, next image decoded in a thread), one per core less one
+    # (at most 8) on CUDA
+    num_workers: int | None = num(None, ge=0)
+
+    def check(self) -> None:
+        if self.timm_kwargs is not None and not (isinstance(self.timm_kwargs, dict)
+                                                 and all(isinstance(k, str) for k in self.timm_kwargs)):
+            raise self.bad("timm_kwargs", "a mapping of argument names to values")
 
 
 @dataclass

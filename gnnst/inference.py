@@ -20,7 +20,7 @@ import numpy as np
 
 from gnnst import keys
 from gnnst.errors import GnnstError
-from gnnst.runtime import CPU_BATCH_SIZE
+from gnnst.data.encoders import CPU_BATCH_SIZE
 
 if TYPE_CHECKING:
     from anndata import AnnData

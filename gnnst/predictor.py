@@ -82,15 +82,21 @@ class EncoderInfo:
     identity: str
     input_size: int
     dim: int
+    precision: str = "float32"  # arithmetic the embeddings were computed in (gnnst.data.encoders.PRECISIONS)
+    checkpoint: str | None = None  # the local weights file it was built from (recipes, timm:<model>)
+    timm_kwargs: dict | None = None  # architecture arguments of a timm:<model>
 
     @classmethod
     def of(cls, encoder: "PatchEncoder") -> "EncoderInfo":
-        return cls(name=encoder.name, identity=encoder.identity, input_size=encoder.input_size, dim=encoder.dim)
+        return cls.from_dict(encoder.record())
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderInfo":
+        """From :meth:`PatchEncoder.record` (``LoadedSlides.encoder``) or a saved model's ``encoder``."""
         return cls(name=str(d["name"]), identity=str(d["identity"]), input_size=int(d["input_size"]),
-                   dim=int(d["dim"]))
+                   dim=int(d["dim"]), precision=str(d.get("precision") or "float32"),
+                   checkpoint=None if d.get("checkpoint") is None else str(d["checkpoint"]),
+                   timm_kwargs=None if d.get("timm_kwargs") is None else dict(d["timm_kwargs"]))
 
 
 @dataclass
@@ -387,7 +393,8 @@ class TrainedModel:
         """This model's patch encoder on ``device``; an encoder that differs from the training one raises."""
         from gnnst.data.encoders import create_encoder
 
-        enc = create_encoder(self.encoder.name).to(device)
+        e = self.encoder
+        enc = create_encoder(e.name, checkpoint=e.checkpoint, timm_kwargs=e.timm_kwargs).to(device, e.precision)
         if enc.identity != self.encoder.identity or enc.dim != self.in_dim:
             raise GnnstError(f"encoder mismatch: the model was trained on '{self.encoder.identity}' embeddings "
                              f"(width {self.in_dim}), this machine's encoder is '{enc.identity}' (width {enc.dim})")

@@ -19,11 +19,6 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 64 << 20  # bytes
 TRIM_THRESHOLD = 256 << 20  # bytes
 
-# Patches per forward pass on a CPU (the default of encoder.batch_size, `gnnst predict --batch-size` and
-# the embedding functions): on the 2-core CPU, with the malloc settings below, 4 to 16 all ran at
-# ~240 patches/s and 32 at 159 (without them 6 was best, 8: 207, 16: 162). On a GPU use 64 or more.
-# It lives here, not in gnnst.data.encoders, so that gnnst.config needs no import above the core.
-CPU_BATCH_SIZE = 6
 
 _applied: bool | None = None
 

@@ -10,7 +10,7 @@ def test_defaults_yaml_and_overrides_precedence(tmp_path):
     cfg = load_config(y, ["train.lr=0.5"])
     assert cfg.graph.k == 8  # YAML over default
     assert cfg.train.lr == 0.5  # command line over YAML
-    assert cfg.patch.size_um == 150.0  # default
+    assert cfg.patch.size_um is None  # default: the encoder's own patch side (150 µm for efficientnet_lite0)
 
 
 def test_unknown_keys_are_errors(tmp_path):
@@ -90,9 +90,9 @@ def test_every_numeric_key_has_a_range():
     ("train.val_fraction=1", "config key 'train.val_fraction': expected a number in [0, 1), got 1.0"),
     ("train.ensemble=0", "config key 'train.ensemble': expected an integer >= 1, got 0"),
     ("train.num_threads=0", "config key 'train.num_threads': expected an integer >= 1 or null, got 0"),
-    ("patch.size_um=0", "config key 'patch.size_um': expected a number > 0, got 0.0"),
+    ("patch.size_um=0", "config key 'patch.size_um': expected a number > 0 or null, got 0.0"),
     ("patch.pad_value=256", "config key 'patch.pad_value': expected an integer in [0, 255], got 256"),
-    ("encoder.batch_size=0", "config key 'encoder.batch_size': expected an integer >= 1, got 0"),
+    ("encoder.batch_size=0", "config key 'encoder.batch_size': expected an integer >= 1 or null, got 0"),
     ("encoder.num_threads=0", "config key 'encoder.num_threads': expected an integer >= 1 or null, got 0"),
     ("eval.n_heg=0", "config key 'eval.n_heg': expected an integer >= 1, got 0"),
     ("eval.n_hvg=0", "config key 'eval.n_hvg': expected an integer >= 1, got 0"),

@@ -1,8 +1,15 @@
-"""Patch embeddings of a slide's spots, cached on disk apart from the graphs.
+"""Patch embeddings of slides' spots, cached on disk apart from the graphs.
 
-The cache key covers everything the embedding depends on (encoder weights and preprocessing, patch
-size in µm, µm per pixel, the image file, the spot coordinates), so a rebuild that changes only the
-graph or the gene panel re-encodes nothing, and any change that matters re-encodes.
+The cache key covers everything the embedding depends on (encoder weights and preprocessing, its
+precision, patch size in µm, µm per pixel, the image file, the spot coordinates), so a rebuild that
+changes only the graph or the gene panel re-encodes nothing, and any change that matters re-encodes.
+Batch size and worker count do not enter it: they do not change the embeddings.
+
+:func:`embed_slides` keeps the encoder busy: patches are cut in worker processes
+(:class:`~gnnst.data.patches.PatchStream`), patches of any slides are packed into batches of one fixed
+shape (the last one padded), so the device sees a single input shape per run (one cuDNN set-up); on
+CUDA the crops cross in pinned memory with non-blocking copies, are resampled there, and each batch's
+result is read back while the next batch runs.
 """
 
 from __future__ import annotations
@@ -11,15 +18,15 @@ import hashlib
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from gnnst import keys
-from gnnst.data.encoders import CPU_BATCH_SIZE
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
+    import torch
     from anndata import AnnData
 
     from gnnst.data.encoders import PatchEncoder
@@ -59,16 +66,19 @@ def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_
     return h.hexdigest()[:20]
 
 
+def default_image_id(adata: "AnnData") -> str:
+    """Identity of a slide's image file when no checksum is known: path, size and modification time."""
+    p = Path(adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH])
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def cache_path(
     adata: "AnnData", encoder: "PatchEncoder", *, size_um: float, cache_dir: Path, image_id: str | None = None
 ) -> Path:
     """Where the embeddings of ``adata``'s spots are cached under ``cache_dir``."""
-    meta = adata.uns[keys.UNS_GNNST]
-    if image_id is None:
-        st = Path(meta[keys.IMAGE_PATH]).stat()
-        image_id = f"{Path(meta[keys.IMAGE_PATH]).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    key = cache_key(adata, encoder_identity=encoder.identity, input_size=encoder.input_size, size_um=size_um,
-                    image_id=image_id)
+    key = cache_key(adata, encoder_identity=encoder.cache_identity, input_size=encoder.input_size, size_um=size_um,
+                    image_id=image_id or default_image_id(adata))
     return Path(cache_dir) / encoder.key / f"{adata.obs[keys.SLIDE_ID].iloc[0]}-{key}.npz"
 
 
@@ -84,12 +94,224 @@ def load_cached(path: Path | None, n: int, dim: int) -> np.ndarray | None:
     return emb if emb.shape == (n, dim) else None
 
 
+class BatchRunner:
+    """Runs an encoder on batches of exactly ``batch_size`` patches, whatever slides they come from.
+
+    :meth:`add` copies patches into a device buffer and runs the encoder each time it is full;
+    :meth:`flush` runs the rest, padded with zeros (the encoder treats every patch on its own, so the
+    padding changes no embedding). On CUDA a batch's result is copied back into pinned memory without
+    waiting, and collected while the next batch runs.
+
+    Args:
+        encoder: the encoder, already on ``device``.
+        batch_size: patches per forward pass.
+        device: where the encoder runs.
+
+    Both methods return ``[(slide, start, emb)]``: embeddings ``[k, D]`` float32 of rows
+    ``start:start + k`` of slide ``slide``, for the batches that finished.
+    """
+
+    def __init__(self, encoder: "PatchEncoder", batch_size: int, device: "torch.device"):
+        import torch
+
+        self.encoder, self.batch_size, self.device = encoder, batch_size, device
+        s = encoder.input_size
+        self.buf = torch.zeros((batch_size, 3, s, s), device=device).contiguous(memory_format=torch.channels_last)
+        self.fill = 0
+        self.segments: list[tuple[int, int, int, int]] = []  # (slide, start, offset in buf, count)
+        self.pending = None  # (segments, host tensor, event) of the batch still being read back
+        self.batches = 0
+
+    def add(self, slide: int, start: int, x: "torch.Tensor") -> list:
+        """Queue patches ``x`` ``[k, 3, S, S]`` (on the device) of rows ``start:start + k`` of ``slide``."""
+        done, k, taken = [], len(x), 0
+        while taken < k:
+            n = min(k - taken, self.batch_size - self.fill)
+            self.buf[self.fill:self.fill + n].copy_(x[taken:taken + n], non_blocking=True)
+            self.segments.append((slide, start + taken, self.fill, n))
+            self.fill += n
+            taken += n
+            if self.fill == self.batch_size:
+                done += self._run()
+        return done
+
+    def flush(self) -> list:
+        """Run what is queued (padded) and collect every result."""
+        done = []
+        if self.fill:
+            self.buf[self.fill:].zero_()
+            done += self._run()
+        return done + self._collect()
+
+    def _run(self) -> list:
+        import torch
+
+        out = self.encoder.embed(self.buf)  # [B, D] float32
+        self.batches += 1
+        segments, self.segments, self.fill = self.segments, [], 0
+        done = self._collect()
+        if self.device.type == "cuda":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (segments, host, event)
+        else:
+            self.pending = (segments, out, None)
+        return done
+
+    def _collect(self) -> list:
+        if self.pending is None:
+            return []
+        segments, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        emb = host.numpy()
+        return [(slide, start, emb[off:off + n]) for slide, start, off, n in segments]
+
+
+def _slide_id(adata: "AnnData") -> str:
+    return str(adata.obs[keys.SLIDE_ID].iloc[0])
+
+
+def embed_slides(
+    adatas: Sequence["AnnData"],
+    encoder: "PatchEncoder",
+    *,
+    size_um: float,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    pad_value: int = 255,
+    device=None,
+    cache_dir: Path | None = None,
+    image_ids: Sequence[str | None] | None = None,
+    images: dict[int, "SlideImage"] | None = None,
+    timer: Timer | None = None,
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """Embeddings ``[N_i, D]`` float32 of the patches around each slide's spots, in the order given.
+
+    Every slide is checked (image file, µm per pixel, spots inside the image) before any is encoded;
+    each slide's embeddings are cached as soon as its last patch is encoded.
+
+    Args:
+        adatas: canonical AnnData, one per slide, with ``obsm['spatial']`` (pixels) and ``uns['gnnst']``
+            holding ``mpp`` and ``image_path``.
+        encoder: the patch encoder, already on ``device``.
+        size_um: patch side in micrometres.
+        batch_size: patches per forward pass (default: :func:`~gnnst.data.encoders.default_batch_size`).
+        num_workers: processes cutting patches (0: this process, with the next image decoded in a thread).
+        device: torch device of the encoder (default CPU).
+        cache_dir: folder of cached embeddings (``None`` = no cache).
+        image_ids: identity of each image file (e.g. its sha256); default: path, size and mtime.
+        images: slides already opened, by position in ``adatas`` (used when ``num_workers == 0``).
+        timer: accumulates ``decode`` and ``crop`` (seconds summed over workers), ``patch_wait`` (the
+            encoder waiting for patches) and ``encode``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from gnnst.data.encoders import default_batch_size
+    from gnnst.data.images import probe_image
+    from gnnst.data.patches import PatchPlan, PatchStream, check_inside, patch_side_px, to_input
+    from gnnst.data.validate import image_coordinates
+    from gnnst.io import atomic_path
+
+    timer = timer or Timer()
+    device = torch.device(device or "cpu")
+    batch_size = batch_size or default_batch_size(device)
+    image_ids = list(image_ids) if image_ids is not None else [None] * len(adatas)
+    out: list[np.ndarray | None] = [None] * len(adatas)
+    todo, paths = [], {}
+    for i, a in enumerate(adatas):
+        meta, sid = a.uns[keys.UNS_GNNST], _slide_id(a)
+        if meta.get(keys.IMAGE_PATH) is None:
+            raise GnnstError(f"slide '{sid}': no image file to cut patches from")
+        if meta.get(keys.MPP) is None:
+            raise GnnstError(f"slide '{sid}': micrometres per pixel unknown; give scale.mpp in the manifest")
+        if cache_dir is not None:
+            paths[i] = cache_path(a, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_ids[i])
+            out[i] = load_cached(paths[i], a.n_obs, encoder.dim)
+        if out[i] is None:
+            todo.append(i)
+    if not todo:
+        return out
+    plans = []
+    for i in todo:  # every slide checked before any work
+        a = adatas[i]
+        meta = a.uns[keys.UNS_GNNST]
+        xy, image_mpp = image_coordinates(a)  # [N, 2] pixels of the image read (may be a hires PNG)
+        if i in (images or {}):
+            im = images[i]
+            width, height, downsamples = im.width, im.height, im.level_downsamples
+        else:
+            width, height, downsamples = probe_image(meta[keys.IMAGE_PATH])
+        check_inside(xy, width, height, slide_id=_slide_id(a), barcodes=a.obs_names)
+        plans.append(PatchPlan.make(_slide_id(a), meta[keys.IMAGE_PATH], xy,
+                                    side_px=patch_side_px(size_um, image_mpp), out_size=encoder.input_size,
+                                    downsamples=downsamples, pad_value=pad_value))
+    on_cuda = device.type == "cuda"
+    stream = PatchStream(plans, rows=batch_size, workers=num_workers, out_size=encoder.input_size,
+                         interpolation=encoder.interpolation, resize=not on_cuda,
+                         images={k: images[i] for k, i in enumerate(todo) if i in (images or {})} if not num_workers
+                         else None)
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=on_cuda,
+                        prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    result = {k: np.empty((len(p.xy), encoder.dim), dtype=np.float32) for k, p in enumerate(plans)}
+    left = {k: len(p.xy) for k, p in enumerate(plans)}
+    runner = BatchRunner(encoder, batch_size, device)
+
+    def finish(k: int) -> None:
+        i, emb = todo[k], result[k]
+        if not np.all(np.isfinite(emb)):
+            raise GnnstError(f"slide '{plans[k].slide_id}': encoder '{encoder.name}' produced NaN embeddings")
+        out[i] = emb
+        if i in paths:
+            with atomic_path(paths[i]) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, emb=emb, barcodes=np.asarray(adatas[i].obs_names, dtype=str))
+
+    def store(done: list) -> None:
+        for k, start, emb in done:
+            result[k][start:start + len(emb)] = emb
+            left[k] -= len(emb)
+            bar.update(len(emb))
+            if left[k] == 0:
+                finish(k)
+
+    total = sum(left.values())
+    with tqdm(total=total, desc="encode", unit="spot", disable=not progress, leave=False) as bar:
+        items = iter(loader)
+        while True:
+            with timer("patch_wait"):
+                item = next(items, None)
+            if item is None:
+                break
+            if "error" in item:
+                raise GnnstError(item["error"])
+            timer.totals["decode"] += item["decode"]
+            timer.totals["crop"] += item["crop"]
+            with timer("encode"):
+                x = item["patches"]
+                if on_cuda:  # uint8 crops, resampled on the device
+                    x = to_input(x.to(device, non_blocking=True), encoder.input_size, encoder.interpolation)
+                store(runner.add(item["slide"], item["start"], x))
+        with timer("encode"):
+            store(runner.flush())
+    if any(left.values()):  # pragma: no cover - every unit is read or an error is raised
+        k = next(k for k, v in left.items() if v)
+        raise GnnstError(f"slide '{plans[k].slide_id}': {left[k]} patches were never cut")
+    return out
+
+
 def embed_spots(
     adata: "AnnData",
     encoder: "PatchEncoder",
     *,
     size_um: float,
-    batch_size: int = CPU_BATCH_SIZE,
+    batch_size: int | None = None,
     pad_value: int = 255,
     device=None,
     cache_dir: Path | None = None,
@@ -97,67 +319,12 @@ def embed_spots(
     image: "SlideImage | None" = None,
     timer: Timer | None = None,
     progress: bool = True,
+    num_workers: int = 0,
 ) -> np.ndarray:
-    """Embeddings ``[N, D]`` float32 of the patches around ``adata``'s spots.
+    """Embeddings ``[N, D]`` float32 of the patches around one slide's spots (see :func:`embed_slides`).
 
-    Args:
-        adata: canonical AnnData with ``obsm['spatial']`` (pixels) and ``uns['gnnst']`` holding ``mpp``
-            and ``image_path``.
-        encoder: the patch encoder.
-        size_um: patch side in micrometres.
-        batch_size: patches per forward pass.
-        device: torch device of the encoder (default CPU).
-        cache_dir: folder of cached embeddings (``None`` = no cache).
-        image_id: identity of the image file (e.g. its sha256); default: path, size and mtime.
-        image: the slide, already opened (e.g. decoded in a background thread); else opened here.
-        timer: accumulates ``decode``, ``crop`` and ``encode`` seconds.
+    ``image``: the slide, already opened (e.g. decoded in a background thread); else opened here.
     """
-    from tqdm.auto import tqdm
-
-    from gnnst.data.images import open_image
-    from gnnst.data.patches import check_inside, iter_patch_batches, patch_side_px
-    from gnnst.data.validate import image_coordinates
-    from gnnst.io import atomic_path
-
-    timer = timer or Timer()
-    meta = adata.uns[keys.UNS_GNNST]
-    slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
-    image_path = meta.get(keys.IMAGE_PATH)
-    if image_path is None:
-        raise GnnstError(f"slide '{slide_id}': no image file to cut patches from")
-    if meta.get(keys.MPP) is None:
-        raise GnnstError(f"slide '{slide_id}': micrometres per pixel unknown; give scale.mpp in the manifest")
-    path = None
-    if cache_dir is not None:
-        path = cache_path(adata, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_id)
-        cached = load_cached(path, adata.n_obs, encoder.dim)
-        if cached is not None:
-            return cached
-    if image is None:
-        with timer("decode"):
-            image = open_image(image_path, pad_value=pad_value)
-    xy, image_mpp = image_coordinates(adata)  # [N, 2] pixels of the image read (may be a hires PNG)
-    check_inside(xy, image.width, image.height, slide_id=slide_id, barcodes=adata.obs_names)
-    side = patch_side_px(size_um, image_mpp)
-    out = np.empty((adata.n_obs, encoder.dim), dtype=np.float32)
-    batches = iter_patch_batches(image, xy, side_px=side, out_size=encoder.input_size, batch_size=batch_size)
-    with tqdm(total=adata.n_obs, desc=f"encode {slide_id}", unit="spot", disable=not progress, leave=False) as bar:
-        while True:
-            with timer("crop"):
-                item = next(batches, None)
-            if item is None:
-                break
-            rows, patches = item
-            with timer("encode"):
-                if device is not None:
-                    patches = patches.to(device)
-                out[rows] = encoder.embed(patches).cpu().numpy()
-            bar.update(rows.stop - rows.start)
-    image.close()
-    if not np.all(np.isfinite(out)):
-        raise GnnstError(f"slide '{slide_id}': encoder '{encoder.name}' produced NaN embeddings")
-    if path is not None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, emb=out, barcodes=np.asarray(adata.obs_names, dtype=str))
-    return out
+    return embed_slides([adata], encoder, size_um=size_um, batch_size=batch_size, num_workers=num_workers,
+                        pad_value=pad_value, device=device, cache_dir=cache_dir, image_ids=[image_id],
+                        images={0: image} if image is not None else None, timer=timer, progress=progress)[0]

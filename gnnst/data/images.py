@@ -163,3 +163,23 @@ class SlideImage:
 def open_image(path: str | Path, *, pad_value: int = 255) -> SlideImage:
     """Open ``path`` with the backend its format needs (a folder: an OME-Zarr image group)."""
     return SlideImage(path, pad_value=pad_value)
+
+
+def probe_image(path: str | Path) -> tuple[int, int, tuple[float, ...]]:
+    """``(width, height, level_downsamples)`` of an image without decoding its pixels (a JPEG's header,
+    a whole-slide image's metadata): cheap enough to check every slide before any work starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise GnnstError(f"image file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in PIL_SUFFIXES:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as im:  # reads the header only
+                return int(im.size[0]), int(im.size[1]), (1.0,)
+        except Exception as e:
+            raise GnnstError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    with SlideImage(path) as im:  # openslide reads metadata only when opening
+        return im.width, im.height, im.level_downsamples

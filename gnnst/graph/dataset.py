@@ -9,17 +9,19 @@
 - ``config.yaml``: the resolved config; ``build.log``: the log.
 
 Embeddings are cached apart from graphs (``<cache>/embeddings``), so a rebuild that changes only
-``graph.k`` or ``graph.radius_um`` re-encodes nothing.
+``graph.k`` or ``graph.radius_um`` re-encodes nothing. Under ``torchrun`` the slides are shared out over
+the ranks (:mod:`gnnst.data.sharding`) and rank 0 writes the folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -92,9 +94,10 @@ def slide_to_data(
 
 @dataclass
 class BuildResult:
-    """What :func:`build_graphs` did: its ``dataset.json`` content and the seconds per stage."""
+    """What :func:`build_graphs` did: its ``dataset.json`` content (``None`` on ranks other than 0 under
+    torchrun) and the seconds per stage."""
 
-    info: dict
+    info: dict | None
     timings: dict[str, float]
 
 
@@ -106,8 +109,9 @@ class LoadedSlides:
     entries: list  # the manifest's SlideEntry of each slide, in order
     adatas: dict  # slide id -> canonical AnnData (raw counts)
     embs: dict  # slide id -> [N, D] patch embeddings
-    encoder: dict  # name, identity, input_size, dim
+    encoder: dict  # PatchEncoder.record(): name, identity, input_size, dim, precision, patch_um, checkpoint...
     timer: object  # gnnst.data.embeddings.Timer
+    alongside: object = None  # what load_and_embed's `alongside` returned
 
     @property
     def slide_ids(self) -> list[str]:
@@ -117,78 +121,143 @@ class LoadedSlides:
         return {e.slide_id: e.patient_id or e.slide_id for e in self.entries}
 
 
-def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True) -> LoadedSlides:
-    """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
-    embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false)."""
-    from tqdm.auto import tqdm
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
+def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
+    """The configured encoder on ``device``, warmed up on CUDA with one batch of the run's shape (the
+    cuDNN set-up, seconds, is then paid while the slides are read); and the seconds it took."""
+    import torch
+
+    from gnnst.data.encoders import create_encoder
+
+    t0 = time.perf_counter()
+    encoder = create_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint,
+                             timm_kwargs=cfg.encoder.timm_kwargs).to(device, cfg.encoder.precision)
+    if device.type == "cuda":
+        s = encoder.input_size
+        encoder.embed(torch.zeros(batch_size, 3, s, s, device=device).contiguous(memory_format=torch.channels_last))
+        torch.cuda.synchronize(device)
+    return encoder, time.perf_counter() - t0
+
+
+def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True,
+                   alongside: Callable[[dict], Any] | None = None) -> LoadedSlides:
+    """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
+    embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
+
+    The encoder is built (and on CUDA warmed up) in a thread while the slides are read, and
+    ``alongside(adatas)`` (slide id -> AnnData; e.g. choosing the gene panel) runs in a thread while the
+    patches are embedded when the encoder leaves cores free (on CUDA, or fewer torch threads than
+    cores), else after; its result is ``LoadedSlides.alongside``. Stage times therefore overlap.
+
+    Under ``torchrun`` each rank embeds its share of the slides (:mod:`gnnst.data.sharding`) on its own
+    device, then reads the others' from the cache: every rank returns every slide. ``cfg.patch.size_um``
+    left at ``null`` is set to the encoder's own patch side (so that what is written records it).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    from gnnst.data.embeddings import Timer, cache_path, embed_spots, load_cached
-    from gnnst.data.encoders import create_encoder, resolve_device, set_cpu_threads
-    from gnnst.data.images import open_image
+    import torch  # imported here, before the encoder thread imports timm
+    from tqdm.auto import tqdm
+
+    from gnnst.data.embeddings import Timer, cache_path, embed_slides, load_cached
+    from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device, set_cpu_threads
     from gnnst.data.manifest import cache_root, load_manifest
-    from gnnst.data.readers import read_slide
+    from gnnst.data.readers import log_patch_size, read_slide
+    from gnnst.data.sharding import Shard, assign, barrier, process_group
 
     timer = Timer()
+    shard = Shard.from_env()
     manifest = load_manifest(cfg.data.manifest)
     entries = manifest.select(cfg.data.slides)
-    adatas = {}
-    for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
-        with timer("read"):
-            adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
-                                            download=cfg.data.download, patch_size_um=cfg.patch.size_um)
+    cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
+    if shard.world > 1 and cache_dir is None:
+        raise GnnstError("under torchrun the ranks pass embeddings through the cache: drop --no-cache")
     set_cpu_threads(cfg.encoder.num_threads)
     device = resolve_device(cfg.encoder.device)
-    with timer("model_load"):
-        encoder = create_encoder(cfg.encoder.name, checkpoint=cfg.encoder.checkpoint).to(device)
-    cache_dir = cache_root(cfg.data.cache_dir) / "embeddings" if use_cache else None
-    embs, todo = {}, []
-    for e in entries:
-        a = adatas[e.slide_id]
-        image_sha = e.files["image"].sha256 if "image" in e.files else None
-        path = None
-        if cache_dir is not None and a.uns[keys.UNS_GNNST].get(keys.IMAGE_PATH):
-            path = cache_path(a, encoder, size_um=cfg.patch.size_um, cache_dir=cache_dir, image_id=image_sha)
-        cached = load_cached(path, a.n_obs, encoder.dim)
-        if cached is not None:
-            embs[e.slide_id] = cached
-        else:
-            todo.append((e, image_sha))
-    # decode the next slide's image in a background thread while this one is encoded (Pillow and
-    # openslide release the GIL while decoding)
+    if shard.world > 1 and device.type == "cuda" and device.index is None:
+        device = resolve_device(f"cuda:{shard.local_rank}")
+    batch_size = cfg.encoder.batch_size or default_batch_size(device)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        def decode(entry):
-            t0 = time.perf_counter()
-            img = open_image(adatas[entry.slide_id].uns[keys.UNS_GNNST][keys.IMAGE_PATH], pad_value=cfg.patch.pad_value)
-            return img, time.perf_counter() - t0
+        loading = pool.submit(_load_encoder, cfg, device, batch_size)
+        adatas = {}
+        try:
+            for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
+                with timer("read"):
+                    adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root,
+                                                    cache_dir=cfg.data.cache_dir, download=cfg.data.download,
+                                                    patch_size_um=cfg.patch.size_um)
+        except BaseException:  # the slide's error is the one to report
+            loading.exception()  # waits for the encoder thread; its own error, if any, comes second
+            raise
+        with timer("model_wait"):
+            encoder, seconds = loading.result()  # nothing is written before both succeed
+        timer.totals["model_load"] += seconds
+        if cfg.patch.size_um is None:
+            cfg.patch.size_um = float(encoder.patch_um)
+            log.info("patch.size_um = %g (encoder %s's own)", cfg.patch.size_um, encoder.name)
+            for a in adatas.values():  # the image and patch side of each slide, now that the side is known
+                log_patch_size(a, cfg.patch.size_um, manifest_path=manifest.path)
+        workers = cfg.encoder.num_workers if cfg.encoder.num_workers is not None else default_num_workers(device)
+        slides = [adatas[e.slide_id] for e in entries]
+        image_ids = [e.files["image"].sha256 if "image" in e.files else None for e in entries]
+        owner = assign([a.n_obs for a in slides], shard.world)
+        mine = [i for i in range(len(entries)) if owner[i] == shard.rank]
+        log.info("embedding %d slide(s) with %s on %s (%s, batch %d, %d worker(s))%s", len(mine), encoder.name,
+                 device, encoder.precision, batch_size, workers,
+                 f", rank {shard.rank} of {shard.world}" if shard.world > 1 else "")
+        # alongside the encoder only where it leaves cores free: on a CPU whose every core runs the
+        # encoder's threads, preempting them cost more encode time than the overlap saved (2-core CPU)
+        overlap = alongside is not None and (device.type == "cuda" or _cores() > torch.get_num_threads())
+        side = pool.submit(alongside, dict(adatas)) if overlap else None
+        with process_group(shard):
+            done = embed_slides([slides[i] for i in mine], encoder, size_um=cfg.patch.size_um, batch_size=batch_size,
+                                num_workers=workers, pad_value=cfg.patch.pad_value, device=device, cache_dir=cache_dir,
+                                image_ids=[image_ids[i] for i in mine], timer=timer, progress=progress)
+            embs = {entries[i].slide_id: emb for i, emb in zip(mine, done)}
+            if shard.world > 1:
+                with timer("barrier"):
+                    barrier(shard)  # every shard is cached
+                for i, e in enumerate(entries):
+                    if owner[i] == shard.rank:
+                        continue
+                    path = cache_path(slides[i], encoder, size_um=cfg.patch.size_um, cache_dir=cache_dir,
+                                      image_id=image_ids[i])
+                    embs[e.slide_id] = load_cached(path, slides[i].n_obs, encoder.dim)
+                    if embs[e.slide_id] is None:
+                        raise GnnstError(f"slide '{e.slide_id}': rank {owner[i]}'s embeddings are not at {path}; "
+                                         "data.cache_dir must be one folder every rank sees")
+        with timer("alongside_wait"):
+            extra = side.result() if side is not None else alongside(dict(adatas)) if alongside is not None else None
+    embs = {e.slide_id: embs[e.slide_id] for e in entries}
+    return LoadedSlides(manifest=manifest, entries=entries, adatas=adatas, embs=embs, encoder=encoder.record(),
+                        timer=timer, alongside=extra)
 
-        futures = [pool.submit(decode, todo[0][0])] if todo else []
-        for i, (e, image_sha) in enumerate(tqdm(todo, desc="embed slides", unit="slide", disable=not progress)):
-            with timer("decode_wait"):
-                image, seconds = futures[i].result()
-            timer.totals["decode"] += seconds
-            if i + 1 < len(todo):
-                futures.append(pool.submit(decode, todo[i + 1][0]))
-            embs[e.slide_id] = embed_spots(adatas[e.slide_id], encoder, size_um=cfg.patch.size_um,
-                                           batch_size=cfg.encoder.batch_size, pad_value=cfg.patch.pad_value,
-                                           device=device, cache_dir=cache_dir, image_id=image_sha, image=image,
-                                           timer=timer, progress=progress)
-    enc = {"name": encoder.name, "identity": encoder.identity, "input_size": encoder.input_size, "dim": encoder.dim}
-    return LoadedSlides(manifest=manifest, entries=entries, adatas=adatas, embs=embs, encoder=enc, timer=timer)
 
-
-def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None) -> dict:
-    """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another)."""
+def panel_targets(adatas: dict, cfg: "Config", panel: "GenePanel") -> dict:
+    """Slide id -> normalised expression ``[N, G]`` of ``panel`` (per spot, so no slide affects another)."""
     from gnnst.data.expression import panel_expression
 
+    return {s: panel_expression(a, panel, cfg.expression, file=f"slide '{s}'") for s, a in adatas.items()}
+
+
+def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
+                ys: dict | None = None) -> dict:
+    """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another).
+
+    ``ys``: slide id -> ``[N, G]`` targets already computed for ``panel`` (:func:`panel_targets`).
+    """
     graphs = {}
     for e in loaded.entries:
         s = e.slide_id
         if slide_ids is not None and s not in slide_ids:
             continue
-        with loaded.timer("panel"):
-            y = panel_expression(loaded.adatas[s], panel, cfg.expression, file=f"slide '{s}'")
+        if ys is not None and s in ys:
+            y = ys[s]
+        else:
+            with loaded.timer("panel"):
+                y = panel_targets({s: loaded.adatas[s]}, cfg, panel)[s]
         with loaded.timer("graph"):
             data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um,
                                  storage=cfg.graph.storage)
@@ -214,7 +283,8 @@ def write_graphs(out: Path, graphs: dict, loaded: LoadedSlides, cfg: "Config", p
         "gnnst_version": __version__,
         "dataset": loaded.manifest.name,
         "manifest": str(loaded.manifest.path),
-        "encoder": {k: loaded.encoder[k] for k in ("name", "identity", "input_size")},
+        "encoder": {k: loaded.encoder.get(k) for k in ("name", "identity", "input_size", "precision", "checkpoint",
+                                                        "timm_kwargs")},
         "embedding_dim": int(loaded.encoder["dim"]),
         "patch_size_um": cfg.patch.size_um,
         "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
@@ -247,19 +317,35 @@ def build_graphs(
             chooses it on the training slides, so held-out slides never influence it.
         panel: use this panel instead of choosing one.
         use_cache: read and write the embedding cache (``False`` for cold-build benchmarks).
+
+    Under ``torchrun --nproc_per_node N`` (one machine or several) the ranks share the slides out and
+    rank 0 writes ``out`` once every rank's slides are embedded; the other ranks return ``info=None``.
     """
     from gnnst.data.expression import select_panel
+    from gnnst.data.manifest import load_manifest
+    from gnnst.data.sharding import Shard
 
     t_start = time.perf_counter()
-    loaded = load_and_embed(cfg, progress=progress, use_cache=use_cache)
-    ids = loaded.slide_ids
+    shard = Shard.from_env()
+    ids = [e.slide_id for e in load_manifest(cfg.data.manifest).select(cfg.data.slides)]
     unknown = [s for s in (panel_slides or []) if s not in ids]
     if unknown:
         raise GnnstError(f"panel slide '{unknown[0]}' is not among the slides built ({', '.join(ids)})")
-    if panel is None:
-        with loaded.timer("panel"):
-            panel = select_panel([loaded.adatas[s] for s in (panel_slides or ids)], cfg.expression)
-    graphs = make_graphs(loaded, cfg, panel)
+
+    def choose(adatas: dict) -> tuple:  # runs while the patches are embedded
+        t0 = time.perf_counter()
+        chosen = panel or select_panel([adatas[s] for s in (panel_slides or ids)], cfg.expression)
+        ys = panel_targets(adatas, cfg, chosen) if shard.is_main else None
+        return chosen, ys, time.perf_counter() - t0
+
+    loaded = load_and_embed(cfg, progress=progress and shard.is_main, use_cache=use_cache,
+                            alongside=choose if shard.is_main else None)
+    if not shard.is_main:  # rank 0 writes the dataset once every shard is embedded
+        loaded.timer.totals["total"] = time.perf_counter() - t_start
+        return BuildResult(info=None, timings=dict(loaded.timer.totals))
+    panel, ys, seconds = loaded.alongside
+    loaded.timer.totals["panel"] += seconds
+    graphs = make_graphs(loaded, cfg, panel, ys=ys)
     info = write_graphs(Path(out), graphs, loaded, cfg, panel)
     timer = loaded.timer
     timer.totals["total"] = time.perf_counter() - t_start

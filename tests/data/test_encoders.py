@@ -53,11 +53,60 @@ def test_timm_model_from_local_checkpoint(tmp_path):
     with torch.inference_mode():
         ref = net.eval()((x - torch.tensor(enc.mean).view(1, 3, 1, 1)) / torch.tensor(enc.std).view(1, 3, 1, 1))
     torch.testing.assert_close(enc.embed(x), ref)
-    with pytest.raises(GnnstError, match="encoder checkpoint not found"):
+    with pytest.raises(GnnstError, match="encoder 'timm:resnet10t': checkpoint not found"):
         create_encoder("timm:resnet10t", checkpoint=str(tmp_path / "missing.pth"))
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
-    with pytest.raises(GnnstError, match="lacks weights"):
+    with pytest.raises(GnnstError, match=r"lacks tensor 'conv1.0.weight' \(24, 3, 3, 3\)"):
         create_encoder("timm:resnet10t", checkpoint=str(tmp_path / "bad.pth"))
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(GnnstError, match=r"junk.pth is not a weights file"):
+        create_encoder("timm:resnet10t", checkpoint=str(tmp_path / "junk.pth"))
+
+
+def test_timm_checkpoint_is_strict_about_extra_tensors_and_unwraps_only_whole_prefixes(tmp_path):
+    import timm
+    import torch
+
+    state = timm.create_model("resnet10t", pretrained=False, num_classes=0).state_dict()
+    torch.save({**state, "fc.weight": torch.zeros(10, 512)}, tmp_path / "extra.pth")  # a head the model lacks
+    with pytest.raises(GnnstError, match=r"has unexpected tensor 'fc.weight' \(0 missing, 1 unexpected"):
+        create_encoder("timm:resnet10t", checkpoint=str(tmp_path / "extra.pth"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ddp.pth")
+    enc = create_encoder("timm:resnet10t", checkpoint=str(tmp_path / "ddp.pth"))  # a DDP training checkpoint
+    assert enc.dim == 512
+    half = {(f"module.{k}" if i % 2 else k): v for i, (k, v) in enumerate(state.items())}
+    torch.save(half, tmp_path / "half.pth")
+    with pytest.raises(GnnstError, match="lacks tensor"):
+        create_encoder("timm:resnet10t", checkpoint=str(tmp_path / "half.pth"))
+
+
+def test_timm_kwargs_build_the_architecture_the_file_was_saved_from(tmp_path):
+    """A ViT with LayerScale: without ``init_values`` timm builds no ``ls1.gamma`` and the file's
+    tensors would have been dropped; with the argument the weights load and are used."""
+    import timm
+    import torch
+
+    kw = {"img_size": 32, "patch_size": 16, "depth": 1, "init_values": 1e-5, "mlp_layer": "timm.layers.SwiGLUPacked",
+          "act_layer": "torch.nn.SiLU", "mlp_ratio": 2.66667 * 2, "reg_tokens": 2, "no_embed_class": True}
+    from gnnst.data.encoders.recipes import resolve_kwargs
+
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **resolve_kwargs(kw, where="t"))
+    torch.save(net.state_dict(), tmp_path / "vit.bin")
+    no_ls = {k: v for k, v in kw.items() if k != "init_values"}
+    with pytest.raises(GnnstError, match=r"encoder 'timm:vit_tiny_patch16_224': .*vit.bin has unexpected tensor "
+                                         r"'blocks.0.ls1.gamma' \(0 missing, 2 unexpected"):
+        create_encoder("timm:vit_tiny_patch16_224", checkpoint=str(tmp_path / "vit.bin"), timm_kwargs=no_ls)
+    enc = create_encoder("timm:vit_tiny_patch16_224", checkpoint=str(tmp_path / "vit.bin"), timm_kwargs=kw)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref = net.eval()((x - torch.tensor(enc.mean).view(1, 3, 1, 1)) / torch.tensor(enc.std).view(1, 3, 1, 1))
+    torch.testing.assert_close(enc.embed(x), ref)
+    assert enc.record()["timm_kwargs"] == kw and "init_values" in enc.identity
+    with pytest.raises(GnnstError, match=r"'mlp_layer: timm.layers.NoSuchLayer' names no class"):
+        create_encoder("timm:vit_tiny_patch16_224", checkpoint=str(tmp_path / "vit.bin"),
+                       timm_kwargs={"mlp_layer": "timm.layers.NoSuchLayer"})
+    with pytest.raises(GnnstError, match=r"encoder.timm_kwargs': timm model 'vit_tiny_patch16_224' rejects them"):
+        create_encoder("timm:vit_tiny_patch16_224", checkpoint=str(tmp_path / "vit.bin"), timm_kwargs={"bogus": 1})
 
 
 def test_timm_hub_weights_offline_is_a_clear_error(monkeypatch):

@@ -149,18 +149,34 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
     w, h = image_size(meta[keys.IMAGE_PATH])
     xy, image_mpp = image_coordinates(adata)
     check_inside(xy, w, h, slide_id=slide.slide_id, barcodes=adata.obs_names)
-    if patch_size_um is not None and image_mpp is not None:
-        side = patch_size_um / image_mpp
-        scalef = float(meta.get(keys.IMAGE_SCALEF, 1.0))
-        log.info("slide %s: image %s (%d x %d px%s, %.4g µm/px): %g µm patches are %.0f px", slide.slide_id,
-                 meta[keys.IMAGE_PATH], w, h, "" if scalef == 1.0 else f", {scalef:.6g} px per full-resolution px",
-                 image_mpp, patch_size_um, side)
-        if side < MIN_PATCH_PX:
-            log.warning("slide %s: UNRELIABLE: %g µm patches are only %.0f px wide in %s (%.4g µm/px, under "
-                        "%d px); predictions from this image are unreliable: give the full-resolution H&E as "
-                        "'files.image' in %s", slide.slide_id, patch_size_um, side, meta[keys.IMAGE_PATH],
-                        image_mpp, MIN_PATCH_PX, manifest.path)
+    if patch_size_um is not None:
+        log_patch_size(adata, patch_size_um, manifest_path=manifest.path, size=(w, h))
     return adata
+
+
+def log_patch_size(adata, patch_size_um: float, *, manifest_path, size: tuple[int, int] | None = None) -> None:
+    """Log the image a slide's patches are cut from and the patch side in its pixels; warn loudly when
+    that side is under :data:`MIN_PATCH_PX` (e.g. Space Ranger's lowres PNG). ``size``: the image's
+    (width, height), read from its header when not given."""
+    from gnnst import keys
+    from gnnst.data.validate import image_coordinates
+
+    meta = adata.uns[keys.UNS_GNNST]
+    _, image_mpp = image_coordinates(adata)
+    if image_mpp is None or not meta.get(keys.IMAGE_PATH):
+        return
+    w, h = size or image_size(meta[keys.IMAGE_PATH])
+    slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
+    side = patch_size_um / image_mpp
+    scalef = float(meta.get(keys.IMAGE_SCALEF, 1.0))
+    log.info("slide %s: image %s (%d x %d px%s, %.4g µm/px): %g µm patches are %.0f px", slide_id,
+             meta[keys.IMAGE_PATH], w, h, "" if scalef == 1.0 else f", {scalef:.6g} px per full-resolution px",
+             image_mpp, patch_size_um, side)
+    if side < MIN_PATCH_PX:
+        log.warning("slide %s: UNRELIABLE: %g µm patches are only %.0f px wide in %s (%.4g µm/px, under "
+                    "%d px); predictions from this image are unreliable: give the full-resolution H&E as "
+                    "'files.image' in %s", slide_id, patch_size_um, side, meta[keys.IMAGE_PATH],
+                    image_mpp, MIN_PATCH_PX, manifest_path)
 
 
 def image_size(path: str) -> tuple[int, int]:

