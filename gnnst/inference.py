@@ -182,6 +182,7 @@ def predict_grid(
     from gnnst.data.manifest import cache_root
     from gnnst.data.tissue import detect_tissue
     from gnnst.graph.dataset import slide_to_data
+    from gnnst.graph.edges import check_spot_counts
     from gnnst.predictions import add_image, prediction_anndata
 
     if not np.isfinite(grid_um) or grid_um <= 0:
@@ -200,6 +201,9 @@ def predict_grid(
     n, n_sub = len(xy), len(offsets)
     log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm, %d patch(es) each",
              slide_id, size[0], size[1], mpp, 100 * tissue.fraction, n, kind, grid_um, n_sub)
+    check_spot_counts({f"the tissue grid of '{slide_id}' (--grid-um {grid_um:g})": n},
+                      [("the checkpoint's graph.k", model.graph.k)],
+                      hint="use a smaller --grid-um, or a checkpoint trained with a smaller graph.k")
     dev = resolve_device(device)
     enc = model.create_encoder(dev)
     sub_xy = np.concatenate([np.clip(xy + off, 0, (size[0] - 1, size[1] - 1)) for off in offsets])  # [K*N, 2]

@@ -117,9 +117,15 @@ class LoadedSlides:
         return {e.slide_id: e.patient_id or e.slide_id for e in self.entries}
 
 
-def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True) -> LoadedSlides:
+def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True,
+                   graph_ks: Sequence[tuple[str, int | None]] | None = None) -> LoadedSlides:
     """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
-    embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false)."""
+    embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
+
+    ``graph_ks``: the ``(config key, k)`` of every graph to be built on the slides (default
+    ``[("graph.k", cfg.graph.k)]``), checked against each slide's spot count before the encoder loads
+    (:func:`gnnst.graph.edges.check_spot_counts`).
+    """
     from tqdm.auto import tqdm
 
     from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +135,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     from gnnst.data.images import open_image
     from gnnst.data.manifest import cache_root, load_manifest
     from gnnst.data.readers import read_slide
+    from gnnst.graph.edges import check_spot_counts
 
     timer = Timer()
     manifest = load_manifest(cfg.data.manifest)
@@ -138,6 +145,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
         with timer("read"):
             adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
                                             download=cfg.data.download, patch_size_um=cfg.patch.size_um)
+    check_spot_counts({f"slide '{s}'": a.n_obs for s, a in adatas.items()},
+                      [("graph.k", cfg.graph.k)] if graph_ks is None else graph_ks)
     set_cpu_threads(cfg.encoder.num_threads)
     device = resolve_device(cfg.encoder.device)
     with timer("model_load"):
@@ -237,6 +246,7 @@ def build_graphs(
     panel: "GenePanel | None" = None,
     progress: bool = True,
     use_cache: bool = True,
+    overwrite: bool = False,
 ) -> BuildResult:
     """Manifest -> cached embeddings -> one graph per slide in ``out``.
 
@@ -247,10 +257,14 @@ def build_graphs(
             chooses it on the training slides, so held-out slides never influence it.
         panel: use this panel instead of choosing one.
         use_cache: read and write the embedding cache (``False`` for cold-build benchmarks).
+        overwrite: replace the graphs already in ``out`` (without it a folder holding graphs is refused,
+            before any work: :class:`gnnst.outputs.RunFolder`).
     """
     from gnnst.data.expression import select_panel
+    from gnnst.outputs import GRAPHS, RunFolder
 
     t_start = time.perf_counter()
+    folder = RunFolder(out, GRAPHS, cfg, overwrite=overwrite)  # checks only: before any work
     loaded = load_and_embed(cfg, progress=progress, use_cache=use_cache)
     ids = loaded.slide_ids
     unknown = [s for s in (panel_slides or []) if s not in ids]
@@ -260,6 +274,7 @@ def build_graphs(
         with loaded.timer("panel"):
             panel = select_panel([loaded.adatas[s] for s in (panel_slides or ids)], cfg.expression)
     graphs = make_graphs(loaded, cfg, panel)
+    folder.begin()
     info = write_graphs(Path(out), graphs, loaded, cfg, panel)
     timer = loaded.timer
     timer.totals["total"] = time.perf_counter() - t_start
