@@ -216,7 +216,8 @@ def _predict_spots(args: argparse.Namespace) -> int:
         try:
             xy, bc, arr = read_spot_table(args.spots, slide_id=slide_id)
             model = TrainedModel.load(args.checkpoint)
-            check_spot_counts({f"--spots {args.spots}": len(xy)}, [(f"graph.k of {args.checkpoint}", model.graph.k)],
+            check_spot_counts({f"--spots {args.spots}": len(xy)},
+                              [(f"graph.k={model.graph.k} of {args.checkpoint}", model.graph.k)],
                               hint="predict at more spots of the slide (a spot table of the whole tissue, or "
                                    "--grid-um), or with a checkpoint trained with a smaller graph.k")
             im = decoding.result()

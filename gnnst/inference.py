@@ -202,7 +202,7 @@ def predict_grid(
     log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm, %d patch(es) each",
              slide_id, size[0], size[1], mpp, 100 * tissue.fraction, n, kind, grid_um, n_sub)
     check_spot_counts({f"the tissue grid of '{slide_id}' (--grid-um {grid_um:g})": n},
-                      [("the checkpoint's graph.k", model.graph.k)],
+                      [(f"the checkpoint's graph.k={model.graph.k}", model.graph.k)],
                       hint="use a smaller --grid-um, or a checkpoint trained with a smaller graph.k")
     dev = resolve_device(device)
     enc = model.create_encoder(dev)

@@ -44,20 +44,20 @@ CONFIG_FILE = "config.yaml"  # the resolved config, in every run folder
 
 
 # ------------------------------------------------------------------------------ output paths
-def _writable_parent(path: Path, flag: str) -> Path:
-    """The nearest existing folder at or above ``path``, checked to accept a new file."""
-    d = path
+def _writable_parent(folder: Path, flag: str, shown: Path) -> Path:
+    """The nearest existing folder at or above ``folder``, checked to accept a new file (by creating and
+    removing one: permissions, read-only mounts and ACLs all count); ``shown``: the path in messages."""
+    d = folder
     while not d.exists() and d.parent != d:
         d = d.parent
     if not d.is_dir():
-        raise GnnstError(f"{flag} {path}: cannot be created ({d} is a file, not a folder)")
+        raise GnnstError(f"{flag} {shown}: cannot be created ({d} is a file, not a folder)")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".gnnst-write-check.", dir=d)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        where = "" if d == path else f" (in {d}, the nearest existing folder)"
-        raise GnnstError(f"{flag} {path}: cannot write here{where}: {e.strerror or e}") from None
+        raise GnnstError(f"{flag} {shown}: cannot write here (a new file in {d} fails: {e.strerror or e})") from None
     return d
 
 
@@ -67,18 +67,18 @@ def check_output_dir(path: str | Path, *, flag: str = "--out") -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise GnnstError(f"{flag} {p}: exists and is a file, not a folder; give a folder")
-    _writable_parent(p, flag)
+    _writable_parent(p, flag, p)
     return p
 
 
 def check_output_file(path: str | Path, *, flag: str = "--out", suffix: str | None = None) -> Path:
     """``path`` can be written as a file (an existing file is replaced); nothing is created."""
     p = Path(path)
-    if suffix is not None and p.suffix != suffix:
-        raise GnnstError(f"{flag} must end in {suffix}, got {p}")
     if p.is_dir():
         raise GnnstError(f"{flag} {p}: is a folder; give a file name, e.g. {p / ('predictions' + (suffix or ''))}")
-    _writable_parent(p.parent, flag)
+    if suffix is not None and p.suffix != suffix:
+        raise GnnstError(f"{flag} must end in {suffix}, got {p}")
+    _writable_parent(p.parent, flag, p)
     return p
 
 

@@ -119,7 +119,7 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     settings = parse_settings(cfg)
     folder = RunFolder(out, ABLATION, cfg, resume=resume, overwrite=overwrite)  # checks only: before any work
     resume = folder.resume
-    ks = [(f"ablation.settings '{st.name}'", st.k) for st in settings if st.k is not None]
+    ks = [(f"the setting '{st.name}' of ablation.settings", st.k) for st in settings if st.k is not None]
     loaded = load_and_embed(cfg, progress=progress, graph_ks=ks)  # read + embed once (from the cache when warm)
     load_seconds = time.perf_counter() - t0
     folder.begin()

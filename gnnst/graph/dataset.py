@@ -122,8 +122,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
     embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
 
-    ``graph_ks``: the ``(config key, k)`` of every graph to be built on the slides (default
-    ``[("graph.k", cfg.graph.k)]``), checked against each slide's spot count before the encoder loads
+    ``graph_ks``: the ``(setting, k)`` of every graph to be built on the slides (default
+    ``[(f"graph.k={cfg.graph.k}", cfg.graph.k)]``), checked against each slide's spot count before the encoder loads
     (:func:`gnnst.graph.edges.check_spot_counts`).
     """
     from tqdm.auto import tqdm
@@ -146,7 +146,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
             adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root, cache_dir=cfg.data.cache_dir,
                                             download=cfg.data.download, patch_size_um=cfg.patch.size_um)
     check_spot_counts({f"slide '{s}'": a.n_obs for s, a in adatas.items()},
-                      [("graph.k", cfg.graph.k)] if graph_ks is None else graph_ks)
+                      [(f"graph.k={cfg.graph.k}", cfg.graph.k)] if graph_ks is None else graph_ks)
     set_cpu_threads(cfg.encoder.num_threads)
     device = resolve_device(cfg.encoder.device)
     with timer("model_load"):

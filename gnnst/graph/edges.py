@@ -51,15 +51,15 @@ def slide_graph(pixel: np.ndarray, mpp: float, *, k: int | None, radius_um: floa
 def check_spot_counts(spots: Mapping[str, int], ks: Sequence[tuple[str, int | None]], *,
                       hint: str = "lower it, or leave the slide out (data.slides)") -> None:
     """Every slide can give each spot its ``k`` nearest other spots: ``spots`` maps a slide (as named in
-    messages: ``"slide 'S1'"``) to its spot count, ``ks`` lists ``(where, k)`` (``("graph.k", 6)``;
-    ``k=None`` is skipped). Called once the slides are read, before an encoder loads; raises a one-line
+    messages: ``"slide 'S1'"``) to its spot count, ``ks`` lists ``(setting, k)`` with the setting as
+    messages name it (``("graph.k=6", 6)``; ``k=None`` is skipped). Called once the slides are read, before an encoder loads; raises a one-line
     :class:`GnnstError` naming the slide, the key and ``hint``."""
     for where, k in ks:
         if k is None:
             continue
         for slide, n in spots.items():
             if n <= k:
-                raise GnnstError(f"{slide} has {n} spots, too few for {where}={k} (each spot is joined to "
+                raise GnnstError(f"{slide} has {n} spots, too few for {where} (each spot is joined to "
                                  f"its {k} nearest other spots, so a slide needs at least {k + 1}); {hint}")
 
 
