@@ -172,6 +172,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             raise GnnstError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.grid_um is None and args.plot_genes is not None:
             raise GnnstError("--plot-genes draws grid maps: use it with --grid-um")
+        setup_logging(None, "predict")
         if args.grid_um is None:
             return _predict_spots(args)
         model = TrainedModel.load(args.checkpoint)
@@ -181,7 +182,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         missing = [g for g in genes if g not in model.panel.genes]
         if missing:
             raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
-        setup_logging(None, "predict")
         adata = predict_grid(model, args.image, grid_um=args.grid_um, kind=args.grid,
                              supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
                              cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,

@@ -277,7 +277,7 @@ RESULT_NEUTRAL: dict[str, str] = {
                           "depend on its batch, up to float rounding)",
     "encoder.num_threads": "CPU threads of the encoder (equal up to float rounding)",
     "train.num_threads": "CPU threads of training (equal up to float rounding)",
-    "num_workers": "reserved",
+    "num_workers": "reserved for data-loading processes (nothing reads it yet)",
     "eval.figures": "whether figures are drawn after training",
     "eval.only_folds": "which folds run now: each fold is trained and scored the same way whatever the others "
                        "(metrics.json summarises the folds of the latest call)",

@@ -48,6 +48,9 @@ def read_spot_table(path: str | Path, *, slide_id: str) -> tuple[np.ndarray, lis
         raise GnnstError(f"{path}: cannot read the spot table ({type(e).__name__}: {e})") from None
     if "selected" in t.columns:
         t = t[t["selected"] == 1]
+        if t.empty:
+            raise GnnstError(f"{path}: no spots under tissue in the spot table of slide '{slide_id}': no row has 1 "
+                             f"in column 'selected'")
     arr = None
     if {"pixel_x", "pixel_y"} <= set(t.columns):
         xy = t[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
