@@ -107,7 +107,8 @@ class FolderKind:
 
 TRAIN_RUN = FolderKind(  # gnnst.eval.crossval (ablation_timing.json: a setting folder of gnnst ablate)
     "gnnst train", "a train run",
-    owned=(CONFIG_FILE, "train.log", "metrics.json", "folds", "predictions", "final", "figures", "ablation_timing.json"),
+    owned=(CONFIG_FILE, "train.log", "metrics.json", "folds", "predictions", "final", "figures",
+           "ablation_timing.json"),
     markers=("metrics.json", "folds", "predictions", "final"))
 ABLATION = FolderKind(  # gnnst.eval.ablation
     "gnnst ablate", "an ablation",

@@ -116,7 +116,8 @@ CASES = [
      r"config key 'patch.size_um': expected a number > 0, got 0"),
     ("build:k_vs_spots", lambda w: _cmd("build-graphs", w, f"{w['base']}/new", "graph.k=20"),
      r"slide 'S1' has 20 spots, too few for graph.k=20 \(.*at least 21\)"),
-    ("build:no_manifest", lambda w: ["build-graphs", "--manifest", f"{w['base']}/nope.yaml", "--out", f"{w['base']}/new"],
+    ("build:no_manifest", lambda w: ["build-graphs", "--manifest", f"{w['base']}/nope.yaml", "--out",
+                                     f"{w['base']}/new"],
      r"nope\.yaml"),
     # ---------------------------------------------------------------- train
     ("train:out_is_file", lambda w: _cmd("train", w, str(w["afile"])), r"a_file\.txt: exists and is a file"),
@@ -155,7 +156,8 @@ CASES = [
      r"--spots .*spots4\.tsv has 4 spots, too few for graph.k=6 of .*model\.pt .*at least 7\); predict at more spots"),
     ("predict:no_checkpoint", lambda w: _predict(w, ckpt=w["base"] / "missing.pt"), r"missing\.pt"),
     ("predict:no_image", lambda w: _predict(w, image=w["base"] / "missing.jpg"), r"missing\.jpg"),
-    ("predict:no_spots", lambda w: _predict(w, spots=w["base"] / "missing.tsv"), r"spot table not found: .*missing\.tsv"),
+    ("predict:no_spots", lambda w: _predict(w, spots=w["base"] / "missing.tsv"),
+     r"spot table not found: .*missing\.tsv"),
     # ---------------------------------------------------------------- ablate
     ("ablate:out_is_file", lambda w: _cmd("ablate", w, str(w["afile"])), r"a_file\.txt: exists and is a file"),
     ("ablate:bad_setting", lambda w: _cmd("ablate", w, f"{w['base']}/new", "ablation.settings=[k=0]"),
@@ -177,8 +179,10 @@ CASES = [
      r"empty_dir: no predictions/<slide>\.h5ad"),
     ("export:out_is_file", lambda w: ["export", "--run", str(w["run"]), "--out", str(w["afile"])],
      r"a_file\.txt: exists and is a file"),
-    ("export:out_unwritable", lambda w: ["export", "--run", str(w["run"]), "--out", f"{w['ro']}/e"], r"cannot write here"),
-    ("export:unknown_slide", lambda w: ["export", "--run", str(w["run"]), "--out", f"{w['base']}/new", "--slides", "S9"],
+    ("export:out_unwritable", lambda w: ["export", "--run", str(w["run"]), "--out", f"{w['ro']}/e"],
+     r"--out .*/e: cannot write here"),
+    ("export:unknown_slide", lambda w: ["export", "--run", str(w["run"]), "--out", f"{w['base']}/new", "--slides",
+                                        "S9"],
      r"no predictions for slide 'S9' \(have: S1\)"),
     # ---------------------------------------------------------------- plot
     ("plot:no_run", lambda w: ["plot", "--run", f"{w['base']}/nope", "--out", f"{w['base']}/new"],
