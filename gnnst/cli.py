@@ -16,7 +16,6 @@ from gnnst.errors import GnnstError
 from gnnst.runtime import CPU_BATCH_SIZE
 
 
-
 def setup_logging(out: Path | None, name: str) -> None:
     """Log to stderr and, when ``out`` is given, to ``out/<name>.log`` once the command has checked its
     inputs and created ``out`` (:class:`gnnst.outputs.DeferredFileHandler`; until then the records wait
@@ -161,9 +160,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.inference import predict_grid, write_grid_maps
         from gnnst.io import atomic_write_h5ad
-        from gnnst.predictor import TrainedModel
-
         from gnnst.outputs import check_output_file
+        from gnnst.predictor import TrainedModel
 
         out = check_output_file(args.out, suffix=".h5ad")
         if args.mpp is not None and not args.mpp > 0:

@@ -120,6 +120,8 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     folder = RunFolder(out, ABLATION, cfg, resume=resume, overwrite=overwrite)  # checks only: before any work
     resume = folder.resume
     ks = [(f"the setting '{st.name}' of ablation.settings", st.k) for st in settings if st.k is not None]
+    if not all(st.use_graph for st in settings):  # "none" builds the graph of graph.k (never used by the model)
+        ks.append((f"graph.k={cfg.graph.k} (built, unused, in the setting 'none')", cfg.graph.k))
     loaded = load_and_embed(cfg, progress=progress, graph_ks=ks)  # read + embed once (from the cache when warm)
     load_seconds = time.perf_counter() - t0
     folder.begin()

@@ -123,8 +123,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
 
     ``graph_ks``: the ``(setting, k)`` of every graph to be built on the slides (default
-    ``[(f"graph.k={cfg.graph.k}", cfg.graph.k)]``), checked against each slide's spot count before the encoder loads
-    (:func:`gnnst.graph.edges.check_spot_counts`).
+    ``[(f"graph.k={cfg.graph.k}", cfg.graph.k)]``), checked against each slide's spot count before the
+    encoder loads (:func:`gnnst.graph.edges.check_spot_counts`).
     """
     from tqdm.auto import tqdm
 
