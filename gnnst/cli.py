@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gnnst.errors import GnnstError
+from gnnst.outputs import check_output_dir, check_output_file
 from gnnst.runtime import CPU_BATCH_SIZE
 
 
@@ -91,7 +92,7 @@ def build_graphs_main(argv: Sequence[str] | None = None) -> int:
         from gnnst.graph.dataset import build_graphs
 
         cfg = _load(args)
-        out = Path(args.out)
+        out = check_output_dir(args.out)  # before anything heavy is imported; the run folder's rules: build_graphs
         setup_logging(out, "build")
         res = build_graphs(cfg, out, progress=not args.quiet, use_cache=not args.no_cache, overwrite=args.overwrite)
         info = res.info
@@ -116,7 +117,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from gnnst.train.distributed import cleanup, init_distributed
 
         cfg = _load(args)
-        out = Path(args.out)
+        out = check_output_dir(args.out)  # before torch is imported; the run folder's rules: run_crossval
         dist = init_distributed(cfg.train.device)  # DDP when started by torchrun, else a no-op
         setup_logging(out if dist.is_main else None, "train")
         try:
@@ -160,7 +161,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.inference import predict_grid, write_grid_maps
         from gnnst.io import atomic_write_h5ad
-        from gnnst.outputs import check_output_file
         from gnnst.predictor import TrainedModel
 
         out = check_output_file(args.out, suffix=".h5ad")
@@ -249,7 +249,7 @@ def ablate_main(argv: Sequence[str] | None = None) -> int:
 
         cfg = _load(args)
         parse_settings(cfg)  # bad settings fail before anything is read or written
-        out = Path(args.out)
+        out = check_output_dir(args.out)
         setup_logging(out, "ablate")
         run_ablation(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         print((out / "ablation.md").read_text())
@@ -273,7 +273,6 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         from gnnst.export.anndata import export_run
-        from gnnst.outputs import check_output_dir
 
         check_output_dir(args.out)
         setup_logging(None, "export")
@@ -297,7 +296,6 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         from gnnst.eval.figures import plot_run
-        from gnnst.outputs import check_output_dir
 
         check_output_dir(Path(args.run) / "figures" if args.out is None else args.out)
         setup_logging(None, "plot")
