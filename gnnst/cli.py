@@ -14,12 +14,15 @@ from typing import Callable, Sequence
 
 from gnnst.errors import GnnstError
 from gnnst.data.encoders import CPU_BATCH_SIZE
-
-log = logging.getLogger("gnnst")
+from gnnst.outputs import check_output_dir, check_output_file
 
 
 def setup_logging(out: Path | None, name: str) -> None:
-    """Log to stderr and, when ``out`` is given, to ``out/<name>.log``."""
+    """Log to stderr and, when ``out`` is given, to ``out/<name>.log`` once the command has checked its
+    inputs and created ``out`` (:class:`gnnst.outputs.DeferredFileHandler`; until then the records wait
+    in memory, so a command that fails early leaves no file)."""
+    from gnnst.outputs import DeferredFileHandler
+
     root = logging.getLogger("gnnst")
     root.setLevel(logging.INFO)
     for h in list(root.handlers):
@@ -30,8 +33,7 @@ def setup_logging(out: Path | None, name: str) -> None:
     sh.setFormatter(fmt)
     root.addHandler(sh)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(out / f"{name}.log")
+        fh = DeferredFileHandler(out, f"{name}.log")
         fh.setFormatter(fmt)
         root.addHandler(fh)
     root.propagate = False
@@ -46,14 +48,19 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser(name: str, main_fn: Callable, *, out: str | None = None, resume: str | None = None,
-            quiet: bool = False, common: bool = False) -> argparse.ArgumentParser:
+            overwrite: bool = False, quiet: bool = False, common: bool = False) -> argparse.ArgumentParser:
     """The parser of ``gnnst <name>`` (description: ``main_fn``'s docstring) with the options shared by
-    commands: ``--out`` (its help), ``--resume`` (its help), ``--quiet``, and the config options."""
+    commands: ``--out`` (its help), ``--resume`` (its help), ``--overwrite``, ``--quiet``, and the config
+    options."""
     p = argparse.ArgumentParser(prog=f"gnnst {name}", description=main_fn.__doc__)
     if out is not None:
         p.add_argument("--out", required=True, help=out)
     if resume is not None:
         p.add_argument("--resume", action="store_true", help=resume)
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (only files gnnst wrote there are removed, once the "
+                            "new run's inputs are read and checked)")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
     if common:
@@ -76,21 +83,22 @@ def _load(args: argparse.Namespace):
 
 def build_graphs_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst build-graphs``: manifest -> ``OUT/<slide_id>.pt`` + ``dataset.json`` + config."""
-    p = _parser("build-graphs", build_graphs_main, out="output folder for the graphs", quiet=True, common=True)
+    p = _parser("build-graphs", build_graphs_main, out="output folder for the graphs", overwrite=True, quiet=True,
+                common=True)
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached embeddings")
     args = p.parse_args(argv)
 
     def run() -> int:
+        from gnnst.data.sharding import Shard
         from gnnst.graph.dataset import build_graphs
 
         cfg = _load(args)
-        out = Path(args.out)
-        setup_logging(None, "build")
-        res = build_graphs(cfg, out, progress=not args.quiet, use_cache=not args.no_cache)
+        out = check_output_dir(args.out)  # before anything heavy is imported; the run folder's rules: build_graphs
+        setup_logging(out if Shard.from_env().is_main else None, "build")  # rank 0 writes the log
+        res = build_graphs(cfg, out, progress=not args.quiet, use_cache=not args.no_cache, overwrite=args.overwrite)
         info = res.info
         if info is None:  # a rank other than 0 under torchrun: rank 0 writes and reports
             return 0
-        _copy_log(out, "build")
         print(f"built {len(info['slides'])} graphs in {out} ({info['total_nodes']} nodes, "
               f"{info['num_genes']} genes, x width {info['embedding_dim']}, {res.timings['total']:.1f} s)")
         for s, v in info["slides"].items():
@@ -103,7 +111,8 @@ def build_graphs_main(argv: Sequence[str] | None = None) -> int:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst train``: raw slides -> graphs -> cross-validated model, metrics and predictions."""
     args = _parser("train", train_main, out="output folder (config, log, checkpoints, predictions, metrics)",
-                   resume="continue an interrupted run in --out", quiet=True, common=True).parse_args(argv)
+                   resume="continue an interrupted run in --out (with the same config)", overwrite=True, quiet=True,
+                   common=True).parse_args(argv)
 
     def run() -> int:
         from gnnst.eval.crossval import run_crossval
@@ -111,11 +120,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from gnnst.train.distributed import cleanup, init_distributed
 
         cfg = _load(args)
-        out = Path(args.out)
+        out = check_output_dir(args.out)  # before torch is imported; the run folder's rules: run_crossval
         dist = init_distributed(cfg.train.device)  # DDP when started by torchrun, else a no-op
         setup_logging(out if dist.is_main else None, "train")
         try:
-            metrics = run_crossval(cfg, out, resume=args.resume, progress=not args.quiet)
+            metrics = run_crossval(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         finally:
             cleanup()
         if dist.is_main:
@@ -157,15 +166,14 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         from gnnst.io import atomic_write_h5ad
         from gnnst.predictor import TrainedModel
 
-        out = Path(args.out)
-        if out.suffix != ".h5ad":
-            raise GnnstError(f"--out must end in .h5ad, got {out}")
+        out = check_output_file(args.out, suffix=".h5ad")
         if args.mpp is not None and not args.mpp > 0:
             raise GnnstError(f"--mpp must be > 0, got {args.mpp}")
         if args.batch_size < 1:
             raise GnnstError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.grid_um is None and args.plot_genes is not None:
             raise GnnstError("--plot-genes draws grid maps: use it with --grid-um")
+        setup_logging(None, "predict")
         if args.grid_um is None:
             return _predict_spots(args)
         model = TrainedModel.load(args.checkpoint)
@@ -175,7 +183,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         missing = [g for g in genes if g not in model.panel.genes]
         if missing:
             raise GnnstError(f"--plot-genes: gene '{missing[0]}' is not in the panel of {args.checkpoint}")
-        setup_logging(None, "predict")
         adata = predict_grid(model, args.image, grid_um=args.grid_um, kind=args.grid,
                              supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
                              cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
@@ -197,6 +204,7 @@ def _predict_spots(args: argparse.Namespace) -> int:
 
     from gnnst.data.images import open_image
     from gnnst.data.readers.legacy_st import mpp_from_pitch
+    from gnnst.graph.edges import check_spot_counts
     from gnnst.inference import predict_slide, read_spot_table
     from gnnst.io import atomic_write_h5ad
     from gnnst.predictor import TrainedModel
@@ -209,10 +217,15 @@ def _predict_spots(args: argparse.Namespace) -> int:
         try:
             xy, bc, arr = read_spot_table(args.spots, slide_id=slide_id)
             model = TrainedModel.load(args.checkpoint)
+            check_spot_counts({f"--spots {args.spots}": len(xy)},
+                              [(f"graph.k={model.graph.k} of {args.checkpoint}", model.graph.k)],
+                              hint="predict at more spots of the slide (a spot table of the whole tissue, or "
+                                   "--grid-um), or with a checkpoint trained with a smaller graph.k")
             im = decoding.result()
             mpp = args.mpp if args.mpp is not None else im.mpp
             if mpp is None and arr is not None and len(arr) >= 3:
-                mpp = mpp_from_pitch(arr[:, 0], arr[:, 1], xy, 200.0)
+                mpp = mpp_from_pitch(arr[:, 0], arr[:, 1], xy, 200.0, barcodes=bc, where=str(args.spots),
+                                     remedy="give --mpp")
             if mpp is None:
                 raise GnnstError(f"{args.image}: no micrometres per pixel in the image metadata; give --mpp")
             adata = predict_slide(model, args.image, xy, bc, slide_id=slide_id, mpp=mpp, cache_dir=args.cache_dir,
@@ -231,16 +244,17 @@ def _predict_spots(args: argparse.Namespace) -> int:
 def ablate_main(argv: Sequence[str] | None = None) -> int:
     """``gnnst ablate``: the same cross-validation for each neighbourhood of ``ablation.settings`` -> table + plot."""
     args = _parser("ablate", ablate_main, out="output folder (ablation.csv/.md/.png, settings/<setting>/ runs)",
-                   resume="reuse finished settings and folds in --out", quiet=True, common=True).parse_args(argv)
+                   resume="reuse finished settings and folds in --out (with the same config)", overwrite=True,
+                   quiet=True, common=True).parse_args(argv)
 
     def run() -> int:
         from gnnst.eval.ablation import parse_settings, run_ablation
 
         cfg = _load(args)
         parse_settings(cfg)  # bad settings fail before anything is read or written
-        out = Path(args.out)
+        out = check_output_dir(args.out)
         setup_logging(out, "ablate")
-        run_ablation(cfg, out, resume=args.resume, progress=not args.quiet)
+        run_ablation(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         print((out / "ablation.md").read_text())
         print(f"table: {out / 'ablation.csv'}; plot: {out / 'ablation.png'}")
         return 0
@@ -263,6 +277,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.export.anndata import export_run
 
+        check_output_dir(args.out)
         setup_logging(None, "export")
         paths = export_run(args.run, args.out, slides=args.slides, concat=args.concat, image=not args.no_image,
                            max_side=args.hires_max_side, spot_diameter_um=args.spot_diameter_um)
@@ -285,21 +300,13 @@ def plot_main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         from gnnst.eval.figures import plot_run
 
+        check_output_dir(Path(args.run) / "figures" if args.out is None else args.out)
         setup_logging(None, "plot")
         for path in plot_run(args.run, out=args.out, slides=args.slides, image=not args.no_image):
             print(f"wrote {path}")
         return 0
 
     return _guard(run)
-
-
-def _copy_log(out: Path, name: str) -> None:
-    """Attach a file handler now that ``out`` exists (outputs are only created once input is valid)."""
-    root = logging.getLogger("gnnst")
-    fh = logging.FileHandler(out / f"{name}.log")
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root.addHandler(fh)
-    log.info("outputs in %s", out)
 
 
 def _guard(fn: Callable[[], int]) -> int:

@@ -3,6 +3,12 @@
 Precedence: dataclass defaults < YAML file (only what differs) < dotted command-line overrides
 (``train.lr=1e-3``). An unknown key anywhere is a :class:`~gnnst.errors.GnnstError` naming it.
 Sizes that come from the data (number of genes, embedding width) are never set here.
+
+A run folder holds one run made with one config (:mod:`gnnst.outputs`): ``--resume`` refuses a config
+that differs from the folder's ``config.yaml`` in any key but those of :data:`RESULT_NEUTRAL`, the keys
+that change where files are found, how fast the work runs or what is drawn, never a number of a fold.
+The device (``train.device``, ``encoder.device``) and ``train.amp`` are NOT among them: GPU kernels and
+mixed precision change results beyond float rounding.
 """
 
 from __future__ import annotations
@@ -274,6 +280,45 @@ class Config(_Section):
     ablation: AblationConfig = field(default_factory=AblationConfig)
     seed: int = num(0, ge=0)  # seed for every random choice
     num_workers: int = num(0, ge=0)  # reserved for data loading processes
+
+
+# --- keys that do not change results (a resumed run may differ in these only) -------------------
+RESULT_NEUTRAL: dict[str, str] = {
+    "data.data_root": "where the manifest's files are found (the same files: their sha256 in the manifest, "
+                      "where given, is checked on every read)",
+    "data.cache_dir": "where downloads and embeddings are cached (embeddings are keyed by encoder, patch size "
+                      "and image, not by the cache's place)",
+    "data.download": "whether missing files may be fetched",
+    "encoder.batch_size": "patches per encoder pass (the encoder runs in eval mode: a patch's embedding does not "
+                          "depend on its batch, up to float rounding)",
+    "encoder.num_threads": "CPU threads of the encoder (equal up to float rounding)",
+    "train.num_threads": "CPU threads of training (equal up to float rounding)",
+    "num_workers": "reserved for data-loading processes (nothing reads it yet)",
+    "eval.figures": "whether figures are drawn after training",
+    "eval.only_folds": "which folds run now: each fold is trained and scored the same way whatever the others "
+                       "(metrics.json summarises the folds of the latest call)",
+    "eval.final_model": "whether the final model is trained after the folds; no fold depends on it",
+    "ablation.keep_checkpoints": "whether each setting's per-member checkpoints are kept",
+}
+
+
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{'train.lr': 0.001, ...}`` (lists are values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (as dicts), a key present in one
+    only included; sorted."""
+    a, b = flat_config(old), flat_config(new)
+    missing = object()
+    return sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing))
 
 
 # ------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ def read_spot_table(path: str | Path, *, slide_id: str) -> tuple[np.ndarray, lis
         raise GnnstError(f"{path}: cannot read the spot table ({type(e).__name__}: {e})") from None
     if "selected" in t.columns:
         t = t[t["selected"] == 1]
+        if t.empty:
+            raise GnnstError(f"{path}: no spots under tissue in the spot table of slide '{slide_id}': no row has 1 "
+                             f"in column 'selected'")
     arr = None
     if {"pixel_x", "pixel_y"} <= set(t.columns):
         xy = t[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64)
@@ -182,6 +185,7 @@ def predict_grid(
     from gnnst.data.manifest import cache_root
     from gnnst.data.tissue import detect_tissue
     from gnnst.graph.dataset import slide_to_data
+    from gnnst.graph.edges import check_spot_counts
     from gnnst.predictions import add_image, prediction_anndata
 
     if not np.isfinite(grid_um) or grid_um <= 0:
@@ -200,6 +204,9 @@ def predict_grid(
     n, n_sub = len(xy), len(offsets)
     log.info("slide '%s': %d x %d px at %.4f µm/px, tissue %.1f%%, %d %s grid spots at %.0f µm, %d patch(es) each",
              slide_id, size[0], size[1], mpp, 100 * tissue.fraction, n, kind, grid_um, n_sub)
+    check_spot_counts({f"the tissue grid of '{slide_id}' (--grid-um {grid_um:g})": n},
+                      [(f"the checkpoint's graph.k={model.graph.k}", model.graph.k)],
+                      hint="use a smaller --grid-um, or a checkpoint trained with a smaller graph.k")
     dev = resolve_device(device)
     enc = model.create_encoder(dev)
     sub_xy = np.concatenate([np.clip(xy + off, 0, (size[0] - 1, size[1] - 1)) for off in offsets])  # [K*N, 2]

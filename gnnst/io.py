@@ -63,8 +63,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def to_json(obj: Any, **kwargs) -> str:
+    """``obj`` as strict JSON text (no ``NaN``/``Infinity``): a float that is not finite becomes ``null``
+    with its reason under the top-level ``nulls`` (:func:`gnnst.metrics.finite_json`, the one form)."""
+    from gnnst.metrics import finite_json
+
+    return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as strict JSON (:func:`to_json`) atomically."""
+    atomic_write_text(path, to_json(obj, indent=2, sort_keys=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

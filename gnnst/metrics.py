@@ -21,18 +21,25 @@ Figures over a set of folds (:func:`summarise`):
 - ``mse``, ``mae``: over one held-out slide's spots and its fold's panel genes (normalised log
   expression), then the mean over held-out slides.
 
+In JSON (``metrics.json``, each fold's ``result.json``, every JSON gnnst writes through
+:func:`gnnst.io.atomic_write_json`) a figure that is not a finite number (a PCC over genes that are all
+constant, a pooled PCC with no gene in every fold's subset, a time not measured) is written as ``null``,
+and the top-level map ``nulls`` (:data:`NULLS`) gives, for the dotted path of each such value
+(``"summary.pcc_hvg_per_slide"``, ``"folds[2].per_slide.B4.pcc_hvg"``), the reason
+(:func:`null_reason`). The files are strict JSON (no ``NaN``/``Infinity``). Per-gene lists
+(``pcc_per_gene``) hold ``null`` where a gene's r is undefined (constant on that slide), without an entry.
+
 Pure numpy/scipy (no torch): the core layer of :mod:`gnnst`.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from gnnst.config import EvalConfig
 
 SUBSET_KINDS = ("heg", "hvg", "all")  # reported gene subsets, in table order
 HVG_METHODS = ("seurat", "variance")  # values of eval.hvg
@@ -93,7 +100,9 @@ class MetricSet:
     hvg: str = "seurat"
 
     @classmethod
-    def from_config(cls, ev: "EvalConfig") -> "MetricSet":
+    def from_config(cls, ev: Any) -> "MetricSet":
+        """From a :class:`gnnst.config.EvalConfig` (not imported here: gnnst.io writes JSON through this
+        module, and gnnst.config writes through gnnst.io)."""
         return cls(n_heg=ev.n_heg, n_hvg=ev.n_hvg, hvg=ev.hvg)
 
     def subset_label(self, kind: str) -> str:
@@ -140,6 +149,60 @@ class MetricSet:
                 "subsets": {k: {"label": self.subset_label(k), "selection": self.subset_definition(k)}
                             for k in SUBSET_KINDS},
                 "hvg": self.hvg}
+
+
+# ------------------------------------------------------------------------------------ in JSON
+NULLS = "nulls"  # top-level key of a JSON file: dotted path of each value written as null -> why
+
+_NULL_REASONS = (  # (pattern of the last key of the path, reason); first match wins
+    (r"(pcc|spearman)_(heg|hvg|all)_per_slide", "no gene of the subset varies in both measurement and prediction "
+                                                "on any held-out slide (a correlation of a constant is undefined)"),
+    (r"pcc_(heg|hvg|all)_pooled", "no gene of the subset is in every fold's subset and varies in both measurement "
+                                  "and prediction over the pooled held-out spots"),
+    (r"(pcc|spearman)_(heg|hvg|all)", "no gene of the subset varies in both measurement and prediction on this slide"),
+    (r"val_pcc.*", "no validation gene varies in both measurement and prediction (or no validation spots)"),
+    (r"(mse|mae)", "no finite prediction to compare"),
+    (r".*seconds.*", "not measured"),
+)
+
+
+def null_reason(path: str, value: float) -> str:
+    """Why the value at ``path`` (dotted, ``summary.pcc_hvg_per_slide``) is not a finite number."""
+    last = re.sub(r"\[\d+\]$", "", path.rsplit(".", 1)[-1])
+    for pattern, reason in _NULL_REASONS:
+        if re.fullmatch(pattern, last):
+            return reason
+    return f"not a finite number ({value})"
+
+
+def finite_json(obj):
+    """A copy of ``obj`` (dicts, lists, tuples, numbers, strings) for strict JSON: each float that is not
+    finite becomes ``None`` and, when ``obj`` is a dict, ``obj[NULLS]`` maps its dotted path to
+    :func:`null_reason` (``nulls`` maps already inside ``obj``, e.g. of a fold's ``result.json`` read
+    back, are merged into the top-level one with their paths prefixed)."""
+    nulls: dict[str, str] = {}
+
+    def walk(v, path: str):
+        if isinstance(v, dict):
+            if path and isinstance(v.get(NULLS), dict):  # an inner nulls map moves to the top
+                nulls.update({f"{path}.{k}": r for k, r in v[NULLS].items()})
+                v = {k: x for k, x in v.items() if k != NULLS}
+            return {k: walk(x, f"{path}.{k}" if path else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        if isinstance(v, (float, np.floating)):
+            if math.isfinite(v):
+                return float(v)
+            nulls[path] = null_reason(path, float(v))
+            return None
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    out = walk(obj, "")
+    if isinstance(out, dict) and (nulls or isinstance(out.get(NULLS), dict)):
+        out[NULLS] = {**(out.get(NULLS) or {}), **nulls}
+    return out
 
 
 # ------------------------------------------------------------------------------------ per gene

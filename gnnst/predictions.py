@@ -39,13 +39,13 @@ Layout of a prediction (:func:`prediction_anndata`):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from gnnst import __version__, keys
+from gnnst.io import to_json
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -127,7 +127,7 @@ def prediction_anndata(
                   "blend_alpha": float(model.blend_alpha), "protocol": model.protocol,
                   "trained_with": model.gnnst_version},
         "graph": {"k": model.graph.k, "radius_um": model.graph.radius_um, "units": "um"},
-        "config": json.dumps(config or {}), "metrics": json.dumps(metrics or {}),
+        "config": to_json(config or {}), "metrics": to_json(metrics or {}),  # strict JSON text
     }
     if image_path:
         meta[keys.IMAGE_PATH] = str(Path(image_path).resolve())

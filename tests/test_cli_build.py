@@ -35,7 +35,7 @@ def test_build_graphs_end_to_end(tiny_dataset, capsys):
     cached = sorted((ds["cache"] / "embeddings").rglob("*.npz"))
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert len(cached) == 2
-    assert _build(ds, out, "graph.k=2") == 0
+    assert _build(ds, out, "graph.k=2", "--overwrite") == 0  # (without --overwrite: refused, test_fault_injection)
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     data = torch.load(out / "S1.pt", weights_only=False)
     assert torch.equal(torch.bincount(data.edge_index[1]), torch.full((12,), 2))

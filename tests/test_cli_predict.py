@@ -1,5 +1,7 @@
 """`gnnst predict` in spot mode on a tiny trained run, and its bad inputs."""
 
+import re
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -86,3 +88,26 @@ def test_graph_dataset_errors(tmp_path):
         GraphDataset(tmp_path / "nope")
     with pytest.raises(GnnstError, match="no dataset.json"):
         GraphDataset(tmp_path)
+
+
+def test_spot_table_without_selected_spots(trained, capsys):
+    p = trained["tmp"] / "none_selected.tsv"
+    sel = (trained["root"] / "S1_selection.tsv").read_text().splitlines()
+    p.write_text("\n".join([sel[0]] + [ln.rsplit("\t", 1)[0] + "\t0" for ln in sel[1:]]) + "\n")
+    assert _predict(trained, spots=p) == 2
+    assert "none_selected.tsv: no spots under tissue in the spot table of slide 'S1_HE': no row has 1 in column " \
+           "'selected'" in capsys.readouterr().err
+
+
+def test_pitch_outlier_named_by_barcode(trained, capsys):
+    """predict --spots derives µm per pixel from the spot pitch when the image has none; a spot whose pixel
+    position does not fit its array position is left out of the fit and named by its barcode."""
+    p = trained["tmp"] / "shifted.tsv"
+    lines = (trained["root"] / "S1_selection.tsv").read_text().splitlines()
+    cols = lines[1].split("\t")  # spot 2x2: pixel (20, 20) -> (20, 140), three array steps off
+    cols[5] = "140.00"
+    p.write_text("\n".join([lines[0], "\t".join(cols)] + lines[2:]) + "\n")
+    assert _predict(trained, spots=p, out=trained["tmp"] / "shifted.h5ad") == 0
+    err = capsys.readouterr().err
+    assert re.search(r"shifted.tsv: 1 spot\(s\) whose pixel position does not fit .*: 2x2 \(", err), err
+    assert ad.read_h5ad(trained["tmp"] / "shifted.h5ad").uns["gnnst"]["mpp"] == pytest.approx(5.0, rel=1e-3)

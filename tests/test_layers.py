@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parents[1] / "gnnst"
 # layer of each top-level part of the package (a module may import its own layer or lower ones)
 LAYERS = {
     "gnnst": 0, "gnnst.errors": 0, "gnnst.keys": 0, "gnnst.io": 0, "gnnst.runtime": 0, "gnnst.config": 0,
-    "gnnst.metrics": 0,
+    "gnnst.metrics": 0, "gnnst.outputs": 0,
     "gnnst.data": 1,
     "gnnst.graph": 2,
     "gnnst.models": 3,

@@ -75,3 +75,38 @@ def test_labels_and_definitions_come_from_one_table():
         slide_score_key("pcc_heg_pooled")
     with pytest.raises(KeyError, match="unknown metric key"):
         ms.label("pcc_heg50_per_slide")
+
+
+def test_metrics_json_is_strict_json_with_a_reason_for_each_null(tmp_path):
+    """A figure that is not a number (here: a constant prediction, so no PCC) is written as null, and
+    nulls[<path>] says why; the file is RFC 8259 JSON. A fold's result.json read back and written again
+    into metrics.json gives the same form (its nulls map moves to the top)."""
+    import json
+
+    from gnnst.io import atomic_write_json
+    from gnnst.metrics import NULLS, summarise
+
+    y = np.arange(12, dtype=np.float32).reshape(4, 3)
+    genes = ["a", "b", "c"]
+    fp = FoldPredictions("f1", genes, {"heg": genes, "hvg": ["a"], "all": genes}, {"S1": y},
+                         {"S1": np.ones_like(y)})
+    summary = summarise([fp])
+    assert np.isnan(summary["pcc_heg_per_slide"])
+    result = {"name": "f1", "per_slide": fp.slide_scores(), "summary": summary, "cpu_seconds": float("inf")}
+    atomic_write_json(tmp_path / "result.json", result)
+
+    def refuse(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    back = json.loads((tmp_path / "result.json").read_text(), parse_constant=refuse)
+    assert back["summary"]["pcc_heg_per_slide"] is None and back["per_slide"]["S1"]["pcc_hvg"] is None
+    assert back["per_slide"]["S1"]["pcc_per_gene"] == [None, None, None]  # per gene: null without an entry
+    assert "constant is undefined" in back[NULLS]["summary.pcc_heg_per_slide"]
+    assert "on this slide" in back[NULLS]["per_slide.S1.pcc_hvg"]
+    assert back[NULLS]["cpu_seconds"] == "not measured"
+    assert back["summary"]["mse"] == pytest.approx(summary["mse"])
+    atomic_write_json(tmp_path / "metrics.json", {"folds": [back], "summary": summary})
+    top = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert NULLS not in top["folds"][0]
+    assert top[NULLS]["folds[0].summary.pcc_heg_per_slide"] == back[NULLS]["summary.pcc_heg_per_slide"]
+    assert top[NULLS]["summary.pcc_heg_per_slide"] == back[NULLS]["summary.pcc_heg_per_slide"]

@@ -199,3 +199,15 @@ def test_plot_genes_needs_a_grid(wsi, tmp_path, capsys):
     rc = main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
                "--spots", str(tmp_path / "spots.csv"), "--plot-genes", "G1", "--out", str(tmp_path / "p.h5ad")])
     assert rc == 2 and "--plot-genes draws grid maps: use it with --grid-um" in capsys.readouterr().err
+
+
+def test_grid_with_fewer_spots_than_the_checkpoints_k(wsi, tmp_path, capsys):
+    """A grid pitch so coarse that the tissue holds fewer grid spots than the model's graph.k + 1: an error
+    that says which options change it, before anything is encoded."""
+    rc = main(["predict", "--checkpoint", str(wsi / "model.pt"), "--image", str(wsi / "slide.tif"),
+               "--grid-um", "400", "--supersample", "1", "--out", str(tmp_path / "p.h5ad"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert re.search(r"gnnst: error: the tissue grid of 'slide' \(--grid-um 400\) has \d spots, too few for the "
+                     r"checkpoint's graph.k=6 .*use a smaller --grid-um", err), err
+    assert list(tmp_path.iterdir()) == []

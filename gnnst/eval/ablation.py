@@ -105,20 +105,27 @@ def setting_config(cfg: "Config", setting: Setting, *, baselines: bool) -> "Conf
     return _from_dict(Config, _merge(config_to_dict(cfg), parse_overrides(over)))
 
 
-def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Run every setting of ``cfg.ablation`` and write the table and the plot; returns the table rows."""
-    from gnnst.config import dump_config
-    from gnnst.graph.dataset import load_and_embed
-
+def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> list[dict]:
+    """Run every setting of ``cfg.ablation`` and write the table and the plot; returns the table rows.
+    ``resume`` and ``overwrite``: as :func:`gnnst.eval.crossval.run_crossval`, for the whole ablation
+    folder (:class:`gnnst.outputs.RunFolder`)."""
+    from gnnst.graph.dataset import load_and_embed, resolve_patch_size
     from gnnst.io import atomic_write_json
+    from gnnst.outputs import ABLATION, RunFolder
 
     t0 = time.perf_counter()
     out = Path(out)
     settings = parse_settings(cfg)
-    loaded = load_and_embed(cfg, progress=progress)  # read + embed once (from the cache when warm)
+    resolve_patch_size(cfg)  # the number itself is compared and recorded
+    folder = RunFolder(out, ABLATION, cfg, resume=resume, overwrite=overwrite)  # checks only: before any work
+    resume = folder.resume
+    ks = [(f"the setting '{st.name}' of ablation.settings", st.k) for st in settings if st.k is not None]
+    if not all(st.use_graph for st in settings):  # "none" builds the graph of graph.k (never used by the model)
+        ks.append((f"graph.k={cfg.graph.k} (built, unused, in the setting 'none')", cfg.graph.k))
+    loaded = load_and_embed(cfg, progress=progress, graph_ks=ks)  # read + embed once (from the cache when warm)
     load_seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    folder.begin()
     results = []
     for i, st in enumerate(settings):
         sdir = out / "settings" / st.slug
@@ -127,8 +134,9 @@ def run_ablation(cfg: "Config", out: str | Path, *, resume: bool = False, progre
         if resume and (sdir / "metrics.json").is_file():
             log.info("setting %s: already done, reusing %s", st.name, sdir / "metrics.json")
             metrics = json.loads((sdir / "metrics.json").read_text())
-            timing = (json.loads(timing_file.read_text()) if timing_file.is_file()
-                      else {"seconds": float(metrics.get("seconds_total", float("nan"))), "cpu_seconds": float("nan")})
+            saved = json.loads(timing_file.read_text()) if timing_file.is_file() else \
+                {"seconds": metrics.get("seconds_total"), "cpu_seconds": None}
+            timing = {k: _number(saved.get(k)) for k in ("seconds", "cpu_seconds")}
         else:
             from gnnst.eval.crossval import run_crossval
 
@@ -164,6 +172,11 @@ def mean_degree(loaded, cfg: "Config", setting: Setting) -> float:
         edges += g.edge_index.shape[1]
         nodes += len(g.pos)
     return edges / max(nodes, 1)
+
+
+def _number(v) -> float:
+    """A number read back from JSON, where one that was not finite is ``null`` (gnnst.metrics)."""
+    return float("nan") if v is None else float(v)
 
 
 def _ms(values) -> tuple[float, float]:

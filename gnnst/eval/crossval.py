@@ -44,26 +44,31 @@ MODEL = "model"  # the method name of the trained model among the baselines in h
 HELDOUT = "heldout.npz"  # per fold: y_<i> and p_<method>_<i> for the i-th test slide
 
 
-def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progress: bool = True,
-                 loaded=None, fit_model: bool = True) -> dict:
+def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, loaded=None, fit_model: bool = True) -> dict:
     """Cross-validate ``cfg`` on its manifest's slides; returns (and writes) ``metrics.json``.
 
     Args:
         cfg: the resolved config.
         out: output folder (see the module docstring).
-        resume: reuse finished folds (``result.json`` + ``heldout.npz``) and member checkpoints.
+        resume: reuse finished folds (``result.json`` + ``heldout.npz``) and member checkpoints; refused
+            when ``out`` was run with a config that differs in a key that changes results
+            (:class:`gnnst.outputs.RunFolder`, :data:`gnnst.config.RESULT_NEUTRAL`).
+        overwrite: replace the run already in ``out`` (without it, or ``resume``, one is refused), so no
+            fold of an earlier run reaches this run's ``metrics.json``, predictions or exports.
         loaded: slides already read and embedded by :func:`gnnst.graph.dataset.load_and_embed` with the
             same ``data``/``patch``/``encoder`` config (shared by the settings of ``gnnst ablate``).
         fit_model: ``False`` fits and scores only the baselines (no model, predictions or final model).
     """
-    from gnnst.config import config_to_dict, dump_config
+    from gnnst.config import config_to_dict
     from gnnst.data.encoders import resolve_device, set_cpu_threads
     from gnnst.data.manifest import load_manifest
     from gnnst.eval.splits import make_folds
-    from gnnst.graph.dataset import load_and_embed
+    from gnnst.graph.dataset import load_and_embed, resolve_patch_size
     from gnnst.io import atomic_write_json
     from gnnst.metrics import MetricSet, summarise
     from gnnst.models import list_models
+    from gnnst.outputs import TRAIN_RUN, RunFolder
     from gnnst.train.distributed import current
     from gnnst.train.prepare import LEAKY
 
@@ -72,6 +77,9 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
     if fit_model and cfg.model.name not in list_models():
         raise GnnstError(f"config key 'model.name': unknown model {cfg.model.name!r} (known: {', '.join(list_models())})")
     main = current().is_main  # only the main process writes outputs
+    resolve_patch_size(cfg)  # the number itself is compared and recorded
+    folder = RunFolder(out, TRAIN_RUN, cfg, resume=resume, overwrite=overwrite)  # checks only: before any work
+    resume = folder.resume
     progress = progress and main
     entries = load_manifest(cfg.data.manifest).select(cfg.data.slides)
     folds = select_folds(make_folds({e.slide_id: e.patient_id or e.slide_id for e in entries}, mode=cfg.eval.folds),
@@ -80,9 +88,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, progre
         log.warning("%s: for comparison with published numbers only, not a valid estimate", LEAKY)
     if loaded is None:
         loaded = load_and_embed(cfg, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    if main:
-        dump_config(cfg, out / "config.yaml")
+    folder.begin(write=main)  # the inputs are read and checked: the old run goes (overwrite), config.yaml, log
     set_cpu_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     ms = MetricSet.from_config(cfg.eval)

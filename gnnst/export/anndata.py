@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from gnnst import __version__, keys
 from gnnst.errors import GnnstError
+from gnnst.io import to_json
 # re-exported, part of the export API: one slide of a run, its graph and its image as AnnData
 from gnnst.eval.run import read_run_metrics, select_run_slides, slide_from_run
 from gnnst.graph.neighbors import add_spatial_graph  # noqa: F401
@@ -74,7 +75,7 @@ def concat_slides(adatas: Sequence["AnnData"] | Mapping[str, "AnnData"], *, join
     slides_meta = {s: dict(a.uns.get(keys.UNS_GNNST, {})) for s, a in items.items()}
     out.uns[keys.UNS_GNNST] = {
         "version": __version__, "config": str(next(iter(slides_meta.values())).get("config", "{}")),
-        "metrics": json.dumps({s: json.loads(m.get("metrics", "{}")) for s, m in slides_meta.items()}),
+        "metrics": to_json({s: json.loads(m.get("metrics", "{}")) for s, m in slides_meta.items()}),
         "slides": slides_meta, "genes_per_slide": n_genes, "join": join, **(uns or {}),
     }
     return out
@@ -110,9 +111,9 @@ def export_run(
               for s in slides}
     written = []
     if concat:
-        summary = {"metrics": json.dumps(metrics["summary"])} if metrics.get("summary") else {}
+        summary = {"metrics": to_json(metrics["summary"])} if metrics.get("summary") else {}
         if metrics.get("config"):
-            summary["config"] = json.dumps(metrics["config"])
+            summary["config"] = to_json(metrics["config"])
         a = concat_slides(adatas, uns={"run": str(run.resolve()), **summary})
         targets = {out / CONCAT_FILE: a}
     else:

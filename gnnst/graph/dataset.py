@@ -142,8 +142,20 @@ def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
     return encoder, time.perf_counter() - t0
 
 
+def resolve_patch_size(cfg: "Config") -> None:
+    """Set ``cfg.patch.size_um`` left at ``null`` to the encoder's own patch side (so that every output,
+    and a resumed run's config comparison, records the number; see
+    :func:`gnnst.data.encoders.default_patch_um`)."""
+    from gnnst.data.encoders import default_patch_um
+
+    if cfg.patch.size_um is None:
+        cfg.patch.size_um = default_patch_um(cfg.encoder.name)
+        log.info("patch.size_um = %g (encoder %s's own)", cfg.patch.size_um, cfg.encoder.name)
+
+
 def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = True,
-                   alongside: Callable[[dict], Any] | None = None) -> LoadedSlides:
+                   alongside: Callable[[dict], Any] | None = None,
+                   graph_ks: Sequence[tuple[str, int | None]] | None = None) -> LoadedSlides:
     """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
     embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
 
@@ -154,7 +166,11 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
 
     Under ``torchrun`` each rank embeds its share of the slides (:mod:`gnnst.data.sharding`) on its own
     device, then reads the others' from the cache: every rank returns every slide. ``cfg.patch.size_um``
-    left at ``null`` is set to the encoder's own patch side (so that what is written records it).
+    left at ``null`` is set to the encoder's own patch side first (:func:`resolve_patch_size`).
+
+    ``graph_ks``: the ``(setting, k)`` of every graph to be built on the slides (default
+    ``[(f"graph.k={cfg.graph.k}", cfg.graph.k)]``), checked against each slide's spot count once the
+    slides are read, before any patch is encoded (:func:`gnnst.graph.edges.check_spot_counts`).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -164,10 +180,12 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     from gnnst.data.embeddings import Timer, cache_path, embed_slides, load_cached
     from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device, set_cpu_threads
     from gnnst.data.manifest import cache_root, load_manifest
-    from gnnst.data.readers import log_patch_size, read_slide
+    from gnnst.data.readers import read_slide
+    from gnnst.graph.edges import check_spot_counts
     from gnnst.data.sharding import Shard, assign, barrier, process_group
 
     timer = Timer()
+    resolve_patch_size(cfg)
     shard = Shard.from_env()
     manifest = load_manifest(cfg.data.manifest)
     entries = manifest.select(cfg.data.slides)
@@ -188,17 +206,14 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
                     adatas[e.slide_id] = read_slide(manifest, e, data_root=cfg.data.data_root,
                                                     cache_dir=cfg.data.cache_dir, download=cfg.data.download,
                                                     patch_size_um=cfg.patch.size_um)
+            check_spot_counts({f"slide '{s}'": a.n_obs for s, a in adatas.items()},
+                              [(f"graph.k={cfg.graph.k}", cfg.graph.k)] if graph_ks is None else graph_ks)
         except BaseException:  # the slide's error is the one to report
             loading.exception()  # waits for the encoder thread; its own error, if any, comes second
             raise
         with timer("model_wait"):
             encoder, seconds = loading.result()  # nothing is written before both succeed
         timer.totals["model_load"] += seconds
-        if cfg.patch.size_um is None:
-            cfg.patch.size_um = float(encoder.patch_um)
-            log.info("patch.size_um = %g (encoder %s's own)", cfg.patch.size_um, encoder.name)
-            for a in adatas.values():  # the image and patch side of each slide, now that the side is known
-                log_patch_size(a, cfg.patch.size_um, manifest_path=manifest.path)
         workers = cfg.encoder.num_workers if cfg.encoder.num_workers is not None else default_num_workers(device)
         slides = [adatas[e.slide_id] for e in entries]
         image_ids = [e.files["image"].sha256 if "image" in e.files else None for e in entries]
@@ -307,6 +322,7 @@ def build_graphs(
     panel: "GenePanel | None" = None,
     progress: bool = True,
     use_cache: bool = True,
+    overwrite: bool = False,
 ) -> BuildResult:
     """Manifest -> cached embeddings -> one graph per slide in ``out``.
 
@@ -317,6 +333,8 @@ def build_graphs(
             chooses it on the training slides, so held-out slides never influence it.
         panel: use this panel instead of choosing one.
         use_cache: read and write the embedding cache (``False`` for cold-build benchmarks).
+        overwrite: replace the graphs already in ``out`` (without it a folder holding graphs is refused,
+            before any work: :class:`gnnst.outputs.RunFolder`).
 
     Under ``torchrun --nproc_per_node N`` (one machine or several) the ranks share the slides out and
     rank 0 writes ``out`` once every rank's slides are embedded; the other ranks return ``info=None``.
@@ -324,9 +342,12 @@ def build_graphs(
     from gnnst.data.expression import select_panel
     from gnnst.data.manifest import load_manifest
     from gnnst.data.sharding import Shard
+    from gnnst.outputs import GRAPHS, RunFolder
 
     t_start = time.perf_counter()
     shard = Shard.from_env()
+    resolve_patch_size(cfg)
+    folder = RunFolder(out, GRAPHS, cfg, overwrite=overwrite)  # checks only: before any work
     ids = [e.slide_id for e in load_manifest(cfg.data.manifest).select(cfg.data.slides)]
     unknown = [s for s in (panel_slides or []) if s not in ids]
     if unknown:
@@ -346,6 +367,7 @@ def build_graphs(
     panel, ys, seconds = loaded.alongside
     loaded.timer.totals["panel"] += seconds
     graphs = make_graphs(loaded, cfg, panel, ys=ys)
+    folder.begin()
     info = write_graphs(Path(out), graphs, loaded, cfg, panel)
     timer = loaded.timer
     timer.totals["total"] = time.perf_counter() - t_start

@@ -13,6 +13,7 @@ result is deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +46,21 @@ def slide_graph(pixel: np.ndarray, mpp: float, *, k: int | None, radius_um: floa
     :func:`edge_features`."""
     pos = np.asarray(pixel, dtype=np.float64) * float(mpp)  # [N, 2] µm
     return graph_from_pos(pos, k=k, radius_um=radius_um)
+
+
+def check_spot_counts(spots: Mapping[str, int], ks: Sequence[tuple[str, int | None]], *,
+                      hint: str = "lower it, or leave the slide out (data.slides)") -> None:
+    """Every slide can give each spot its ``k`` nearest other spots: ``spots`` maps a slide (as named in
+    messages: ``"slide 'S1'"``) to its spot count, ``ks`` lists ``(setting, k)`` with the setting as
+    messages name it (``("graph.k=6", 6)``; ``k=None`` is skipped). Called once the slides are read, before an encoder loads; raises a one-line
+    :class:`GnnstError` naming the slide, the key and ``hint``."""
+    for where, k in ks:
+        if k is None:
+            continue
+        for slide, n in spots.items():
+            if n <= k:
+                raise GnnstError(f"{slide} has {n} spots, too few for {where} (each spot is joined to "
+                                 f"its {k} nearest other spots, so a slide needs at least {k + 1}); {hint}")
 
 
 def graph_from_pos(pos: np.ndarray, *, k: int | None, radius_um: float | None) -> SlideGraph:

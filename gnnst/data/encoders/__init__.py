@@ -15,9 +15,9 @@ Importing this package imports neither torch nor timm.
 from gnnst.data.encoders.base import (CPU_BATCH_SIZE, CUDA_BATCH_SIZE, PRECISIONS, PatchEncoder, default_batch_size,
                                       default_num_workers, register_encoder, resolve_device, resolve_precision,
                                       set_cpu_threads)
-from gnnst.data.encoders.builders import create_encoder, fold_batchnorm, list_encoders, recipe_encoder
+from gnnst.data.encoders.builders import create_encoder, default_patch_um, fold_batchnorm, list_encoders, recipe_encoder
 from gnnst.data.encoders.recipes import RECIPES, Recipe, get_recipe
 
 __all__ = ["CPU_BATCH_SIZE", "CUDA_BATCH_SIZE", "PRECISIONS", "PatchEncoder", "RECIPES", "Recipe", "create_encoder",
-           "default_batch_size", "default_num_workers", "fold_batchnorm", "get_recipe", "list_encoders",
+           "default_batch_size", "default_patch_um", "default_num_workers", "fold_batchnorm", "get_recipe", "list_encoders",
            "recipe_encoder", "register_encoder", "resolve_device", "resolve_precision", "set_cpu_threads"]

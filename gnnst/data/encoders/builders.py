@@ -221,6 +221,13 @@ def _torchscript_encoder(path_str: str) -> PatchEncoder:
                         identity=f"torchscript:{file_digest(path)}", patch_um=DEFAULT_PATCH_UM)
 
 
+def default_patch_um(name: str) -> float:
+    """The patch side in µm that ``patch.size_um: null`` means for the encoder ``name``, known without
+    building it: a recipe's input size at its training resolution, else :data:`DEFAULT_PATCH_UM`
+    (the ``patch_um`` of the :class:`PatchEncoder` that :func:`create_encoder` returns)."""
+    return float(RECIPES[name].patch_um) if name in RECIPES else DEFAULT_PATCH_UM
+
+
 def create_encoder(name: str, *, checkpoint: str | None = None,
                    timm_kwargs: Mapping[str, Any] | None = None) -> PatchEncoder:
     """Build the encoder ``name`` (see the module docstring), in eval mode on CPU (a recipe's weights

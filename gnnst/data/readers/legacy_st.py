@@ -117,6 +117,7 @@ def read_legacy_st(
 def mpp_from_pitch(
     ax: np.ndarray, ay: np.ndarray, pixel: np.ndarray, pitch_um: float, *,
     barcodes: Sequence[str] | None = None, where: str = "spot table",
+    remedy: str = "give 'scale: {mpp: ...}' in the manifest",
 ) -> float:
     """Micrometres per pixel from array coordinates ``ax, ay`` ``[N]`` and pixels ``[N, 2]``.
 
@@ -124,7 +125,8 @@ def mpp_from_pitch(
     norm of the two step vectors. A spot whose pixel position lies more than
     :data:`PITCH_OUTLIER_STEPS` array steps from the fit does not fit its array position: it is left
     out and the fit repeated (until the set of such spots is stable), and a warning names those spots by barcode
-    (``barcodes``, else row number), so one misplaced spot cannot shift the derived scale.
+    (``barcodes``, else row number), so one misplaced spot cannot shift the derived scale. ``where`` and
+    ``remedy`` (what the user can do instead) go into the error when no scale can be derived.
     """
     A = np.c_[ax, ay, np.ones(len(ax))].astype(np.float64)  # [N, 3]
     pixel = np.asarray(pixel, dtype=np.float64)  # [N, 2]
@@ -133,8 +135,7 @@ def mpp_from_pitch(
         coef, *_ = np.linalg.lstsq(A[inlier], pixel[inlier], rcond=None)  # [3, 2]
         step = (np.linalg.norm(coef[0]) + np.linalg.norm(coef[1])) / 2.0  # px per array step
         if not np.isfinite(step) or step <= 0:
-            raise GnnstError(f"{where}: cannot derive micrometres per pixel from the spot pitch: give "
-                             f"'scale: {{mpp: ...}}' in the manifest")
+            raise GnnstError(f"{where}: cannot derive micrometres per pixel from the spot pitch: {remedy}")
         resid = np.linalg.norm(A @ coef - pixel, axis=1)  # [N] px
         fits = resid <= PITCH_OUTLIER_STEPS * step
         if np.array_equal(fits, inlier):
@@ -142,7 +143,7 @@ def mpp_from_pitch(
         if fits.sum() < max(3, len(A) // 2):
             raise GnnstError(f"{where}: the spot pixel positions do not follow their array positions "
                              f"({int((~fits).sum())} of {len(A)} spots off the fitted grid); cannot derive "
-                             f"micrometres per pixel: give 'scale: {{mpp: ...}}' in the manifest")
+                             f"micrometres per pixel: {remedy}")
         inlier = fits
     if not inlier.all():
         bad = np.flatnonzero(~inlier)
