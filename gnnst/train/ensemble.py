@@ -77,10 +77,11 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     from gnnst.models import create_model
     from gnnst.models.base import blend
     from gnnst.predictor import TrainedModel, predict_graphs
-    from gnnst.train.trainer import fit, validation_score
+    from gnnst.train.trainer import default_batch_nodes, fit, validation_score
 
     tc = cfg.train
-    kw = dict(batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, device=device)
+    batch_nodes = tc.batch_nodes or default_batch_nodes(device)
+    kw = dict(batch_nodes=batch_nodes, num_hops=tc.num_hops, device=device)
     fits, states, modes, val_sum = [], [], None, None
     for i in range(tc.ensemble):
         mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
@@ -101,6 +102,6 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     val_score = validation_score(val_y, [p[mk] for p, mk in zip(mixed, ts.val_masks)]) if val_y else float("nan")
     tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
                       patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
-                      graph=cfg.graph, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, states=states,
+                      graph=cfg.graph, batch_nodes=batch_nodes, num_hops=tc.num_hops, states=states,
                       blend_alpha=alpha, fold=dict(fold), protocol=ts.protocol)
     return EnsembleFit(model=tm, fits=fits, val_score=val_score, blend_scores=scores)
