@@ -12,7 +12,7 @@ predict``), then compared with their measured expression (:mod:`gnnst.metrics`).
 
 The input is one :class:`~gnnst.graph.store.SlideSource`: the graph folder of ``data.graphs`` (``gnnst
 train --graphs``), else the one built from the manifest's slides into the cache first (or reused from
-there, :func:`gnnst.graph.store.ensure_dataset`), or slides read and embedded in memory
+there, :func:`gnnst.graph.dataset.ensure_dataset`), or slides read and embedded in memory
 (:class:`~gnnst.graph.dataset.LoadedSlides`, shared by the settings of ``gnnst ablate`` and the accuracy
 benchmark). Every fold computes the same panel, targets and scaling from any of them.
 
@@ -62,15 +62,15 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
         loaded: the slides as a :class:`~gnnst.graph.store.SlideSource` made with the same
             ``data``/``patch``/``encoder`` config (e.g. read and embedded once by
             :func:`gnnst.graph.dataset.load_and_embed` for the settings of ``gnnst ablate``); default: the
-            graph folder of ``data.graphs``, else :func:`gnnst.graph.store.ensure_dataset`.
+            graph folder of ``data.graphs``, else :func:`gnnst.graph.dataset.ensure_dataset`.
         fit_model: ``False`` fits and scores only the baselines (no model, predictions or final model).
     """
     from gnnst.config import config_to_dict
     from gnnst.data.encoders import resolve_device, set_cpu_threads
     from gnnst.data.manifest import load_manifest
     from gnnst.eval.splits import make_folds
-    from gnnst.graph.dataset import resolve_patch_size
-    from gnnst.graph.store import GraphDataset, ensure_dataset
+    from gnnst.graph.dataset import ensure_dataset, resolve_patch_size
+    from gnnst.graph.store import GraphDataset
     from gnnst.io import atomic_write_json
     from gnnst.metrics import MetricSet, summarise
     from gnnst.models import list_models

@@ -1,6 +1,7 @@
 """Slides -> graphs: reading and embedding a manifest's slides (:func:`load_and_embed`, giving
 :class:`LoadedSlides`), one PyG ``Data`` per slide (:func:`slide_to_data`, :func:`make_graphs`), and the
-graph folder ``gnnst build-graphs`` writes (:func:`build_graphs`; its format and its reader,
+graph folder ``gnnst build-graphs`` writes (:func:`build_graphs`; built or reused in the cache for a run by
+:func:`ensure_dataset`; its format and its reader,
 :class:`~gnnst.graph.store.GraphDataset`, are in :mod:`gnnst.graph.store`).
 
 Embeddings are cached apart from graphs (``<cache>/embeddings``), so a rebuild that changes only
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,3 +381,58 @@ def build_graphs(
     log.info("built %d graphs (%d nodes) in %.1f s: %s", len(info["slides"]), info["total_nodes"], timer.totals["total"],
              {k: round(v, 2) for k, v in timer.totals.items()})
     return BuildResult(info=info, timings=dict(timer.totals))
+
+
+def ensure_dataset(cfg: "Config", *, progress: bool = True) -> GraphDataset:
+    """The graph folder of ``cfg``'s slides in the cache (``<cache>/graphs/<manifest>-<fingerprint>``):
+    reused when one was built with the same :func:`fingerprint` and its unchecksummed source files are
+    unchanged, else built there first (:func:`gnnst.graph.dataset.build_graphs`, into a temporary folder
+    renamed when complete). Under torchrun every rank takes part in the build (each embeds its share)
+    and all return the same folder."""
+    from gnnst.data.manifest import cache_root
+    from gnnst.data.sharding import Shard, barrier, process_group
+    from gnnst.data.manifest import load_manifest
+    from gnnst.graph.store import fingerprint
+
+    resolve_patch_size(cfg)
+
+    fp = fingerprint(cfg)
+    root = cache_root(cfg.data.cache_dir) / "graphs" / f"{load_manifest(cfg.data.manifest).name}-{fp[:16]}"
+    if (root / DATASET_JSON).is_file():
+        try:
+            ds = GraphDataset(root)
+            changed = ds.sources_changed(cfg) if ds.info.get("fingerprint") == fp else "another fingerprint"
+        except GnnstError as e:
+            changed = str(e)
+        if changed is None:
+            log.info("graphs: reusing %s (built from the same slides and settings)", root)
+            return ds
+        log.info("graphs: rebuilding %s (%s)", root, changed)
+    shard = Shard.from_env()
+    with process_group(shard):
+        token = _launch_token(shard)
+        tmp = root.parent / f".{root.name}.{token}.tmp"
+        try:
+            build_graphs(cfg, tmp, progress=progress)
+            if shard.is_main:
+                old = root.parent / f".{root.name}.{token}.old"
+                if root.exists():
+                    os.replace(root, old)
+                os.replace(tmp, root)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if shard.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+        barrier(shard)
+    log.info("graphs: built %s", root)
+    return GraphDataset(root)
+
+
+def _launch_token(shard) -> str:
+    """A name every rank of this launch shares and no other launch uses (rank 0's pid, broadcast)."""
+    token = [f"{os.getpid()}"]
+    if shard.world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(token, src=0)
+    return token[0]

@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,61 +331,6 @@ class GraphDataset(SlideSource):
                 if not e.files[role].sha256 and (st.st_size, st.st_mtime_ns) != (r["bytes"], r["mtime_ns"]):
                     return f"{path} changed since the graphs were built"
         return None
-
-
-def ensure_dataset(cfg: "Config", *, progress: bool = True) -> GraphDataset:
-    """The graph folder of ``cfg``'s slides in the cache (``<cache>/graphs/<manifest>-<fingerprint>``):
-    reused when one was built with the same :func:`fingerprint` and its unchecksummed source files are
-    unchanged, else built there first (:func:`gnnst.graph.dataset.build_graphs`, into a temporary folder
-    renamed when complete). Under torchrun every rank takes part in the build (each embeds its share)
-    and all return the same folder."""
-    from gnnst.data.manifest import cache_root
-    from gnnst.data.sharding import Shard, barrier, process_group
-    from gnnst.graph.dataset import build_graphs, resolve_patch_size
-
-    resolve_patch_size(cfg)
-    from gnnst.data.manifest import load_manifest
-
-    fp = fingerprint(cfg)
-    root = cache_root(cfg.data.cache_dir) / "graphs" / f"{load_manifest(cfg.data.manifest).name}-{fp[:16]}"
-    if (root / DATASET_JSON).is_file():
-        try:
-            ds = GraphDataset(root)
-            changed = ds.sources_changed(cfg) if ds.info.get("fingerprint") == fp else "another fingerprint"
-        except GnnstError as e:
-            changed = str(e)
-        if changed is None:
-            log.info("graphs: reusing %s (built from the same slides and settings)", root)
-            return ds
-        log.info("graphs: rebuilding %s (%s)", root, changed)
-    shard = Shard.from_env()
-    with process_group(shard):
-        token = _launch_token(shard)
-        tmp = root.parent / f".{root.name}.{token}.tmp"
-        try:
-            build_graphs(cfg, tmp, progress=progress)
-            if shard.is_main:
-                old = root.parent / f".{root.name}.{token}.old"
-                if root.exists():
-                    os.replace(root, old)
-                os.replace(tmp, root)
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if shard.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-        barrier(shard)
-    log.info("graphs: built %s", root)
-    return GraphDataset(root)
-
-
-def _launch_token(shard) -> str:
-    """A name every rank of this launch shares and no other launch uses (rank 0's pid, broadcast)."""
-    token = [f"{os.getpid()}"]
-    if shard.world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(token, src=0)
-    return token[0]
 
 
 def dataset_info(loaded, cfg: "Config", panel: "GenePanel", slides_info: dict, candidates: int) -> dict:
