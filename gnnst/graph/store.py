@@ -294,8 +294,11 @@ class GraphDataset(SlideSource):
         first that differs), and its ``expression.min_spot_fraction`` can choose panels among the stored
         candidate genes."""
         from gnnst.config import config_to_dict, flat_config
+        from gnnst.data.encoders import default_patch_um
 
         built, run = flat_config(self.config_base()), flat_config(config_to_dict(cfg))
+        if run.get("patch.size_um") is None:  # null: the encoder's own, as the build resolved it
+            run["patch.size_um"] = default_patch_um(cfg.encoder.name)
         for key in DATASET_KEYS:
             a, b = built.get(key), run.get(key)
             if key == "data.manifest" and a is not None and b is not None:
