@@ -165,7 +165,7 @@ class SubgraphLoader:
             ei = g.edge_index.cpu().numpy()
             if eids is not None:
                 ei = ei[:, eids]
-            mask = None if centre_masks is None else np.asarray(centre_masks[i], dtype=bool)
+            mask = None if centre_masks is None or centre_masks[i] is None else np.asarray(centre_masks[i], dtype=bool)
             if keep is not None:
                 mask = keep if mask is None else keep & mask
             self.slides.append(_Slide(g, g.pos.cpu().numpy(), ei, _CSR(ei, g.num_nodes), mask, eids))
