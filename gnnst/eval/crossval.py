@@ -75,7 +75,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     from gnnst.metrics import MetricSet, summarise
     from gnnst.models import list_models
     from gnnst.outputs import TRAIN_RUN, RunFolder
-    from gnnst.train.distributed import current
+    from gnnst.train.distributed import barrier, current
     from gnnst.train.prepare import LEAKY
     from gnnst.train.trainer import resolve_batch_nodes
 
@@ -103,6 +103,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
         source = ensure_dataset(cfg, progress=progress)
     if isinstance(source, GraphDataset):
         log.info("slides: the graphs in %s", source.root)
+    barrier()  # every rank has checked the folder before rank 0 writes into it
     folder.begin(write=main)  # the inputs are read and checked: the old run goes (overwrite), config.yaml, log
     set_cpu_threads(cfg.train.num_threads)
     ms = MetricSet.from_config(cfg.eval)
