@@ -21,7 +21,7 @@ LAYERS = {
     "gnnst.data": 1,
     "gnnst.graph": 2,
     "gnnst.models": 3,
-    "gnnst.predictor": 4, "gnnst.predictions": 4, "gnnst.inference": 4,
+    "gnnst.predictor": 4, "gnnst.predictions": 4, "gnnst.inference": 4, "gnnst.reliability": 4,
     "gnnst.train": 5,
     "gnnst.eval": 6,
     "gnnst.export": 7,
