@@ -121,13 +121,6 @@ class GeneReliability:
         return {"threshold": self.threshold, "n_reliable": self.n_reliable, "n_genes": len(self.genes),
                 "n_estimated": self.n_estimated, "source": self.note, "definition": GENE_DEFINITION}
 
-    def describe(self) -> str:
-        """One line for the command line."""
-        if not self.n_estimated:
-            return f"gene reliability: {self.note}"
-        return (f"{self.n_reliable} of {len(self.genes)} genes pass the reliability threshold (cross-validated PCC "
-                f">= {self.threshold:g}; var['{keys.RELIABLE}'])")
-
 
 # ------------------------------------------------------------------------------------ per spot
 def normal_z(level: float) -> float:
@@ -302,3 +295,22 @@ class OODReference:
         return cls(features=feats.astype(np.float16), slides=slides.astype(np.int32), k=int(d["k"]),
                    quantile=float(d["quantile"]), norm=float(d["norm"]), threshold=float(d["threshold"]),
                    n_train=int(d["n_train"]), method=str(d["method"]))
+
+
+def describe_reliability(meta: dict) -> str:
+    """Lines for the command line from ``uns['gnnst']['reliability']`` (the prediction writer's record):
+    how many genes pass the threshold, the spread's interval, how many spots are flagged."""
+    genes = meta.get("genes", {})
+    if genes.get("n_estimated"):
+        lines = [f"{genes['n_reliable']} of {genes['n_genes']} genes pass the reliability threshold (cross-validated "
+                 f"PCC >= {genes['threshold']:g}; var['{keys.RELIABLE}'])"]
+    else:
+        lines = [f"gene reliability: {genes.get('source', 'none')}"]
+    sd = meta.get("sd")
+    lines.append(f"spread: {sd}" if isinstance(sd, str) else
+                 f"spread: layers['{keys.SD}'] over {sd['members']} members; interval {sd.get('interval')}")
+    ood = meta.get("ood")
+    lines.append(f"out of distribution: {ood}" if isinstance(ood, str) else
+                 f"out of distribution: {ood['n_flagged']} spots ({100 * ood['fraction_flagged']:.1f}%) flagged in "
+                 f"obs['{keys.OOD}'] (score > {ood['threshold']:.3f}, the training spots' {ood['quantile']:g} quantile)")
+    return "\n".join(lines)
