@@ -62,7 +62,7 @@ _ERRORS = {
 
 # per held-out slide (reliability_scores), then the mean over held-out slides (summarise_reliability)
 RELIABILITY_FIGURES = {
-    "sd_error_spearman": ("Spearman(|err|, sd)", "per gene within each held-out slide, Spearman's rho between the "
+    "sd_error_spearman": ("Spearman(abs err, sd)", "per gene within each held-out slide, Spearman's rho between the "
                           "absolute error |measured - predicted| and the ensemble sd (layers['gnnst_sd']) over the "
                           "slide's spots, averaged over the fold's panel genes (genes where either is constant left "
                           "out), then over the held-out slides; 0 = the sd says nothing about the error"),
