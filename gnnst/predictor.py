@@ -381,7 +381,8 @@ class TrainedModel:
         """Per-gene reliability of the panel (:class:`~gnnst.reliability.GeneReliability`) at ``threshold``
         (default: ``reliability.reliable_pcc`` of the training run)."""
         t = self.reliability.reliable_pcc if threshold is None else float(threshold)
-        return GeneReliability.from_cv(self.cv, self.panel.genes, t, fold=str(self.fold.get("name", "")))
+        fold = str(self.fold.get("name", "")) if self.fold.get("test_slides") else None
+        return GeneReliability.from_cv(self.cv, self.panel.genes, t, fold=fold)
 
     def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True, ood: bool = True
                 ) -> "Prediction | list[Prediction]":

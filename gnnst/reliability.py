@@ -74,9 +74,10 @@ class GeneReliability:
     note: str
 
     @classmethod
-    def from_cv(cls, cv: dict | None, genes: Sequence[str], threshold: float, *, fold: str = "") -> "GeneReliability":
+    def from_cv(cls, cv: dict | None, genes: Sequence[str], threshold: float, *, fold: str | None = None
+                ) -> "GeneReliability":
         """From :attr:`TrainedModel.cv` (``None``: NaN everywhere and a note saying why); ``fold`` names the
-        model's fold for that note."""
+        model's cross-validation fold when it is a fold model (it held slides out)."""
         if not -1.0 <= threshold <= 1.0:
             raise GnnstError(f"reliability threshold (a PCC) must be in [-1, 1], got {threshold}")
         genes = [str(g) for g in genes]
@@ -84,7 +85,7 @@ class GeneReliability:
         if cv is None:
             note = (f"none: fold model '{fold}' carries no cross-validated PCC (its held-out slides' scores are in "
                     "the run's metrics.json; a held-out slide never rates its own fold's model)"
-                    if fold and fold != "final" else "none: the model was trained without cross-validation")
+                    if fold else "none: the model was trained without cross-validation")
             return cls(genes, nan, nan.copy(), nan.copy(), np.zeros(len(genes), bool), float(threshold), note)
         at = {str(g): i for i, g in enumerate(cv["genes"])}
 

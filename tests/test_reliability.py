@@ -102,7 +102,7 @@ def test_gene_reliability_from_cv_and_without():
     fold = GeneReliability.from_cv(None, ["A", "B"], 0.3, fold="patient_P1")
     assert np.isnan(fold.cv_pcc).all() and not fold.reliable.any() and fold.n_estimated == 0
     assert "fold model 'patient_P1'" in fold.note and "metrics.json" in fold.note
-    assert "without cross-validation" in GeneReliability.from_cv(None, ["A"], 0.3, fold="final").note
+    assert "without cross-validation" in GeneReliability.from_cv(None, ["A"], 0.3).note
     with pytest.raises(GnnstError, match=r"\[-1, 1\]"):
         GeneReliability.from_cv(cv, ["A"], 1.5)
 
