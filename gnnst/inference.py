@@ -120,7 +120,6 @@ def predict_spots(
     progress: bool = True,
     opened: "SlideImage | None" = None,
     image_id: str | None = None,
-    use_cache: bool = True,
 ) -> tuple["Prediction", "Data", np.ndarray]:
     """The one prediction path for spots: ``(prediction, graph, embeddings [N, D])``.
 
@@ -131,7 +130,6 @@ def predict_spots(
         opened: the image already opened (closed here once the embeddings are there); else it is opened
             from ``image_path`` only when the embeddings are not cached.
         image_id: identity of the image for the embedding cache (default: path, size and mtime).
-        use_cache: read and write the embedding cache under ``cache_dir``.
 
     The prediction has the members (their sd: :attr:`Prediction.sd`) and, when the model has an OOD
     reference, each spot's out-of-distribution score and flag.
@@ -144,8 +142,8 @@ def predict_spots(
     dev = resolve_device(device)
     enc = model.create_encoder(dev)
     emb = embed_spots(spots, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
-                      cache_dir=cache_root(cache_dir) / "embeddings" if use_cache else None, progress=progress,
-                      image=opened, image_id=image_id)
+                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress, image=opened,
+                      image_id=image_id)
     if opened is not None:
         opened.close()  # also when the cache held the embeddings
     g = slide_to_data(spots, emb, None, k=model.graph.k, radius_um=model.graph.radius_um)
