@@ -107,7 +107,7 @@ def predict(
         raise GnnstError(f"gnnst.tl.predict: obsm['{keys.SPATIAL}'] must be [N, 2] with N > 0, got shape {list(xy.shape)}")
     lib = _library_id(adata, library_id)
     opened, path_label, scalef, image_id = _slide_image(adata, image, lib)
-    mpp = _mpp(adata, mpp, lib, spot_diameter_um, opened)
+    mpp = _mpp(adata, mpp, lib, spot_diameter_um, opened, path_label if opened is None else None)
     _warn_small_patches(tm.patch_size_um, mpp / scalef, path_label, lib)
     spots = spots_anndata(xy, [str(b) for b in adata.obs_names], slide_id=lib, mpp=mpp, image=path_label,
                           image_scalef=scalef)
@@ -204,8 +204,9 @@ def _digest(arr) -> str:
     return "array:" + hashlib.sha256(str(a.shape).encode() + str(a.dtype).encode() + a.tobytes()).hexdigest()[:32]
 
 
-def _mpp(adata: "AnnData", mpp: float | None, lib: str, spot_diameter_um: float, opened) -> float:
-    """Micrometres per full-resolution pixel (see :func:`predict`)."""
+def _mpp(adata: "AnnData", mpp: float | None, lib: str, spot_diameter_um: float, opened, path: str | None) -> float:
+    """Micrometres per full-resolution pixel (see :func:`predict`); ``opened`` / ``path``: the image, whose
+    metadata is the last resort."""
     if mpp is None:
         mpp = adata.uns.get(keys.UNS_GNNST, {}).get(keys.MPP)
     if mpp is None:
@@ -214,6 +215,11 @@ def _mpp(adata: "AnnData", mpp: float | None, lib: str, spot_diameter_um: float,
             mpp = float(spot_diameter_um) / float(d)
     if mpp is None and opened is not None:
         mpp = opened.mpp
+    if mpp is None and path is not None:
+        from gnnst.data.images import open_image
+
+        with open_image(path) as im:
+            mpp = im.mpp
     if mpp is None or not np.isfinite(float(mpp)) or float(mpp) <= 0:
         raise GnnstError(f"gnnst.tl.predict: micrometres per pixel unknown ({mpp!r}): give mpp=, or an AnnData with "
                          f"uns['spatial']['{lib}']['scalefactors']['{keys.SPOT_DIAMETER}']")
