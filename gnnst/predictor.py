@@ -3,8 +3,11 @@
 :class:`TrainedModel` holds everything prediction needs: which encoder made the embeddings (name,
 identity, input size, width) and the patch size in µm, the gene panel and how expression was
 normalised, the target scaling, the graph parameters, the inference batching, the ensemble members'
-weights, the head/retrieval blend weight chosen on validation spots, where it was trained (the fold)
-and, for a run's final model, the per-gene cross-validated PCC of the run it came from (:attr:`cv`).
+weights, the head/retrieval blend weight chosen on validation spots, where it was trained (the fold),
+for a run's final model the per-gene cross-validated PCC of the run it came from (:attr:`cv`), and what
+says how far to trust a prediction (:mod:`gnnst.reliability`): the scale of the ensemble spread fitted
+on validation spots (:attr:`calibration`) and a bounded reference of training features for
+out-of-distribution scores (:attr:`ood_reference`).
 
 Cross-validation (:mod:`gnnst.eval.crossval`) builds one per fold and scores the held-out slide
 through :meth:`TrainedModel.predict`, so a fold's metrics and ``gnnst predict`` run the same code;
@@ -27,9 +30,10 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from gnnst import __version__
-from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig
+from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig, ReliabilityConfig
 from gnnst.data.expression import GenePanel
 from gnnst.errors import GnnstError
+from gnnst.reliability import Calibration, GeneReliability, OODReference, ensemble_sd
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 
 FORMAT = "gnnst.TrainedModel"  # the 'format' field of a model file
 FORMAT_VERSION = 1  # bumped when a field changes meaning; older files are refused with a message
+OPTIONAL_FIELDS = ("cv", "calibration", "ood_reference", "reliability", "protocol")  # absent from older files
 
 
 @dataclass
@@ -107,10 +112,20 @@ class Prediction:
         expression: ``[N, G]`` float32 normalised log expression (the panel's units), ensemble mean.
         members: ``[M, N, G]`` float32 each ensemble member's prediction in the same units, or ``None``
             when not asked for (their spread is the ensemble's disagreement).
+        ood_score: ``[N]`` float32 out-of-distribution score of each spot (:class:`~gnnst.reliability.OODReference`),
+            ``None`` when the model has no reference or it was not asked for.
+        ood: ``[N]`` bool, the score above the model's threshold (``None`` with ``ood_score``).
     """
 
     expression: np.ndarray
     members: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
+    ood: np.ndarray | None = None
+
+    @property
+    def sd(self) -> np.ndarray | None:
+        """``[N, G]`` sd (``ddof=1``) of the members' predictions; ``None`` without members or with one."""
+        return ensemble_sd(self.members)
 
 
 def halo_hops(model: "ExpressionModel", num_hops: int) -> int:
@@ -193,6 +208,12 @@ class TrainedModel:
             panel order, ``None`` where a gene was in no fold's panel). ``None`` for a fold model: its own
             held-out slide is its estimate, in the run's ``metrics.json``, and it is written before the
             other folds finish.
+        calibration: the scale of the members' spread fitted on the validation spots of the training
+            slides (:class:`~gnnst.reliability.Calibration`); ``None`` for a single member.
+        ood_reference: training features for out-of-distribution scores
+            (:class:`~gnnst.reliability.OODReference`); ``None`` in models that predate it.
+        reliability: the ``reliability`` config it was trained with (the default gene threshold, interval
+            level, OOD settings).
         protocol: ``"honest"``, or the LEAKY note of ``eval.select_on_heldout`` runs.
         gnnst_version: version that trained it.
     """
@@ -212,6 +233,9 @@ class TrainedModel:
     blend_alpha: float
     fold: dict
     cv: dict | None = None
+    calibration: Calibration | None = None
+    ood_reference: OODReference | None = None
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     protocol: str = "honest"
     gnnst_version: str = __version__
 
@@ -250,7 +274,10 @@ class TrainedModel:
                 "expression": config_to_dict(self.expression), "scaler": self.scaler.to_dict(),
                 "graph": {"k": self.graph.k, "radius_um": self.graph.radius_um},
                 "batch_nodes": int(self.batch_nodes), "num_hops": int(self.num_hops), "states": self.states,
-                "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv, "protocol": self.protocol}
+                "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv,
+                "calibration": None if self.calibration is None else self.calibration.to_dict(),
+                "ood_reference": None if self.ood_reference is None else self.ood_reference.to_dict(),
+                "reliability": config_to_dict(self.reliability), "protocol": self.protocol}
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically (see the module docstring); returns ``path``."""
@@ -294,7 +321,7 @@ class TrainedModel:
             raise GnnstError(f"{where}: TrainedModel format version {version!r}, this gnnst reads version "
                              f"{FORMAT_VERSION}; {'upgrade gnnst' if isinstance(version, int) and version > FORMAT_VERSION else 'retrain it with `gnnst train`'}")
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d and n not in ("cv", "protocol")]
+        missing = [n for n in names if n not in d and n not in OPTIONAL_FIELDS]
         if missing:
             raise GnnstError(f"{where}: TrainedModel field '{missing[0]}' is missing")
         try:
@@ -306,6 +333,10 @@ class TrainedModel:
                      graph=GraphConfig(k=d["graph"]["k"], radius_um=d["graph"]["radius_um"]),
                      batch_nodes=int(d["batch_nodes"]), num_hops=int(d["num_hops"]), states=list(d["states"]),
                      blend_alpha=float(d["blend_alpha"]), fold=dict(d["fold"]), cv=d.get("cv"),
+                     calibration=None if d.get("calibration") is None else Calibration.from_dict(d["calibration"]),
+                     ood_reference=None if d.get("ood_reference") is None else
+                     OODReference.from_dict(d["ood_reference"]),
+                     reliability=_from_dict(ReliabilityConfig, d.get("reliability") or {}, "reliability."),
                      protocol=str(d.get("protocol", "honest")), gnnst_version=str(d["gnnst_version"]))
         except GnnstError as e:
             raise GnnstError(f"{where}: {e}") from None
@@ -338,6 +369,9 @@ class TrainedModel:
             raise GnnstError(f"{where}: no ensemble member ('states' is empty)")
         if not 0.0 <= self.blend_alpha <= 1.0:
             raise GnnstError(f"{where}: 'blend_alpha' must be in [0, 1], got {self.blend_alpha}")
+        if self.ood_reference is not None and self.ood_reference.features.shape[1] != self.in_dim:
+            raise GnnstError(f"{where}: 'ood_reference' has features of width {self.ood_reference.features.shape[1]}, "
+                             f"the model reads width {self.in_dim}")
 
     # ------------------------------------------------------------------ prediction
     def models(self, device="cpu") -> list["ExpressionModel"]:
@@ -362,7 +396,19 @@ class TrainedModel:
         return ("head",) if self.blend_alpha == 1.0 else ("retrieval",) if self.blend_alpha == 0.0 else \
             ("head", "retrieval")
 
-    def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True
+    def features(self, graph: "Data") -> np.ndarray:
+        """``[N, D]`` float32: the features of a slide graph the model reads, the ones out-of-distribution
+        scores compare (:attr:`ood_reference` is built from the training slides' through here)."""
+        return graph.x.float().numpy()
+
+    def gene_reliability(self, threshold: float | None = None) -> GeneReliability:
+        """Per-gene reliability of the panel (:class:`~gnnst.reliability.GeneReliability`) at ``threshold``
+        (default: ``reliability.reliable_pcc`` of the training run)."""
+        t = self.reliability.reliable_pcc if threshold is None else float(threshold)
+        fold = str(self.fold.get("name", "")) if self.fold.get("test_slides") else None
+        return GeneReliability.from_cv(self.cv, self.panel.genes, t, fold=fold)
+
+    def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True, ood: bool = True
                 ) -> "Prediction | list[Prediction]":
         """Predicted expression of each slide graph (``x``, ``pos``, ``edge_index``, ``edge_attr``; ``y`` is
         not read), in the panel's units (:attr:`expression`).
@@ -370,7 +416,9 @@ class TrainedModel:
         Each member predicts by halo mini-batches (:attr:`batch_nodes`, :attr:`num_hops`), the head and
         retrieval outputs blended with :attr:`blend_alpha` (:func:`gnnst.models.base.blend`); members are
         averaged, then the target scaling is undone. With ``members`` the per-member predictions come
-        too. Returns one :class:`Prediction` per graph (a single one for a single graph).
+        too (their sd: :attr:`Prediction.sd`); with ``ood`` (and an :attr:`ood_reference`) each spot's
+        out-of-distribution score and flag. Returns one :class:`Prediction` per graph (a single one for a
+        single graph).
         """
         import torch
         from torch_geometric.data import Data
@@ -397,8 +445,11 @@ class TrainedModel:
         for i in range(len(graphs)):
             stack = np.stack([m[i] for m in per_member])  # [M, N, G]
             expr = self.scaler.inverse(stack.mean(0)).astype(np.float32)
+            score = self.ood_reference.score(self.features(graphs[i])) \
+                if ood and self.ood_reference is not None else None
             result.append(Prediction(expression=expr,
-                                     members=self.scaler.inverse(stack).astype(np.float32) if members else None))
+                                     members=self.scaler.inverse(stack).astype(np.float32) if members else None,
+                                     ood_score=score, ood=None if score is None else self.ood_reference.flag(score)))
         return result[0] if single else result
 
     def slide_graph(self, pixel: np.ndarray, mpp: float) -> "SlideGraph":

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from gnnst.predictor import TargetScaler
 
 LEAKY = ("LEAKY (eval.select_on_heldout): gene panel and reported subsets chosen on all slides including "
-         "the held-out one; early stopping, checkpoint and blend chosen on the held-out slide")
+         "the held-out one; early stopping, checkpoint, blend and the spread's scale chosen on the held-out slide")
 
 
 def carve_validation(graphs: Sequence["Data"], fraction: float, seed: int) -> list[np.ndarray]:
