@@ -57,6 +57,8 @@ class _Plan:
     edge_dst: "torch.Tensor"  # [T] slot of its target
     edge_row: "torch.Tensor"  # [T] row of edge_attr
     part_start: "torch.Tensor"  # [P + 1] first slot of each tile
+    centre_slot: "torch.Tensor"  # [C] slots of the centres, ascending
+    centre_start: list[int]  # [B + 1] first entry of centre_slot of each batch
     node_start: list[int]  # [B + 1] first slot of each batch
     edge_start: list[int]  # [B + 1] first edge of each batch
     part_bounds: list[int]  # [B + 1] first tile of each batch
@@ -72,7 +74,8 @@ class DeviceSubgraphLoader:
 
     Each batch is a ``Data`` with the attributes of ``SubgraphLoader``'s (``x``, ``pos``, ``edge_index``,
     ``edge_attr``, ``y`` when every graph has one, ``center_mask``, ``node_id``, ``slide``, ``batch``,
-    ``ptr``) already on ``device``, plus ``global_node`` ``[N]`` (the node in the slides concatenated).
+    ``ptr``, ``center_index``) already on ``device``, plus ``global_node`` ``[N]`` (the node in the slides
+    concatenated).
     """
 
     def __init__(self, graphs: Sequence["Data"], *, batch_nodes: int = 512, num_hops: int = 2, shuffle: bool = False,
@@ -193,8 +196,11 @@ class DeviceSubgraphLoader:
         starts = torch.stack([part_start, edge_part_start]).cpu().numpy()  # one synchronisation per epoch
         node_start = [int(starts[0][p]) for p in part_bounds]
         edge_start = [int(starts[1][p]) for p in part_bounds]
+        centre_slot = torch.nonzero(level == 0).flatten()  # [C] (one more synchronisation of the plan)
+        centre_start = np.concatenate([[0], np.cumsum(centres)]).astype(np.int64).tolist()
         return _Plan(slot_node=slot_node, slot_level=level, slot_part=slot_part, edge_src=edge_src, edge_dst=which,
-                     edge_row=self.edge_row[edge_no], part_start=part_start, node_start=node_start,
+                     edge_row=self.edge_row[edge_no], part_start=part_start, centre_slot=centre_slot,
+                     centre_start=centre_start, node_start=node_start,
                      edge_start=edge_start, part_bounds=part_bounds, centres=centres)
 
     def batch(self, plan: _Plan, b: int) -> "Data":
@@ -214,6 +220,7 @@ class DeviceSubgraphLoader:
         if self.y is not None:
             d.y = _widen(self.y[nodes])
         d.center_mask = plan.slot_level[a:z] == 0
+        d.center_index = plan.centre_slot[plan.centre_start[b]:plan.centre_start[b + 1]] - a
         d.node_id = nodes - self.offset_of(slide)
         d.slide = slide
         d.batch = plan.slot_part[a:z] - pa

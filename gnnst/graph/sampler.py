@@ -227,6 +227,7 @@ class SubgraphLoader:
             cm = torch.zeros(len(subset), dtype=torch.bool)
             cm[: len(centre)] = True
             d.center_mask = cm
+            d.center_index = torch.arange(len(centre))  # the same rows, selectable without a host sync
             d.node_id = sub_t.clone()
             d.slide = torch.full((len(subset),), si, dtype=torch.long)
             items.append(d)

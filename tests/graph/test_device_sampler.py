@@ -20,7 +20,8 @@ def _slide(n, seed=0, k=4, half=False):
 
 
 def _same(a, b):
-    for key in ("x", "y", "pos", "edge_index", "edge_attr", "center_mask", "node_id", "slide", "batch", "ptr"):
+    for key in ("x", "y", "pos", "edge_index", "edge_attr", "center_mask", "center_index", "node_id", "slide", "batch",
+                "ptr"):
         ta, tb = a[key], b[key]
         assert ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb), key
 
@@ -43,6 +44,7 @@ def test_device_batches_equal_host_batches(num_hops):
         for a, b in zip(hb, db):
             _same(a, b)
             assert torch.equal(b.global_node, torch.from_numpy(dev.offsets)[b.slide] + b.node_id)
+            assert torch.equal(b.center_index, torch.nonzero(b.center_mask).flatten())
 
 
 def test_unshuffled_batches_cover_every_node_once():
