@@ -116,6 +116,16 @@ class DeviceSubgraphLoader:
         self.csr_edge = nb(torch.from_numpy(order))  # [E'] its number among the kept edges (edge order)
         self.edge_row = nb(torch.from_numpy(row))  # [E'] row of edge_attr of each kept edge
 
+    def refresh_x(self, graphs: Sequence["Data"]) -> None:
+        """Copy the graphs' ``x`` to the device again (non-blocking), after it changed on the host (e.g. the
+        epoch's feature views, :mod:`gnnst.train.views`); the graphs are those the loader was made with."""
+        import torch
+
+        x = torch.cat([g.x for g in graphs])
+        if x.shape != self.x.shape:
+            raise ValueError(f"refresh_x: x of shape {list(x.shape)}, the loader holds {list(self.x.shape)}")
+        self.x.copy_(x.to(self.x.dtype), non_blocking=True)
+
     # --- the epoch, planned on the host, as in SubgraphLoader
     def set_epoch(self, epoch: int) -> None:
         self.host.set_epoch(epoch)

@@ -47,6 +47,18 @@ def test_device_batches_equal_host_batches(num_hops):
             assert torch.equal(b.center_index, torch.nonzero(b.center_mask).flatten())
 
 
+def test_refreshed_x_reaches_the_device_batches():
+    """x changed on the host (an epoch's feature views) is what the next batches carry after refresh_x."""
+    graphs = [_slide(200, 0), _slide(100, 1)]
+    host = SubgraphLoader(graphs, batch_nodes=64, num_hops=2)
+    dev = DeviceSubgraphLoader(graphs, batch_nodes=64, num_hops=2, device="cpu")
+    for g in graphs:
+        g.x = torch.randn_like(g.x)  # a new tensor, as set_views assigns
+    dev.refresh_x(graphs)
+    for a, b in zip(host, dev):
+        _same(a, b)
+
+
 def test_unshuffled_batches_cover_every_node_once():
     g = _slide(500, 4)
     dev = DeviceSubgraphLoader([g], batch_nodes=128, num_hops=2, device="cpu")
