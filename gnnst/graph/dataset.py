@@ -119,10 +119,7 @@ class LoadedSlides(SlideSource):
     def slide_counts(self, slide_id: str) -> "SlideCounts":
         from gnnst.data.expression import SlideCounts
 
-        cache = self.__dict__.setdefault("_counts", {})
-        if slide_id not in cache:
-            cache[slide_id] = SlideCounts.from_anndata(self.adatas[slide_id])
-        return cache[slide_id]
+        return SlideCounts.from_anndata(self.adatas[slide_id])  # not cached: adatas stay the one truth
 
     def slide_graph(self, slide_id: str, graph: "GraphConfig") -> "Data":
         data = slide_to_data(self.adatas[slide_id], self.embs[slide_id], None, k=graph.k, radius_um=graph.radius_um,
@@ -281,9 +278,14 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
                         timer=timer, alongside=extra)
 
 
-def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None) -> dict:
+def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
+                embs: dict | None = None) -> dict:
     """Slide id -> ``Data`` with ``y`` = the normalised expression of ``panel`` (per spot, so no slide
-    affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide)."""
+    affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide).
+
+    ``embs``: slide id -> ``[N, D]`` embeddings to use as ``x`` instead of the source's (e.g. of
+    stain-normalised patches), stored in the dtype of the source's ``x``.
+    """
     import torch
 
     from gnnst.data.expression import panel_expression
@@ -296,8 +298,10 @@ def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_id
             y = panel_expression(source.slide_counts(s), panel, cfg.expression, file=f"slide '{s}'")
         with source.timer("graph"):
             data = source.slide_graph(s, cfg.graph)
-        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float16 if data.x.dtype == torch.float16
-                                                        else np.float32))
+        np_dt = np.float16 if data.x.dtype == torch.float16 else np.float32
+        if embs is not None and s in embs:
+            data.x = torch.from_numpy(np.ascontiguousarray(embs[s], dtype=np_dt))
+        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np_dt))
         graphs[s] = data
     return graphs
 

@@ -82,7 +82,8 @@ class SlideSource:
     """The slides a training run reads: the one input of cross-validation and of
     :func:`gnnst.train.prepare.prepare_training`.
 
-    Subclasses provide ``slide_ids`` (in order), :meth:`patients`, ``encoder`` (the patch encoder's
+    Subclasses provide ``slide_ids`` (in order), :meth:`patients`, ``embs`` (slide id -> ``[N, D]`` float32
+    embeddings), ``encoder`` (the patch encoder's
     record: name, identity, input_size, dim, precision, ...), ``timer`` (a
     :class:`gnnst.data.embeddings.Timer`), and per slide :meth:`slide_counts`, :meth:`slide_graph` and
     :meth:`spots`.
@@ -106,6 +107,19 @@ class SlideSource:
 
     def spots(self, slide_id: str) -> SpotInfo:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class SlideEmbeddings:
+    """``[slide_id] -> [N, D]`` float32 numpy embeddings of a :class:`GraphDataset`, read lazily."""
+
+    def __init__(self, ds: "GraphDataset"):
+        self.ds = ds
+
+    def __getitem__(self, slide_id: str) -> np.ndarray:
+        import torch
+
+        x = self.ds[slide_id].x
+        return x.numpy() if x.dtype == torch.float32 else x.float().numpy()
 
 
 # ------------------------------------------------------------------------------ counts in a Data
@@ -243,6 +257,12 @@ class GraphDataset(SlideSource):
     # --- SlideSource
     def patients(self) -> dict[str, str]:
         return {s: v["patient_id"] for s, v in self.info["slides"].items()}
+
+    @property
+    def embs(self) -> "SlideEmbeddings":
+        """Slide id -> ``[N, D]`` float32 embeddings (``x``; a view of the memory-mapped file when stored as
+        float32), read when asked for: as :attr:`gnnst.graph.dataset.LoadedSlides.embs`."""
+        return SlideEmbeddings(self)
 
     def slide_counts(self, slide_id: str) -> "SlideCounts":
         return counts_from_data(self[slide_id])
