@@ -18,10 +18,11 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 venv: $(STAMP)
 
 # The main job on the real default data (her2st-6): graphs, cross-validated training, summary table.
-# Again: the graphs are rebuilt (from the embedding cache) and the run resumed (refused if the config changed).
+# Build once, train many: the train step reads the graphs just built, not the raw slides. Again: the graphs
+# are rebuilt (from the embedding cache) and the run resumed (refused if the config changed).
 demo: $(STAMP)
 	$(VENV)/bin/gnnst build-graphs --config configs/her2st.yaml --out $(OUT)/graphs --overwrite
-	$(VENV)/bin/gnnst train --config configs/her2st.yaml --out $(OUT)/train --resume
+	$(VENV)/bin/gnnst train --graphs $(OUT)/graphs --config configs/her2st.yaml --out $(OUT)/train --resume
 
 # The default test run (minutes); real-data tests skip when ../shared/data is absent.
 test: $(STAMP)

@@ -1,19 +1,20 @@
-"""Benchmark: scaling to Visium-HD-sized slides (10k, 100k, 1M spots) on synthetic data.
+"""Benchmark: training at Visium HD and HEST-1k scale on synthetic data, on a CPU or a GPU.
 
-    python benchmarks/scale.py [--sizes 10000 100000 1000000] [--no-write]
+    python benchmarks/scale.py --device cpu|cuda [--sizes 10000 100000 1000000] [--cohort 1000 2000]
+                               [--samplers host device] [--no-write]
 
-Per size, in a fresh child process: a square grid of spots at an 8 µm pitch (Visium HD's 8 µm
-bins), random patch embeddings of the default encoder's width (1280) and random expression of a
-her2st-sized panel (492 genes); graph construction (:func:`gnnst.graph.edges.spatial_edges`, k=6,
-plus edge features), then one training epoch of the default GNNST model over
-:class:`gnnst.graph.sampler.SubgraphLoader` mini-batches (512 centre spots, 2-hop halo), AdamW.
-Memory is read from the child's own ``/proc/self/status`` (peak RSS reset before each phase), so
-each phase's peak is its own. Embeddings and expression are stored as the library's default
-``graph.storage: auto`` stores them (:func:`gnnst.graph.dataset.storage_dtype`: float32 up to 200,000
-spots, float16 above; the loader widens each batch to float32); the largest slide is also run with
-``storage: float32`` to show what the default saves.
+Per size and sampler, in a fresh child process: a square grid of spots at an 8 µm pitch (Visium HD's
+8 µm bins), random patch embeddings of the default encoder's width (1280) and random expression of a
+her2st-sized panel (492 genes), stored as ``graph.storage: auto`` stores them (float16 above 200,000
+spots); graph construction (:func:`gnnst.graph.edges.graph_from_pos`, k=6), then training epochs of
+the default GNNST model through the library's own sampler and step (:func:`gnnst.train.trainer.make_loader`
+with ``train.sampler`` = host or device, :func:`gnnst.train.trainer.train_epoch`). ``--cohort SLIDES
+SPOTS`` adds a cohort of many small slides written as graph files and read back memory-mapped, as a
+graph folder is read (HEST-1k-shaped: 1000 x 2000). Reports epoch time, spots per second, the ratio to
+the host sampler in the same command, host peak memory (the child's ``/proc/self/status`` and
+``ru_maxrss``), and on CUDA the GPU's peak allocated memory and utilisation (with pynvml).
 
-Prints its table and writes the section ``scale`` of ``benchmarks/RESULTS.md``.
+Prints its table and writes the section ``scale-<device>`` of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # the gnnst of this checkout, not an installed one
 
 PITCH_UM = 8.0  # Visium HD 8 µm bins
 EMB_DIM = 1280  # width of the default encoder (efficientnet_lite0)
@@ -53,15 +55,12 @@ def _reset_peak() -> None:
 
 
 def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches: int, threads: int | None,
-          seed: int = 0) -> dict:
+          device: str = "cpu", sampler: str = "host", seed: int = 0) -> dict:
     import numpy as np
     import torch
     from torch_geometric.data import Data
 
-    from gnnst.config import Config
     from gnnst.graph.edges import graph_from_pos
-    from gnnst.models import create_model
-    from gnnst.graph.sampler import SubgraphLoader
 
     torch.manual_seed(seed)
     if threads:
@@ -105,73 +104,176 @@ def child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches:
     r["slide_arrays_mb"] = sum(t.numel() * t.element_size() for t in (x, y, data.pos, data.edge_index, data.edge_attr)) / 2**20
     r["rss_with_slide_mb"] = _status_mb("VmRSS")
 
-    # --- one training epoch of the default model over subgraph mini-batches
+    # --- one training epoch of the default model: the library's sampler and step (gnnst.train.trainer)
+    r.update(train_epochs([data], device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
+                          seed=seed))
+    return r
+
+
+def _rss_anon_mb() -> float:
+    return _status_mb("RssAnon")
+
+
+class _GpuMonitor:
+    """GPU utilisation sampled every 0.1 s in a thread (``torch.cuda.utilization``, needs pynvml); nothing
+    off CUDA or without pynvml."""
+
+    def __init__(self, device):
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = None
+        if getattr(device, "type", "cpu") == "cuda":
+            import torch
+
+            try:
+                torch.cuda.utilization(device)
+            except Exception:  # noqa: BLE001 - no pynvml: not measured, said so in the table
+                return
+            self._thread = threading.Thread(target=self._run, args=(device,), daemon=True)
+            self._thread.start()
+
+    def _run(self, device):
+        import torch
+
+        while not self._stop.wait(0.1):
+            self.samples.append(float(torch.cuda.utilization(device)))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if not self.samples:
+            return {}
+        return {"gpu_util_mean": statistics.mean(self.samples), "gpu_util_max": max(self.samples)}
+
+
+def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_batches: int, seed: int = 0) -> dict:
+    """``epochs`` epochs of the default GNNST model over ``graphs`` with ``train.sampler: sampler`` on
+    ``device``, through :func:`gnnst.train.trainer.make_loader` and :func:`~gnnst.train.trainer.train_epoch`
+    (what ``fit`` runs). An epoch longer than ``max_step_batches`` steps on its first batches only and is
+    extrapolated (marked est.): the tiles (host) and, for the device sampler, the halo plan of the WHOLE
+    epoch are timed in full, then the stepped batches' time is scaled to all batches."""
+    import torch
+
+    from gnnst.config import Config
+    from gnnst.models import create_model
+    from gnnst.train.trainer import amp_dtype, default_batch_nodes, make_loader, train_epoch
+
+    dev = torch.device(device)
     cfg = Config()
-    t0 = time.perf_counter()
-    loader = SubgraphLoader([data], batch_nodes=cfg.train.batch_nodes, num_hops=cfg.train.num_hops, shuffle=True,
-                            seed=seed)
-    r["loader_setup_seconds"] = time.perf_counter() - t0
-    model = create_model("gnnst", in_dim=EMB_DIM, num_genes=NUM_GENES, cfg=cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    model.train()
-    epoch_log = []
+    cfg.train.sampler = sampler
+    cfg.train.batch_nodes = cfg.train.batch_nodes or default_batch_nodes(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+    r: dict = {"device": str(dev), "sampler": sampler, "batch_nodes": cfg.train.batch_nodes}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     _reset_peak()
-    before_epoch = _status_mb("VmRSS")
+    before = _status_mb("VmRSS")
+    anon_peak = _rss_anon_mb()
+    t0 = time.perf_counter()
+    loader = make_loader(graphs, cfg, dev, num_hops=cfg.train.num_hops, shuffle=True, seed=seed)
+    sync()
+    r["loader_setup_seconds"] = time.perf_counter() - t0
+    r["loader"] = type(loader).__name__
+    torch.manual_seed(seed)
+    model = create_model("gnnst", in_dim=int(graphs[0].x.shape[1]), num_genes=int(graphs[0].y.shape[1]),
+                         cfg=cfg.model).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    autocast = amp_dtype(dev) if cfg.train.amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
+    model.train()
+    log = []
+    mon = _GpuMonitor(dev)
     for ep in range(epochs):
         loader.set_epoch(ep)
         t_start, c_start = time.perf_counter(), time.process_time()
         groups = loader.batches_of_parts()
-        t_plan = time.perf_counter() - t_start
-        t_sample = t_step = c_step = 0.0
-        nodes = batch_nodes_max = stepped = 0
-        for i, group in enumerate(groups):
+        t_tiles = time.perf_counter() - t_start
+        t_plan = 0.0
+        if hasattr(loader, "plan") and len(groups) > max_step_batches:  # the whole epoch's halos, timed in full
             t0 = time.perf_counter()
-            b = loader.make_batch(group)
-            t1 = time.perf_counter()
-            t_sample += t1 - t0
-            nodes += int(b.center_mask.sum())
-            batch_nodes_max = max(batch_nodes_max, b.num_nodes)
-            if i >= max_step_batches:  # every batch is sampled; the model steps on the first ones only
-                continue
-            stepped += 1
-            c1 = time.process_time()
-            out = model(b)
-            loss = model.loss(out, b)["total"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            t_step += time.perf_counter() - t1
-            c_step += time.process_time() - c1
-        total = time.perf_counter() - t_start
-        cpu_total = time.process_time() - c_start
-        scale = len(groups) / max(stepped, 1)  # the model steps of the whole epoch, extrapolated
-        step_full = t_step * scale
-        epoch_log.append({"seconds": total - t_step + step_full, "measured_seconds": total,
-                          "cpu_seconds": cpu_total - c_step + c_step * scale, "plan_seconds": t_plan,
-                          "sample_seconds": t_sample, "step_seconds": step_full, "stepped_batches": stepped,
-                          "batches": len(groups), "centre_nodes": nodes, "max_batch_nodes": batch_nodes_max})
-    r["epochs"] = epoch_log
-    r["epoch_seconds_median"] = statistics.median(e["seconds"] for e in epoch_log)
-    r["epoch_peak_above_slide_mb"] = _status_mb("VmHWM") - before_epoch
+            loader.plan(groups)
+            sync()
+            t_plan = time.perf_counter() - t0
+        stepped_groups = groups[:max_step_batches]
+        t0, c0 = time.perf_counter(), time.process_time()
+        total, steps = train_epoch(model, model, loader, stepped_groups, opt, scaler, device=dev, autocast=autocast)
+        loss = float(total) / max(steps, 1)  # the one read-back of the epoch (synchronises)
+        t_steps, c_steps = time.perf_counter() - t0, time.process_time() - c0
+        scale = len(groups) / max(steps, 1)
+        centres = sum(len(c) for grp in groups for _, c in grp)
+        seconds = t_tiles + t_plan + t_steps * scale
+        log.append({"seconds": seconds, "measured_seconds": time.perf_counter() - t_start,
+                    "cpu_seconds": (c0 - c_start) + c_steps * scale, "tiles_seconds": t_tiles, "plan_seconds": t_plan,
+                    "step_seconds": t_steps * scale, "stepped_batches": steps, "batches": len(groups),
+                    "centre_nodes": centres, "spots_per_second": centres / seconds, "loss": loss})
+        anon_peak = max(anon_peak, _rss_anon_mb())
+    r.update(mon.stop())
+    r["epochs"] = log
+    r["epoch_seconds_median"] = statistics.median(e["seconds"] for e in log)
+    r["spots_per_second_median"] = statistics.median(e["spots_per_second"] for e in log)
+    r["epoch_peak_above_slide_mb"] = _status_mb("VmHWM") - before
+    r["rss_anon_end_mb"] = anon_peak
     r["peak_rss_mb"] = _status_mb("VmHWM")
-    import resource
-
-    r["peak_rss_process_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        r["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return r
 
 
-def run_child(n: int, dtype: str, graph_repeats: int, epochs: int, max_step_batches: int, threads: int | None) -> dict:
-    """One size in a fresh interpreter; its whole-process peak RSS as the kernel accounted it."""
-    cmd = [sys.executable, __file__, "--child", str(n), "--dtype", dtype, "--graph-repeats", str(graph_repeats),
-           "--epochs", str(epochs), "--max-step-batches", str(max_step_batches)] + (
-        ["--threads", str(threads)] if threads else [])
+def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
+                 threads: int | None, folder: str, seed: int = 0) -> dict:
+    """A HEST-1k-shaped cohort: ``slides`` synthetic slides of ``spots`` spots each, written as graph files and
+    read back memory-mapped (``torch.load(mmap=True)``, as :class:`gnnst.graph.store.GraphDataset` reads them),
+    then one epoch over all of them. ``x`` is float16 on disk and paged in as batches touch it."""
+    import numpy as np
+    import torch
+    from torch_geometric.data import Data
+
+    from gnnst.graph.edges import graph_from_pos
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    side = int(np.ceil(np.sqrt(spots)))
+    pos = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:spots] * 100.0)  # Visium pitch
+    sg = graph_from_pos(pos.astype(np.float64), k=K, radius_um=None)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for i in range(slides):
+        path = root / f"s{i}.pt"
+        if not path.is_file():
+            torch.save(Data(x=torch.randn(spots, EMB_DIM, generator=gen).half(), pos=torch.from_numpy(pos.astype(np.float32)),
+                            edge_index=torch.from_numpy(sg.edge_index), edge_attr=torch.from_numpy(sg.edge_attr),
+                            num_nodes=spots), path)
+    r = {"cohort_slides": slides, "n": slides * spots, "write_seconds": time.perf_counter() - t0,
+         "threads": torch.get_num_threads(), "rss_start_mb": _status_mb("VmRSS"), "dtype": "float16 (mmap)",
+         "storage": "float16"}
+    graphs = []
+    for i in range(slides):
+        d = torch.load(root / f"s{i}.pt", weights_only=False, mmap=True)
+        d.y = torch.randn(spots, NUM_GENES, generator=gen)  # targets are made in memory per fold
+        graphs.append(d)
+    r["rss_with_slide_mb"] = _status_mb("VmRSS")
+    r["slide_arrays_mb"] = slides * spots * (EMB_DIM * 2 + NUM_GENES * 4) / 2**20
+    r.update(train_epochs(graphs, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
+                          seed=seed))
+    return r
+
+
+def run_child(args: list[str], label: str) -> dict:
+    """One measurement in a fresh interpreter (``--child ...`` arguments); its whole-process peak RSS as the
+    kernel accounted it."""
+    cmd = [sys.executable, __file__, *args]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"child for n={n} ({dtype}) failed with status {proc.returncode}")
+        raise RuntimeError(f"child for {label} failed with status {proc.returncode}")
     r = json.loads(out.strip().splitlines()[-1])
     r["child_wall_seconds"] = time.perf_counter() - t0
     r["child_maxrss_mb"] = usage.ru_maxrss / 1024
@@ -183,126 +285,127 @@ def _storage(r: dict) -> str:
     return f"{setting} ({r['dtype']})" if setting == "auto" else r["dtype"]
 
 
+def _est(r: dict) -> str:
+    part = r["epochs"][0]
+    return "" if part["stepped_batches"] == part["batches"] else \
+        f" (est.: {part['stepped_batches']} of {part['batches']} batches stepped)"
+
+
 def format_table(results: list[dict]) -> str:
-    lines = ["| spots | storage | edges | graph build (s) | graph CPU µs/spot | epoch (s) | sampling (s) | "
-             "model step (s) | epoch CPU µs/spot | slide arrays (MB) | epoch peak above slide (MB) | process peak RSS (MB) |",
-             "|---" * 12 + "|"]
+    """One row per (spots, storage, sampler); ``vs host`` = this epoch time / the host sampler's in the same run."""
+    lines = ["| spots | storage | device | sampler | batch | epoch (s) | spots/s | vs host | tiles + plan (s) | "
+             "steps (s) | epoch CPU µs/spot | slide arrays (MB) | epoch peak above slide (MB) | process peak RSS (MB) | "
+             "GPU peak (MB) | GPU util mean/max (%) |",
+             "|---" * 16 + "|"]
+    host = {(r["n"], _storage(r), r.get("cohort_slides")): r["epoch_seconds_median"] for r in results
+            if r["sampler"] == "host"}
     for r in results:
-        e = statistics.median(x["seconds"] for x in r["epochs"])
-        samp = statistics.median(x["sample_seconds"] for x in r["epochs"])
-        step = statistics.median(x["step_seconds"] for x in r["epochs"])
-        part = r["epochs"][0]
-        est = "" if part["stepped_batches"] == part["batches"] else \
-            f" (est.: {part['stepped_batches']} of {part['batches']} batches stepped)"
+        med = lambda k: statistics.median(x[k] for x in r["epochs"])  # noqa: E731
+        h = host.get((r["n"], _storage(r), r.get("cohort_slides")))
+        ratio = f"{r['epoch_seconds_median'] / h:.2f}" if h else "-"
+        spots = f"{r['n']:,}" if "cohort_slides" not in r else f"{r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,}"
+        gpu = f"{r['gpu_peak_mb']:.0f}" if "gpu_peak_mb" in r else "-"
+        util = f"{r['gpu_util_mean']:.0f}/{r['gpu_util_max']:.0f}" if "gpu_util_mean" in r else "-"
         lines.append(
-            f"| {r['n']:,} | {_storage(r)} | {r['edges']:,} | {r['graph_seconds_median']:.2f} | "
-            f"{1e6 * r['graph_cpu_seconds_median'] / r['n']:.2f} | {e:.1f}{est} | {samp:.1f} | {step:.1f} | "
-            f"{1e6 * statistics.median(x['cpu_seconds'] for x in r['epochs']) / r['n']:.0f} | "
-            f"{r['slide_arrays_mb']:.0f} | {r['epoch_peak_above_slide_mb']:.0f} | "
-            f"{r['child_maxrss_mb']:.0f} |")
+            f"| {spots} | {_storage(r)} | {r['device']} | {r['sampler']} | {r['batch_nodes']} | "
+            f"{r['epoch_seconds_median']:.2f}{_est(r)} | {r['spots_per_second_median']:,.0f} | {ratio} | "
+            f"{med('tiles_seconds') + med('plan_seconds'):.2f} | {med('step_seconds'):.2f} | "
+            f"{1e6 * med('cpu_seconds') / r['n']:.0f} | {r['slide_arrays_mb']:.0f} | "
+            f"{r['epoch_peak_above_slide_mb']:.0f} | {r['child_maxrss_mb']:.0f} | {gpu} | {util} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains")
+    p.add_argument("--samplers", nargs="+", default=None, choices=["host", "device"],
+                   help="train.sampler values to run, each in its own child (default: host and device)")
     p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--cohort", nargs=2, type=int, default=None, metavar=("SLIDES", "SPOTS"),
+                   help="also a cohort of SLIDES slides x SPOTS spots read memory-mapped from graph files "
+                        "(HEST-1k-shaped: 1000 2000)")
+    p.add_argument("--cohort-dir", default=None, help="where the cohort's graph files are written (default: a "
+                                                      "temporary folder, removed afterwards)")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="epochs per size (default: 3 below 100k spots, else 1)")
     p.add_argument("--max-step-batches", type=int, default=400,
-                   help="model steps per epoch at most; a longer epoch samples every batch but steps on the first "
-                        "ones and extrapolates the step time (default 400: full epochs up to ~100k spots)")
+                   help="model steps per epoch at most; a longer epoch steps on its first batches and extrapolates "
+                        "(marked est.; the tiles and the device sampler's whole-epoch plan are timed in full)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: all cores)")
-    p.add_argument("--no-float32", action="store_true",
-                   help="skip the extra run of the largest size with storage float32")
     p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     p.add_argument("--note", default="", help="a remark recorded with the table")
-    p.add_argument("--from-json", default=None, help="render a recorded run (benchmarks/results/scale.json) instead")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-cohort", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sampler", default="host", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(args.child, args.dtype, args.graph_repeats, args.epochs or 1, args.max_step_batches,
-                               args.threads)), flush=True)
+                               args.threads, device=args.device, sampler=args.sampler)), flush=True)
         return 0
+    if args.child_cohort is not None:
+        print(json.dumps(cohort_child(*args.child_cohort, args.sampler, args.device, args.epochs or 1,
+                                      args.max_step_batches, args.threads, args.cohort_dir)), flush=True)
+        return 0
+
+    import shutil
+    import tempfile
 
     from _results import machine_info, write_section
 
-    if args.from_json:  # re-render a recorded run (e.g. after a change of this report's wording)
-        saved = json.loads(Path(args.from_json).read_text())
-        saved = saved if isinstance(saved, dict) else {"results": saved, "loadavg_before": None, "loadavg_after": None}
-        results, load_before, load_after = saved["results"], saved["loadavg_before"], saved["loadavg_after"]
-    else:
-        load_before = os.getloadavg()
-        runs = [(n, "auto") for n in args.sizes]  # the default graph.storage
-        if not args.no_float32:
-            runs.append((max(args.sizes), "float32"))
-        results = []
-        for n, dtype in runs:
+    samplers = args.samplers or ["host", "device"]
+    common = ["--device", args.device, "--max-step-batches", str(args.max_step_batches)] + (
+        ["--threads", str(args.threads)] if args.threads else [])
+    load_before = os.getloadavg()
+    results = []
+    for n in args.sizes:
+        for sampler in samplers:
             epochs = args.epochs or (3 if n < 100_000 else 1)
-            print(f"{n:,} spots, {dtype}: ...", flush=True)
-            r = run_child(n, dtype, args.graph_repeats, epochs, args.max_step_batches, args.threads)
-            results.append(r)
-            print(format_table([r]).splitlines()[-1], flush=True)
-        load_after = os.getloadavg()
-    table = format_table(results)
-    f32 = [r for r in results if r["dtype"] == "float32"]
-    big = f32[-1]
-    small = f32[0]
-    per_spot = lambda r: statistics.median(x["cpu_seconds"] for x in r["epochs"]) / r["n"]  # noqa: E731
+            print(f"{n:,} spots, sampler {sampler}: ...", flush=True)
+            results.append(run_child(["--child", str(n), "--sampler", sampler, "--graph-repeats",
+                                      str(args.graph_repeats), "--epochs", str(epochs), *common], f"n={n} {sampler}"))
+            print(format_table(results[-1:]).splitlines()[-1], flush=True)
+    if args.cohort:
+        folder = args.cohort_dir or tempfile.mkdtemp(prefix="gnnst_cohort_")
+        try:
+            for sampler in samplers:
+                print(f"cohort {args.cohort[0]} x {args.cohort[1]}, sampler {sampler}: ...", flush=True)
+                results.append(run_child(["--child-cohort", *map(str, args.cohort), "--sampler", sampler,
+                                          "--cohort-dir", folder, "--epochs", "1", *common], f"cohort {sampler}"))
+                print(format_table(results[-1:]).splitlines()[-1], flush=True)
+        finally:
+            if args.cohort_dir is None:
+                shutil.rmtree(folder, ignore_errors=True)
+    load_after = os.getloadavg()
     notes = [
-        f"- Synthetic square grid, {PITCH_UM:g} µm pitch; embeddings {EMB_DIM} wide, {NUM_GENES} genes; default "
-        "GNNST model and training config (512 centre spots per batch, 2-hop halo, AdamW); "
-        f"{small['threads']} torch thread(s) per child. Graph build = `spatial_edges(k=6)` + `edge_features`, median of "
-        f"{len(small['graph_seconds'])} runs; epoch = median of {len(small['epochs'])} epochs at {small['n']:,} spots, "
-        "one epoch at the larger sizes. `sampling` = `SubgraphLoader.make_batch` for every batch of the epoch; "
-        "`model step` = forward, losses, backward, AdamW. Where marked est., every batch of the epoch was sampled "
-        "but the model stepped on the first batches of the (shuffled) epoch only and the step time is scaled to "
-        "all batches (a full 1M-spot epoch did not fit the session on the shared machine); the memory columns "
-        "are measured either way (the working set is reached within the first batches).",
-        f"- Linearity, on CPU time (the process's own user + system time, which other jobs on the machine "
-        f"inflate far less than wall time): epoch {1e6 * per_spot(small):.0f} µs per spot at {small['n']:,} and "
-        f"{1e6 * per_spot(big):.0f} µs at {big['n']:,} (ratio {per_spot(big) / per_spot(small):.2f}; 1.00 = linear); "
-        f"graph build ratio {(big['graph_cpu_seconds_median'] / big['n']) / (small['graph_cpu_seconds_median'] / small['n']):.2f} "
-        "(k-d tree queries and the edge sort are O(N log N), and 1M-spot arrays no longer fit in cache).",
-        "- Memory: `slide arrays` = x, y, pos, edges of the slide, which any in-memory trainer holds; `epoch peak "
-        "above slide` = the epoch's peak RSS minus the RSS before it (the batch-bound working set: model, "
-        "optimiser, one subgraph batch, the loader's per-slide index). `process peak RSS` = the child's whole "
-        "peak (kernel `ru_maxrss`).",
-        "- Made linear for this benchmark (outputs unchanged, `tests/graph` and `tests/train` pass): "
-        "`spatial_edges` lost its Python loop per spot (one row-wise `lexsort`) and deduplicates edges by "
-        "sorting one int64 key instead of `np.unique`, which numpy 2.4 ran ~100x slower here (1M-spot graph: "
-        "~11 s of CPU before, ~4 s after); `SubgraphLoader.make_batch` reuses per-slide scratch arrays instead of "
-        "allocating two slide-sized arrays per tile (O(slide) per batch, O(N^2) per epoch); and it widens "
-        "float16/bfloat16 `x`/`y` to float32 per batch, so a slide can be stored at half the memory.",
+        f"- Synthetic square grids ({PITCH_UM:g} µm pitch for single slides, 100 µm for cohort slides); embeddings "
+        f"{EMB_DIM} wide, {NUM_GENES} genes; the default GNNST model, trained through the library's own "
+        "`make_loader` + `train_epoch` (what `fit` runs: AdamW, gradient clipping, autocast on CUDA); 2-hop halo; "
+        f"batch = `train.batch_nodes: null` resolved for the device; {results[0]['threads'] if results else '?'} "
+        "torch thread(s) per child. Epoch time = median over the epochs run (3 below 100k spots, else 1); est. = the "
+        "model stepped on the first batches of the shuffled epoch and the step time (sampling included) was scaled "
+        "to all batches, while the tiles and the device sampler's whole-epoch halo plan were timed in full.",
+        "- `vs host`: epoch time over that of `train.sampler: host` at the same size in the same command. "
+        "`epoch peak above slide`: the epoch's peak RSS minus the RSS before the loader was made. Cohort rows: "
+        "the slides are graph files read back memory-mapped (as `GraphDataset` reads them): `x` is paged in from "
+        "disk; the targets are in memory, as a fold holds them.",
+        f"- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
+        f"{', '.join(f'{v:.1f}' for v in load_after)}: the machine is shared, so wall times may be inflated.",
     ]
-    for r in results:
-        if r["n"] == big["n"]:
-            ok = r["child_maxrss_mb"] <= MEMORY_TARGET_MB
-            notes.append(
-                f"- Target peak <= {MEMORY_TARGET_MB / 1000:.0f} GB at {big['n']:,} spots, storage {_storage(r)}: "
-                f"{r['child_maxrss_mb'] / 1000:.1f} GB, {'meets' if ok else 'MISSES'}. Of it, "
-                f"{r['slide_arrays_mb'] / 1000:.1f} GB are the slide's own arrays (x alone is {big['n']:,} x {EMB_DIM} "
-                f"x {4 if r['dtype'] == 'float32' else 2} bytes), {r['rss_start_mb'] / 1000:.1f} GB the interpreter "
-                f"with torch and PyG loaded, and {r['epoch_peak_above_slide_mb'] / 1000:.1f} GB the epoch's working "
-                "set, which stays flat from 10k to 1M spots.")
-    if load_before is not None:
-        notes.append(f"- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
-                     f"{', '.join(f'{v:.1f}' for v in load_after)}: the machine is shared with other developers' jobs, "
-                     "so wall times may be inflated.")
-    if args.from_json:
-        notes.append(f"- Rendered from the recorded run in `{args.from_json}` (the machine line gives the commit at "
-                     "rendering; the run used the same benchmark and library code).")
+    if args.device == "cpu":
+        notes.append("- CPU only: the device sampler here runs the CUDA code path on the CPU; GPU memory and "
+                     "utilisation are not measured (no GPU in this session).")
     if args.note:
         notes.append(f"- Note: {args.note}")
-    text = table + "\n\n" + "\n".join(notes)
+    text = format_table(results) + "\n\n" + "\n".join(notes)
     print(machine_info())
     print(text)
     if not args.no_write:
-        write_section("scale", "Scaling to Visium-HD-sized slides (`benchmarks/scale.py`)", text)
+        key = f"scale-{args.device}"
+        write_section(key, f"Scaling on {args.device.upper()} (`benchmarks/scale.py --device {args.device}`)", text)
         (HERE / "results").mkdir(exist_ok=True)
-        if not args.from_json:
-            (HERE / "results" / "scale.json").write_text(json.dumps(
-                {"results": results, "loadavg_before": load_before, "loadavg_after": load_after}, indent=2) + "\n")
+        (HERE / "results" / f"{key}.json").write_text(json.dumps(
+            {"results": results, "loadavg_before": load_before, "loadavg_after": load_after}, indent=2) + "\n")
     return 0
 
 

@@ -68,17 +68,20 @@ def _parser(name: str, main_fn: Callable, *, out: str | None = None, resume: str
     return p
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, base: dict | None = None):
+    """The command's config: defaults < ``base`` < ``--config`` < the options and overrides."""
     from gnnst.config import load_config
 
     over = list(args.overrides)
+    if getattr(args, "graphs", None) is not None:
+        over.append(f"data.graphs={args.graphs}")
     if args.manifest is not None:
         over.append(f"data.manifest={args.manifest}")
     if args.data_root is not None:
         over.append(f"data.data_root={args.data_root}")
     if args.cache_dir is not None:
         over.append(f"data.cache_dir={args.cache_dir}")
-    return load_config(args.config, over)
+    return load_config(args.config, over, base=base)
 
 
 def build_graphs_main(argv: Sequence[str] | None = None) -> int:
@@ -109,10 +112,13 @@ def build_graphs_main(argv: Sequence[str] | None = None) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """``gnnst train``: raw slides -> graphs -> cross-validated model, metrics and predictions."""
-    args = _parser("train", train_main, out="output folder (config, log, checkpoints, predictions, metrics)",
-                   resume="continue an interrupted run in --out (with the same config)", overwrite=True, quiet=True,
-                   common=True).parse_args(argv)
+    """``gnnst train``: graphs (built from the slides, or a `build-graphs` folder) -> cross-validated model, metrics, predictions."""
+    p = _parser("train", train_main, out="output folder (config, log, checkpoints, predictions, metrics)",
+                resume="continue an interrupted run in --out (with the same config)", overwrite=True, quiet=True,
+                common=True)
+    p.add_argument("--graphs", default=None, help="a `gnnst build-graphs` output folder to train from, without "
+                                                  "reading the raw slides (= data.graphs)")
+    args = p.parse_args(argv)
 
     def run() -> int:
         from gnnst.eval.crossval import run_crossval
@@ -120,6 +126,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from gnnst.train.distributed import cleanup, init_distributed
 
         cfg = _load(args)
+        if cfg.data.graphs is not None:  # the folder's settings under the run's YAML and overrides
+            from gnnst.graph.store import GraphDataset
+
+            cfg = _load(args, base=GraphDataset(cfg.data.graphs).config_base())
         out = check_output_dir(args.out)  # before torch is imported; the run folder's rules: run_crossval
         dist = init_distributed(cfg.train.device)  # DDP when started by torchrun, else a no-op
         setup_logging(out if dist.is_main else None, "train")

@@ -100,6 +100,9 @@ class DataConfig(_Section):
     cache_dir: str | None = None  # downloads + embedding cache; else $GNNST_CACHE, else ~/.cache/gnnst
     slides: list[str] | None = None  # subset of manifest slide ids to use; None = all
     download: bool = True  # fetch missing files from the manifest's public source
+    # a `gnnst build-graphs` output folder to train from (`gnnst train --graphs DIR`): the raw slides are not
+    # read; null = build the graphs of `manifest` into <cache>/graphs/ first, or reuse a matching build there
+    graphs: str | None = None
 
 
 @dataclass
@@ -144,6 +147,15 @@ class ExpressionConfig(_Section):
     n_top_expressed: int = num(250, ge=1)  # highly expressed genes in the panel (by mean normalised expression)
     n_top_variable: int = num(250, ge=1)  # highly variable genes in the panel (scanpy seurat flavour)
     min_spot_fraction: float = num(0.1, ge=0, le=1)  # a panel gene must be detected in at least this fraction of spots
+    # build-graphs stores the raw counts of every gene detected in at least this fraction of the spots of
+    # some slide: the candidates among which each fold chooses its panel (needs min_spot_fraction >= it)
+    candidate_fraction: float = num(0.01, ge=0, le=1)
+
+    def check(self) -> None:
+        if self.min_spot_fraction < self.candidate_fraction:
+            raise GnnstError(f"config key 'expression.min_spot_fraction': {self.min_spot_fraction} is below "
+                             f"expression.candidate_fraction={self.candidate_fraction} (panels are chosen among the "
+                             "genes the graphs store)")
 
 
 @dataclass
@@ -213,15 +225,25 @@ class TrainConfig(_Section):
     lr: float = num(1e-3, gt=0)  # AdamW learning rate
     weight_decay: float = num(1e-4, ge=0)  # AdamW weight decay
     warmup_epochs: int = num(3, ge=0)  # linear warm-up, then cosine decay
-    batch_nodes: int = num(512, ge=1)  # centre spots per subgraph mini-batch (halo spots come on top)
+    # centre spots per subgraph mini-batch (halo spots come on top); null = by device: 512 on CPU,
+    # 2048 on CUDA (gnnst.train.trainer.default_batch_nodes), resolved before the run starts
+    batch_nodes: int | None = num(None, ge=1)
     num_hops: int = num(2, ge=0)  # halo depth of each mini-batch subgraph (>= model message-passing depth)
     patience: int = num(15, ge=1)  # early stopping on the validation score (epochs without improvement)
     val_fraction: float = num(0.15, ge=0, lt=1)  # fraction of training spots held out (as spatial blocks) for validation
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True  # mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 (ignored on CPU)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores
     ensemble: int = num(3, ge=1)  # models trained per fold with seeds seed..seed+ensemble-1; predictions averaged
     select_blend: bool = True  # choose the head/retrieval blend weight on the validation spots (per fold)
+    # mini-batch sampling: "host" (numpy on the CPU, each batch copied to the device), "device" (the
+    # slides resident on the training device, halo subgraphs cut there for a whole epoch at once, no host
+    # synchronisation per step), "auto" = device on CUDA when the slides fit in its memory, else host
+    sampler: typing.Literal["auto", "host", "device"] = "auto"
+    # under torchrun: "folds" spreads the folds' ensemble members (and the final model's) over the ranks,
+    # one model per rank, results gathered by rank 0; "ddp" trains each model on every rank with its
+    # gradients all-reduced (for one model too large for one device)
+    distributed: typing.Literal["folds", "ddp"] = "folds"
 
 
 BASELINES = ("mean", "ridge", "ridge_neighbours")  # allowed values of EvalConfig.baselines (gnnst.eval.baselines)
@@ -310,6 +332,8 @@ RESULT_NEUTRAL: dict[str, str] = {
     "data.cache_dir": "where downloads and embeddings are cached (embeddings are keyed by encoder, patch size "
                       "and image, not by the cache's place)",
     "data.download": "whether missing files may be fetched",
+    "data.graphs": "where the graphs are read from: a graph folder gives every fold the same panel, targets "
+                   "and graphs as the raw slides it was built from (its config is checked against the run's)",
     "encoder.batch_size": "patches per encoder pass (the encoder runs in eval mode: a patch's embedding does not "
                           "depend on its batch, up to float rounding)",
     "encoder.num_threads": "CPU threads of the encoder (equal up to float rounding)",
@@ -440,8 +464,11 @@ def parse_overrides(overrides: list[str] | None) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML at ``path`` < dotted ``overrides``. Unknown keys raise, naming the key and file."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict | None = None) -> Config:
+    """Defaults < ``base`` < YAML at ``path`` < dotted ``overrides``. Unknown keys raise, naming the key
+    and file. ``base``: a nested dict of values between the defaults and the file (a graph folder's
+    :data:`gnnst.graph.store.DATASET_KEYS` for a ``--graphs`` run)."""
     import yaml
 
     merged: dict = {}
@@ -456,7 +483,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise GnnstError(f"config file {p}: top level must be a mapping, got {type(loaded).__name__}")
         merged = loaded
-    merged = _merge(merged, parse_overrides(overrides))
+    merged = _merge(_merge(base or {}, merged), parse_overrides(overrides))
     try:
         return _from_dict(Config, merged)
     except GnnstError as e:

@@ -133,26 +133,44 @@ def halo_hops(model: "ExpressionModel", num_hops: int) -> int:
     return num_hops if getattr(model, "uses_halo", True) else 0
 
 
+def image_side(graphs: Sequence["Data"]) -> list["Data"]:
+    """``graphs`` without ``y`` (shallow copies sharing ``x`` and the edges): what prediction reads."""
+    out = []
+    for g in graphs:
+        d = copy.copy(g)
+        d.y = None
+        out.append(d)
+    return out
+
+
 def predict_graphs(model: "ExpressionModel", graphs: Sequence["Data"], *, batch_nodes: int, num_hops: int,
-                   device, modes: Sequence[str | None] = (None,)) -> dict:
+                   device, modes: Sequence[str | None] = (None,), loader=None) -> dict:
     """Image-side predictions of one model for each graph, by halo subgraphs (any slide size).
 
     One pass over the mini-batches computes every mode of ``modes`` (``model.predict``'s modes; ``None``
     = its default). Returns ``{mode: [[N_s, G] float32 per graph]}`` in the units of the training ``y``.
     ``num_hops`` is the configured halo (:func:`halo_hops` drops it for models that read no graph).
+    ``loader``: a sampler already made over ``image_side(graphs)`` (unshuffled; e.g. a device-resident
+    one, whose predictions are gathered on the device and copied back once).
     """
     import torch
 
     from gnnst.graph.sampler import SubgraphLoader
 
     model.eval()
+    if loader is None:
+        loader = SubgraphLoader(image_side(graphs), batch_nodes=batch_nodes, num_hops=halo_hops(model, num_hops))
+    if hasattr(loader, "iter_batches"):  # on the device: one buffer per mode, one copy back
+        n = sum(g.num_nodes for g in graphs)
+        bufs = {m: torch.zeros(n, model.num_genes, device=loader.device) for m in modes}
+        with torch.no_grad():
+            for b in loader:
+                c = b.center_mask
+                for m in modes:
+                    bufs[m][b.global_node[c]] = model.predict(b, mode=m)[c].float()
+        cuts = np.cumsum([g.num_nodes for g in graphs])[:-1]
+        return {m: np.split(bufs[m].cpu().numpy(), cuts) for m in modes}
     outs = {m: [np.zeros((g.num_nodes, model.num_genes), dtype=np.float32) for g in graphs] for m in modes}
-    stripped = []
-    for g in graphs:
-        d = copy.copy(g)  # shares x and the edges with g; only y is dropped
-        d.y = None
-        stripped.append(d)
-    loader = SubgraphLoader(stripped, batch_nodes=batch_nodes, num_hops=halo_hops(model, num_hops))
     with torch.no_grad():
         for b in loader:
             b = b.to(device)

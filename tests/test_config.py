@@ -77,7 +77,7 @@ def test_every_numeric_key_has_a_range():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.batch_nodes=0", "config key 'train.batch_nodes': expected an integer >= 1, got 0"),
+    ("train.batch_nodes=0", "config key 'train.batch_nodes': expected an integer >= 1 or null, got 0"),
     ("graph.k=0", "config key 'graph.k': expected an integer >= 1 or null, got 0"),
     ("graph.radius_um=0", "config key 'graph.radius_um': expected a number > 0 or null, got 0.0"),
     ("train.num_hops=-1", "config key 'train.num_hops': expected an integer >= 0, got -1"),
@@ -134,7 +134,7 @@ def test_every_numeric_key_rejects_a_value_outside_its_range():
 def test_range_errors_name_the_config_file(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  batch_nodes: 0\n")
-    with pytest.raises(GnnstError, match=r"'train.batch_nodes': expected an integer >= 1, got 0 \(in .*c.yaml"):
+    with pytest.raises(GnnstError, match=r"'train.batch_nodes': expected an integer >= 1 or null, got 0 \(in .*c.yaml"):
         load_config(y)
 
 

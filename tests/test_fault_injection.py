@@ -9,6 +9,7 @@ within 3 s of calling ``main`` (measured in-process, heavy imports done beforeha
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -54,7 +55,9 @@ def world(tmp_path_factory) -> dict:
     import gnnst.graph.dataset  # noqa: F401
     import gnnst.inference  # noqa: F401
     from gnnst.config import ModelConfig, dump_config, load_config
+    from gnnst.data.encoders import resolve_device
     from gnnst.graph.dataset import resolve_patch_size
+    from gnnst.train.trainer import resolve_batch_nodes
     from gnnst.predictor import EncoderInfo, TrainedModel
 
     base = tmp_path_factory.mktemp("faults")
@@ -66,11 +69,13 @@ def world(tmp_path_factory) -> dict:
     cfg = load_config(None, [f"data.manifest={w['manifest']}", f"data.data_root={w['root']}",
                              f"data.cache_dir={w['cache']}", *TINY])
     resolve_patch_size(cfg)  # as every command records it
+    trained = copy.deepcopy(cfg)
+    resolve_batch_nodes(trained, resolve_device(cfg.train.device))  # as gnnst train records it
     run = base / "run"  # a train run (as gnnst train leaves one)
     (run / "folds" / "patient_P1").mkdir(parents=True)
     (run / "predictions").mkdir()
     (run / "predictions" / "S1.h5ad").write_bytes(b"")
-    dump_config(cfg, run / "config.yaml")
+    dump_config(trained, run / "config.yaml")
     graphs = base / "graphs"
     graphs.mkdir()
     (graphs / "S1.pt").write_bytes(b"")

@@ -10,8 +10,11 @@ predict``), then compared with their measured expression (:mod:`gnnst.metrics`).
 ``eval.select_on_heldout`` switches to the LEAKY protocol of the literature (for comparison only; see
 :mod:`gnnst.train.prepare`), and every output of such a run says LEAKY.
 
-The input is one :class:`~gnnst.graph.dataset.LoadedSlides` (entries, raw-count AnnData, embeddings,
-encoder identity), read once and shareable between runs (``gnnst ablate``, the accuracy benchmark).
+The input is one :class:`~gnnst.graph.store.SlideSource`: the graph folder of ``data.graphs`` (``gnnst
+train --graphs``), else the one built from the manifest's slides into the cache first (or reused from
+there, :func:`gnnst.graph.dataset.ensure_dataset`), or slides read and embedded in memory
+(:class:`~gnnst.graph.dataset.LoadedSlides`, shared by the settings of ``gnnst ablate`` and the accuracy
+benchmark). Every fold computes the same panel, targets and scaling from any of them.
 
 Writes into ``out``: ``config.yaml``, ``train.log``; per fold ``folds/<fold>/member<i>/{last,best}.pt``,
 ``model.pt``, ``result.json`` and ``heldout.npz`` (the held-out measurements and every method's
@@ -56,41 +59,53 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
             (:class:`gnnst.outputs.RunFolder`, :data:`gnnst.config.RESULT_NEUTRAL`).
         overwrite: replace the run already in ``out`` (without it, or ``resume``, one is refused), so no
             fold of an earlier run reaches this run's ``metrics.json``, predictions or exports.
-        loaded: slides already read and embedded by :func:`gnnst.graph.dataset.load_and_embed` with the
-            same ``data``/``patch``/``encoder`` config (shared by the settings of ``gnnst ablate``).
+        loaded: the slides as a :class:`~gnnst.graph.store.SlideSource` made with the same
+            ``data``/``patch``/``encoder`` config (e.g. read and embedded once by
+            :func:`gnnst.graph.dataset.load_and_embed` for the settings of ``gnnst ablate``); default: the
+            graph folder of ``data.graphs``, else :func:`gnnst.graph.dataset.ensure_dataset`.
         fit_model: ``False`` fits and scores only the baselines (no model, predictions or final model).
     """
     from gnnst.config import config_to_dict
     from gnnst.data.encoders import resolve_device, set_cpu_threads
     from gnnst.data.manifest import load_manifest
     from gnnst.eval.splits import make_folds
-    from gnnst.graph.dataset import load_and_embed, resolve_patch_size
+    from gnnst.graph.dataset import ensure_dataset, resolve_patch_size
+    from gnnst.graph.store import GraphDataset
     from gnnst.io import atomic_write_json
     from gnnst.metrics import MetricSet, summarise
     from gnnst.models import list_models
     from gnnst.outputs import TRAIN_RUN, RunFolder
-    from gnnst.train.distributed import current
+    from gnnst.train.distributed import barrier, current
     from gnnst.train.prepare import LEAKY
+    from gnnst.train.trainer import resolve_batch_nodes
 
     t_all = time.perf_counter()
     out = Path(out)
     if fit_model and cfg.model.name not in list_models():
         raise GnnstError(f"config key 'model.name': unknown model {cfg.model.name!r} (known: {', '.join(list_models())})")
     main = current().is_main  # only the main process writes outputs
+    source = loaded
+    if source is None and cfg.data.graphs:
+        source = GraphDataset(cfg.data.graphs)
+        source.check_config(cfg)
     resolve_patch_size(cfg)  # the number itself is compared and recorded
+    device = resolve_device(cfg.train.device)
+    resolve_batch_nodes(cfg, device)  # likewise
     folder = RunFolder(out, TRAIN_RUN, cfg, resume=resume, overwrite=overwrite)  # checks only: before any work
     resume = folder.resume
     progress = progress and main
-    entries = load_manifest(cfg.data.manifest).select(cfg.data.slides)
-    folds = select_folds(make_folds({e.slide_id: e.patient_id or e.slide_id for e in entries}, mode=cfg.eval.folds),
-                         cfg.eval.only_folds)
+    patients = source.patients() if source is not None else \
+        {e.slide_id: e.patient_id or e.slide_id for e in load_manifest(cfg.data.manifest).select(cfg.data.slides)}
+    folds = select_folds(make_folds(patients, mode=cfg.eval.folds), cfg.eval.only_folds)
     if cfg.eval.select_on_heldout:
         log.warning("%s: for comparison with published numbers only, not a valid estimate", LEAKY)
-    if loaded is None:
-        loaded = load_and_embed(cfg, progress=progress)
+    if source is None:
+        source = ensure_dataset(cfg, progress=progress)
+    if isinstance(source, GraphDataset):
+        log.info("slides: the graphs in %s", source.root)
+    barrier()  # every rank has checked the folder before rank 0 writes into it
     folder.begin(write=main)  # the inputs are read and checked: the old run goes (overwrite), config.yaml, log
     set_cpu_threads(cfg.train.num_threads)
-    device = resolve_device(cfg.train.device)
     ms = MetricSet.from_config(cfg.eval)
     methods = ([MODEL] if fit_model else []) + list(cfg.eval.baselines)
     records: dict[str, list] = {m: [] for m in methods}
@@ -104,7 +119,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
         else:
             log.info("fold %d/%d %s: train %s, test %s%s", fi + 1, len(folds), fold.name, fold.train_slides,
                      fold.test_slides, " (patient-disjoint)" if fold.patient_disjoint else "")
-            result, preds = run_fold(cfg, loaded, fold, fdir, ms=ms, methods=methods, resume=resume, device=device,
+            result, preds = run_fold(cfg, source, fold, fdir, ms=ms, methods=methods, resume=resume, device=device,
                                      progress=progress, main=main, run_config=config_to_dict(cfg), out=out)
         fold_results.append(result)
         for m in methods:
@@ -124,7 +139,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     if fit_model:
         metrics["reliability"] = reliability_summary(fold_results, cfg.reliability.interval_level)
     if fit_model and cfg.eval.final_model:
-        final = fit_final(cfg, loaded, out / "final", fold_results=fold_results, resume=resume, device=device,
+        final = fit_final(cfg, source, out / "final", fold_results=fold_results, resume=resume, device=device,
                           progress=progress, main=main)
         if main:
             from gnnst.predictor import TrainedModel
@@ -133,7 +148,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
             metrics["reliability"]["final_model_genes"] = {k: v for k, v in genes.items() if k != "definition"}
     metrics["config"] = config_to_dict(cfg)
     metrics["seconds_total"] = time.perf_counter() - t_all
-    metrics["embedding_timings"] = dict(loaded.timer.totals)
+    metrics["embedding_timings"] = dict(source.timer.totals)
     if main:
         atomic_write_json(out / "metrics.json", metrics)
     if main and fit_model and cfg.eval.figures:
@@ -152,7 +167,7 @@ def select_folds(folds: list["Fold"], only: list[str] | None) -> list["Fold"]:
     return [f for f in folds if f.name in only or set(f.test_slides) & set(only)]
 
 
-def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet", methods: list[str], resume: bool,
+def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet", methods: list[str], resume: bool,
              device, progress: bool, main: bool, run_config: dict, out: Path) -> tuple[dict, dict]:
     """One fold: train, score the held-out slides through the fold's TrainedModel, fit the baselines,
     write the fold's files; returns ``(result, {method: FoldPredictions})``."""
@@ -165,14 +180,14 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
 
     t_fold = time.perf_counter()
     fdir.mkdir(parents=True, exist_ok=True)
-    ts = prepare_training(cfg, loaded, fold.train_slides, fold.test_slides,
+    ts = prepare_training(cfg, source, fold.train_slides, fold.test_slides,
                           select_on_heldout=cfg.eval.select_on_heldout)
     subsets = report_subsets(ts.panel.genes, ts.panel.heg, ts.panel.hvg, _selection_expression(cfg, ts), ms)
     y_test = {s: ts.graphs[s].y.numpy().astype(np.float32) for s in fold.test_slides}
     preds: dict[str, dict] = {}
     result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets}
     if MODEL in methods:
-        ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(loaded.encoder),
+        ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(source.encoder),
                            resume=resume, device=device, progress=progress)
         if main:
             ens.model.save(fdir / "model.pt")
@@ -199,7 +214,7 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
     if main:
         _save_heldout(fdir / HELDOUT, fold, y_test, preds)
         if MODEL in methods:
-            _write_predictions(out, loaded, ts, fold, ens.model, got, y_test, result, run_config)
+            _write_predictions(out, source, ts, fold, ens.model, got, y_test, result, run_config)
         atomic_write_json(fdir / "result.json", result)
     head = summarise([fps[MODEL]]) if MODEL in methods else {}
     log.info("fold %s: PCC %s per slide %.3f%s, all %.3f, blend alpha %s, %.1f s", fold.name,
@@ -283,22 +298,19 @@ def _load_fold(fdir: Path, fold: "Fold", methods: list[str]) -> tuple[dict, dict
     return result, fps
 
 
-def _write_predictions(out: Path, loaded, ts: "TrainingSet", fold: "Fold", model, preds: dict, y: dict,
+def _write_predictions(out: Path, source, ts: "TrainingSet", fold: "Fold", model, preds: dict, y: dict,
                        result: dict, run_config: dict) -> None:
     """``predictions/<slide>.h5ad`` of each held-out slide (measured in ``X``, prediction in the layer,
     sd and OOD flags from ``preds``: slide -> :class:`~gnnst.predictor.Prediction`)."""
-    from gnnst import keys
     from gnnst.io import atomic_write_h5ad
     from gnnst.predictions import prediction_anndata
 
     for s in fold.test_slides:
-        g, adata = ts.graphs[s], loaded.adatas[s]
-        meta = adata.uns[keys.UNS_GNNST]
+        g, spots = ts.graphs[s], source.spots(s)
         scores = {k: v for k, v in result["per_slide"][s].items() if k != "pcc_per_gene"}
-        out_a = prediction_anndata(model, preds[s], slide_id=s, barcodes=list(adata.obs_names),
-                                   pixel=adata.obsm[keys.SPATIAL], mpp=meta[keys.MPP], graph=g,
-                                   embeddings=g.x.numpy(), measured=y[s], image_path=meta.get(keys.IMAGE_PATH),
-                                   image_scalef=meta.get(keys.IMAGE_SCALEF, 1.0),
+        out_a = prediction_anndata(model, preds[s], slide_id=s, barcodes=spots.barcodes, pixel=spots.pixel,
+                                   mpp=spots.mpp, graph=g, embeddings=g.x.numpy(), measured=y[s],
+                                   image_path=spots.image_path, image_scalef=spots.image_scalef,
                                    config=run_config, metrics=scores)
         atomic_write_h5ad(out_a, out / "predictions" / f"{s}.h5ad")
 
@@ -329,9 +341,9 @@ def cv_per_gene(fold_results: list[dict], genes: list[str]) -> dict:
                           "the slides of patient-disjoint folds"}
 
 
-def fit_final(cfg: "Config", loaded, fdir: Path, *, fold_results: list[dict], resume: bool, device,
+def fit_final(cfg: "Config", source, fdir: Path, *, fold_results: list[dict], resume: bool, device,
               progress: bool, main: bool = True) -> Path:
-    """Train on every slide of ``loaded`` exactly as a fold trains on its training slides and write
+    """Train on every slide of ``source`` exactly as a fold trains on its training slides and write
     ``fdir/model.pt`` (``fold.name == "final"``, no test slides, :attr:`TrainedModel.cv` from the finished
     folds' ``fold_results``, :func:`cv_per_gene`). With ``resume`` a finished one is kept."""
     from gnnst.predictor import EncoderInfo
@@ -342,13 +354,13 @@ def fit_final(cfg: "Config", loaded, fdir: Path, *, fold_results: list[dict], re
     if resume and path.is_file():
         log.info("final model: already trained, reusing %s", path)
         return path
-    slides = [e.slide_id for e in loaded.entries]
+    slides = list(source.slide_ids)
     log.info("final model: training on all %d slides (%s)", len(slides), ", ".join(slides))
     t0 = time.perf_counter()
     fdir.mkdir(parents=True, exist_ok=True)
-    ts = prepare_training(cfg, loaded, slides, [])
+    ts = prepare_training(cfg, source, slides, [])
     fold = {"name": "final", "train_slides": slides, "test_slides": [], "patient_disjoint": False}
-    ens = fit_ensemble(cfg, ts, fdir, fold=fold, encoder=EncoderInfo.from_dict(loaded.encoder), resume=resume,
+    ens = fit_ensemble(cfg, ts, fdir, fold=fold, encoder=EncoderInfo.from_dict(source.encoder), resume=resume,
                        device=device, progress=progress)
     ens.model.cv = cv_per_gene(fold_results, ens.model.panel.genes)
     if main:

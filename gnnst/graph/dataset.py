@@ -1,12 +1,8 @@
-"""The on-disk graph dataset: manifest -> one PyG ``Data`` per slide, and loading it back.
-
-``build_graphs`` writes into ``out``:
-
-- ``<slide_id>.pt``: a ``torch_geometric.data.Data`` (see :mod:`gnnst.keys` for its attributes),
-  loadable with ``torch.load(path, weights_only=False)``;
-- ``dataset.json``: gene panel, encoder, embedding width, graph parameters, node count per slide,
-  package version;
-- ``config.yaml``: the resolved config; ``build.log``: the log.
+"""Slides -> graphs: reading and embedding a manifest's slides (:func:`load_and_embed`, giving
+:class:`LoadedSlides`), one PyG ``Data`` per slide (:func:`slide_to_data`, :func:`make_graphs`), and the
+graph folder ``gnnst build-graphs`` writes (:func:`build_graphs`; built or reused in the cache for a run by
+:func:`ensure_dataset`; its format and its reader,
+:class:`~gnnst.graph.store.GraphDataset`, are in :mod:`gnnst.graph.store`).
 
 Embeddings are cached apart from graphs (``<cache>/embeddings``), so a rebuild that changes only
 ``graph.k`` or ``graph.radius_um`` re-encodes nothing. Under ``torchrun`` the slides are shared out over
@@ -15,9 +11,9 @@ the ranks (:mod:`gnnst.data.sharding`) and rank 0 writes the folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +21,18 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from gnnst import __version__, keys
+from gnnst import keys
 from gnnst.errors import GnnstError
+from gnnst.graph.store import COUNTS, DATASET_JSON, GraphDataset, SlideSource, SpotInfo  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from torch_geometric.data import Data
 
-    from gnnst.config import Config
-    from gnnst.data.expression import GenePanel
+    from gnnst.config import Config, GraphConfig
+    from gnnst.data.expression import GenePanel, SlideCounts
 
 log = logging.getLogger("gnnst")
-
-DATASET_JSON = "dataset.json"
 
 
 HALF_STORAGE_ABOVE = 200_000  # spots: ``storage="auto"`` keeps larger slides' x and y in float16
@@ -86,7 +81,7 @@ def slide_to_data(
     )
     if y is not None:
         data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np_dt))
-    data.pixel = torch.from_numpy(pixel.astype(np.float32))
+    data.pixel = torch.from_numpy(pixel)  # float64: edges for another k are rebuilt from it exactly
     data.slide_id = str(adata.obs[keys.SLIDE_ID].iloc[0])
     data.barcodes = [str(b) for b in adata.obs_names]
     return data
@@ -102,8 +97,9 @@ class BuildResult:
 
 
 @dataclass
-class LoadedSlides:
-    """Slides read and embedded once, from which graphs for any gene panel are made cheaply."""
+class LoadedSlides(SlideSource):
+    """Slides read and embedded once (:func:`load_and_embed`), from which graphs for any gene panel are
+    made cheaply: a :class:`~gnnst.graph.store.SlideSource` held in memory."""
 
     manifest: object  # gnnst.data.manifest.Manifest
     entries: list  # the manifest's SlideEntry of each slide, in order
@@ -119,6 +115,25 @@ class LoadedSlides:
 
     def patients(self) -> dict[str, str]:
         return {e.slide_id: e.patient_id or e.slide_id for e in self.entries}
+
+    def slide_counts(self, slide_id: str) -> "SlideCounts":
+        from gnnst.data.expression import SlideCounts
+
+        return SlideCounts.from_anndata(self.adatas[slide_id])  # not cached: adatas stay the one truth
+
+    def slide_graph(self, slide_id: str, graph: "GraphConfig") -> "Data":
+        data = slide_to_data(self.adatas[slide_id], self.embs[slide_id], None, k=graph.k, radius_um=graph.radius_um,
+                             storage=graph.storage)
+        del data.barcodes  # spots() has them; a fold's graphs need not hold every slide's
+        data.patient_id = self.patients()[slide_id]
+        return data
+
+    def spots(self, slide_id: str) -> SpotInfo:
+        a = self.adatas[slide_id]
+        meta = a.uns[keys.UNS_GNNST]
+        return SpotInfo(barcodes=[str(b) for b in a.obs_names], pixel=np.asarray(a.obsm[keys.SPATIAL], dtype=np.float64),
+                        mpp=float(meta[keys.MPP]), image_path=meta.get(keys.IMAGE_PATH),
+                        image_scalef=float(meta.get(keys.IMAGE_SCALEF, 1.0)))
 
 
 def _cores() -> int:
@@ -263,65 +278,62 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
                         timer=timer, alongside=extra)
 
 
-def panel_targets(adatas: dict, cfg: "Config", panel: "GenePanel") -> dict:
-    """Slide id -> normalised expression ``[N, G]`` of ``panel`` (per spot, so no slide affects another)."""
+def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
+                embs: dict | None = None) -> dict:
+    """Slide id -> ``Data`` with ``y`` = the normalised expression of ``panel`` (per spot, so no slide
+    affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide).
+
+    ``embs``: slide id -> ``[N, D]`` embeddings to use as ``x`` instead of the source's (e.g. of
+    stain-normalised patches), stored in the dtype of the source's ``x``.
+    """
+    import torch
+
     from gnnst.data.expression import panel_expression
 
-    return {s: panel_expression(a, panel, cfg.expression, file=f"slide '{s}'") for s, a in adatas.items()}
-
-
-def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
-                ys: dict | None = None) -> dict:
-    """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another).
-
-    ``ys``: slide id -> ``[N, G]`` targets already computed for ``panel`` (:func:`panel_targets`).
-    """
     graphs = {}
-    for e in loaded.entries:
-        s = e.slide_id
+    for s in source.slide_ids:
         if slide_ids is not None and s not in slide_ids:
             continue
-        if ys is not None and s in ys:
-            y = ys[s]
-        else:
-            with loaded.timer("panel"):
-                y = panel_targets({s: loaded.adatas[s]}, cfg, panel)[s]
-        with loaded.timer("graph"):
-            data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um,
-                                 storage=cfg.graph.storage)
-            data.patient_id = e.patient_id or s
+        with source.timer("panel"):
+            y = panel_expression(source.slide_counts(s), panel, cfg.expression, file=f"slide '{s}'")
+        with source.timer("graph"):
+            data = source.slide_graph(s, cfg.graph)
+        np_dt = np.float16 if data.x.dtype == torch.float16 else np.float32
+        if embs is not None and s in embs:
+            data.x = torch.from_numpy(np.ascontiguousarray(embs[s], dtype=np_dt))
+        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np_dt))
         graphs[s] = data
     return graphs
 
 
-def write_graphs(out: Path, graphs: dict, loaded: LoadedSlides, cfg: "Config", panel: "GenePanel") -> dict:
-    """Write ``<slide>.pt``, ``dataset.json`` and ``config.yaml`` into ``out`` (each atomically)."""
+def write_graphs(out: Path, loaded: LoadedSlides, cfg: "Config", panel: "GenePanel") -> dict:
+    """Write ``<slide>.pt`` (with the raw counts of the candidate genes), ``dataset.json`` and
+    ``config.yaml`` into ``out`` (each atomically); see :mod:`gnnst.graph.store`."""
     from gnnst.config import dump_config
+    from gnnst.data.expression import SlideCounts, candidate_genes
+    from gnnst.graph.store import _source_record, counts_to_data, dataset_info
     from gnnst.io import atomic_torch_save, atomic_write_json
 
+    with loaded.timer("panel"):
+        candidates = candidate_genes([loaded.slide_counts(s) for s in loaded.slide_ids],
+                                     cfg.expression.candidate_fraction)
+    graphs = make_graphs(loaded, cfg, panel)
     slides_info = {}
-    for s, data in graphs.items():
+    for e in loaded.entries:
+        s, data = e.slide_id, graphs[e.slide_id]
+        spots = loaded.spots(s)
+        data.barcodes, data.mpp = spots.barcodes, spots.mpp
+        data[COUNTS] = counts_to_data(SlideCounts.from_anndata(loaded.adatas[s], candidates))
         with loaded.timer("write"):
             atomic_torch_save(data, out / f"{s}.pt")
+        with loaded.timer("checksums"):
+            sources = _source_record(loaded.manifest, e, cfg)
         slides_info[s] = {"nodes": int(data.num_nodes), "edges": int(data.edge_index.shape[1]),
-                          "patient_id": data.patient_id, "mpp": loaded.adatas[s].uns[keys.UNS_GNNST][keys.MPP],
-                          "file": f"{s}.pt"}
+                          "patient_id": data.patient_id, "mpp": spots.mpp, "image_path": spots.image_path,
+                          "image_scalef": spots.image_scalef, "candidate_counts": int(data[COUNTS]["data"].numel()),
+                          "file": f"{s}.pt", "sources": sources}
         log.info("slide %s: %d nodes, %d edges", s, data.num_nodes, data.edge_index.shape[1])
-    info = {
-        "gnnst_version": __version__,
-        "dataset": loaded.manifest.name,
-        "manifest": str(loaded.manifest.path),
-        "encoder": {k: loaded.encoder.get(k) for k in ("name", "identity", "input_size", "precision", "checkpoint",
-                                                        "timm_kwargs")},
-        "embedding_dim": int(loaded.encoder["dim"]),
-        "patch_size_um": cfg.patch.size_um,
-        "graph": {"k": cfg.graph.k, "radius_um": cfg.graph.radius_um},
-        "expression": {"target_sum": cfg.expression.target_sum, "log1p": cfg.expression.log1p},
-        "panel": panel.to_dict(),
-        "num_genes": len(panel.genes),
-        "slides": slides_info,
-        "total_nodes": int(sum(v["nodes"] for v in slides_info.values())),
-    }
+    info = dataset_info(loaded, cfg, panel, slides_info, len(candidates))
     atomic_write_json(out / DATASET_JSON, info)
     dump_config(cfg, out / "config.yaml")
     return info
@@ -352,7 +364,7 @@ def build_graphs(
     Under ``torchrun --nproc_per_node N`` (one machine or several) the ranks share the slides out and
     rank 0 writes ``out`` once every rank's slides are embedded; the other ranks return ``info=None``.
     """
-    from gnnst.data.expression import select_panel
+    from gnnst.data.expression import SlideCounts, select_panel
     from gnnst.data.manifest import load_manifest
     from gnnst.data.sharding import Shard
     from gnnst.outputs import GRAPHS, RunFolder
@@ -368,72 +380,76 @@ def build_graphs(
 
     def choose(adatas: dict) -> tuple:  # runs while the patches are embedded
         t0 = time.perf_counter()
-        chosen = panel or select_panel([adatas[s] for s in (panel_slides or ids)], cfg.expression)
-        ys = panel_targets(adatas, cfg, chosen) if shard.is_main else None
-        return chosen, ys, time.perf_counter() - t0
+        chosen = panel or select_panel([SlideCounts.from_anndata(adatas[s]) for s in (panel_slides or ids)],
+                                       cfg.expression)
+        return chosen, time.perf_counter() - t0
 
     loaded = load_and_embed(cfg, progress=progress and shard.is_main, use_cache=use_cache,
                             alongside=choose if shard.is_main else None)
     if not shard.is_main:  # rank 0 writes the dataset once every shard is embedded
         loaded.timer.totals["total"] = time.perf_counter() - t_start
         return BuildResult(info=None, timings=dict(loaded.timer.totals))
-    panel, ys, seconds = loaded.alongside
+    panel, seconds = loaded.alongside
     loaded.timer.totals["panel"] += seconds
-    graphs = make_graphs(loaded, cfg, panel, ys=ys)
     folder.begin()
-    info = write_graphs(Path(out), graphs, loaded, cfg, panel)
+    info = write_graphs(Path(out), loaded, cfg, panel)
     timer = loaded.timer
     timer.totals["total"] = time.perf_counter() - t_start
-    log.info("built %d graphs (%d nodes) in %.1f s: %s", len(graphs), info["total_nodes"], timer.totals["total"],
+    log.info("built %d graphs (%d nodes) in %.1f s: %s", len(info["slides"]), info["total_nodes"], timer.totals["total"],
              {k: round(v, 2) for k, v in timer.totals.items()})
     return BuildResult(info=info, timings=dict(timer.totals))
 
 
-class GraphDataset:
-    """The graphs of a ``build_graphs`` output folder.
+def ensure_dataset(cfg: "Config", *, progress: bool = True) -> GraphDataset:
+    """The graph folder of ``cfg``'s slides in the cache (``<cache>/graphs/<manifest>-<fingerprint>``):
+    reused when one was built with the same :func:`fingerprint` and its unchecksummed source files are
+    unchanged, else built there first (:func:`gnnst.graph.dataset.build_graphs`, into a temporary folder
+    renamed when complete). Under torchrun every rank takes part in the build (each embeds its share)
+    and all return the same folder."""
+    from gnnst.data.manifest import cache_root
+    from gnnst.data.sharding import Shard, barrier, process_group
+    from gnnst.data.manifest import load_manifest
+    from gnnst.graph.store import fingerprint
 
-    Args:
-        root: the folder holding ``dataset.json`` and ``<slide_id>.pt``.
+    resolve_patch_size(cfg)
 
-    ``ds[slide_id]`` is that slide's ``Data``; ``ds.slide_ids``, ``ds.panel``, ``ds.info``.
-    """
-
-    def __init__(self, root: str | Path):
-        from gnnst.data.expression import GenePanel
-
-        self.root = Path(root)
-        meta = self.root / DATASET_JSON
-        if not self.root.is_dir():
-            raise GnnstError(f"graph folder not found: {self.root}")
-        if not meta.is_file():
-            raise GnnstError(f"{self.root}: no {DATASET_JSON}; build it with `gnnst build-graphs --out {self.root}`")
+    fp = fingerprint(cfg)
+    root = cache_root(cfg.data.cache_dir) / "graphs" / f"{load_manifest(cfg.data.manifest).name}-{fp[:16]}"
+    if (root / DATASET_JSON).is_file():
         try:
-            self.info = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
-            raise GnnstError(f"{meta}: corrupt JSON ({e})") from None
-        self.panel = GenePanel.from_dict(self.info["panel"])
-        self._cache: dict[str, "Data"] = {}
+            ds = GraphDataset(root)
+            changed = ds.sources_changed(cfg) if ds.info.get("fingerprint") == fp else "another fingerprint"
+        except GnnstError as e:
+            changed = str(e)
+        if changed is None:
+            log.info("graphs: reusing %s (built from the same slides and settings)", root)
+            return ds
+        log.info("graphs: rebuilding %s (%s)", root, changed)
+    shard = Shard.from_env()
+    with process_group(shard):
+        token = _launch_token(shard)
+        tmp = root.parent / f".{root.name}.{token}.tmp"
+        try:
+            build_graphs(cfg, tmp, progress=progress)
+            if shard.is_main:
+                old = root.parent / f".{root.name}.{token}.old"
+                if root.exists():
+                    os.replace(root, old)
+                os.replace(tmp, root)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if shard.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+        barrier(shard)
+    log.info("graphs: built %s", root)
+    return GraphDataset(root)
 
-    @property
-    def slide_ids(self) -> list[str]:
-        return list(self.info["slides"])
 
-    def __len__(self) -> int:
-        return len(self.info["slides"])
+def _launch_token(shard) -> str:
+    """A name every rank of this launch shares and no other launch uses (rank 0's pid, broadcast)."""
+    token = [f"{os.getpid()}"]
+    if shard.world > 1:
+        import torch.distributed as dist
 
-    def __getitem__(self, slide_id: str) -> "Data":
-        import torch
-
-        if slide_id not in self.info["slides"]:
-            raise GnnstError(f"{self.root}: no slide '{slide_id}' (slides: {', '.join(self.slide_ids)})")
-        if slide_id not in self._cache:
-            path = self.root / self.info["slides"][slide_id]["file"]
-            try:
-                self._cache[slide_id] = torch.load(path, weights_only=False)
-            except Exception as e:
-                raise GnnstError(f"{path}: cannot load graph ({type(e).__name__}: {e})") from None
-        return self._cache[slide_id]
-
-    def __repr__(self) -> str:
-        return (f"GraphDataset('{self.root}', slides={len(self)}, nodes={self.info['total_nodes']}, "
-                f"genes={self.info['num_genes']}, dim={self.info['embedding_dim']})")
+        dist.broadcast_object_list(token, src=0)
+    return token[0]

@@ -96,13 +96,37 @@ def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
     return subset, np.sort(e)
 
 
+def node_mask(g: "Data") -> np.ndarray | None:
+    """``g.node_mask`` ``[N]`` bool as numpy: the nodes that belong to the graph (the others are absent:
+    neither centres nor halo, as if :func:`gnnst.train.prepare.node_subgraph` had dropped them); ``None``
+    when every node does."""
+    m = getattr(g, "node_mask", None)
+    return None if m is None else np.asarray(m.cpu().numpy() if hasattr(m, "cpu") else m, dtype=bool)
+
+
+def kept_edges(g: "Data", keep: np.ndarray | None) -> np.ndarray | None:
+    """Ids ``[E']`` (ascending) of the edges of ``g`` whose ends are both in ``keep``; ``None`` = all."""
+    if keep is None:
+        return None
+    ei = g.edge_index.cpu().numpy()
+    return np.where(keep[ei[0]] & keep[ei[1]])[0]
+
+
+def present_rows(g: "Data", t):
+    """Rows of ``t`` (``[N, ...]``, a node attribute of ``g``) of the nodes that belong to ``g``
+    (:func:`node_mask`), in node order: what a model's ``after_fit`` takes of a training graph."""
+    m = getattr(g, "node_mask", None)
+    return t if m is None else t[m.to(t.device) if hasattr(t, "device") else m.cpu().numpy()]
+
+
 @dataclass
 class _Slide:
     data: "Data"
     pos: np.ndarray
-    edge_index: np.ndarray
+    edge_index: np.ndarray  # [2, E'] the edges among the slide's present nodes
     csr: _CSR
-    node_mask: np.ndarray | None  # nodes that may be centres (e.g. the training part of a slide)
+    node_mask: np.ndarray | None  # nodes that may be centres: present (node_mask) and in centre_masks
+    edge_ids: np.ndarray | None = None  # [E'] ids of those edges in g.edge_index (None: all, in order)
     inside: np.ndarray | None = None  # [N] bool scratch of halo_subgraph, all False between calls
     remap: np.ndarray | None = None  # [N] int64 scratch: slide node -> batch node, all -1 between calls
 
@@ -118,7 +142,8 @@ class SubgraphLoader:
     """Iterate mini-batches of spatial-tile subgraphs over a list of slide graphs.
 
     Args:
-        graphs: one ``Data`` per slide with ``x``, ``pos``, ``edge_index``, ``edge_attr`` (``y`` optional).
+        graphs: one ``Data`` per slide with ``x``, ``pos``, ``edge_index``, ``edge_attr`` (``y`` optional) and
+            optionally ``node_mask`` ``[N]`` bool: only those nodes are in the graph (:func:`node_mask`).
         batch_nodes: most centre spots per batch; small tiles of several slides are packed together.
         num_hops: halo depth (at least the model's message-passing rounds).
         shuffle: new tiles and a new order every epoch (needs ``seed``).
@@ -135,9 +160,15 @@ class SubgraphLoader:
                  shuffle: bool = False, seed: int = 0, centre_masks: Sequence[np.ndarray | None] | None = None):
         self.slides = []
         for i, g in enumerate(graphs):
+            keep = node_mask(g)
+            eids = kept_edges(g, keep)
             ei = g.edge_index.cpu().numpy()
-            mask = None if centre_masks is None else centre_masks[i]
-            self.slides.append(_Slide(g, g.pos.cpu().numpy(), ei, _CSR(ei, g.num_nodes), mask))
+            if eids is not None:
+                ei = ei[:, eids]
+            mask = None if centre_masks is None or centre_masks[i] is None else np.asarray(centre_masks[i], dtype=bool)
+            if keep is not None:
+                mask = keep if mask is None else keep & mask
+            self.slides.append(_Slide(g, g.pos.cpu().numpy(), ei, _CSR(ei, g.num_nodes), mask, eids))
         self.batch_nodes = batch_nodes
         self.num_hops = num_hops
         self.shuffle = shuffle
@@ -188,6 +219,7 @@ class SubgraphLoader:
             sub_ei = remap[s.edge_index[:, eids]]
             remap[subset] = -1
             sub_t = torch.from_numpy(subset)
+            eids = eids if s.edge_ids is None else s.edge_ids[eids]
             d = Data(x=_widen(g.x[sub_t]), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
                      edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
             if getattr(g, "y", None) is not None:
@@ -195,6 +227,7 @@ class SubgraphLoader:
             cm = torch.zeros(len(subset), dtype=torch.bool)
             cm[: len(centre)] = True
             d.center_mask = cm
+            d.center_index = torch.arange(len(centre))  # the same rows, selectable without a host sync
             d.node_id = sub_t.clone()
             d.slide = torch.full((len(subset),), si, dtype=torch.long)
             items.append(d)

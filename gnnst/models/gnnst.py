@@ -157,7 +157,8 @@ class GNNST(RetrievalBankMixin, ExpressionModel):
             theta = float(torch.rand(()) * 2 * math.pi)
             c, s = math.cos(theta), math.sin(theta)
             flip = -1.0 if bool(torch.rand(()) < 0.5) else 1.0
-            rot = e.new_tensor([[c, -s * flip], [s, c * flip]])  # rotation after optional reflection
+            rot = torch.tensor([[c, -s * flip], [s, c * flip]], dtype=e.dtype)  # rotation after optional reflection
+            rot = rot.to(e.device, non_blocking=True)  # no wait for the device's queue (new_tensor would)
             e = torch.cat([e[:, :2] @ rot.T, e[:, 2:]], dim=1)
         return ei, e
 
@@ -345,7 +346,9 @@ class GNNST(RetrievalBankMixin, ExpressionModel):
     def after_fit(self, train_graphs, *, batch_nodes: int) -> None:
         """Fill the retrieval bank with every training spot (contrastive models only)."""
         if self.proj_gene is not None:
-            self.build_retrieval_bank(torch.cat([g.y for g in train_graphs]).to(self.bank_z.device))
+            from gnnst.graph.sampler import present_rows
+
+            self.build_retrieval_bank(torch.cat([present_rows(g, g.y) for g in train_graphs]).to(self.bank_z.device))
 
     def extra_repr(self) -> str:
         c = self.cfg

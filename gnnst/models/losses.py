@@ -12,6 +12,9 @@ from gnnst.config import ModelConfig
 
 LOGIT_SCALE_MAX = 100.0  # exp(logit_scale) is clamped here wherever it is used (open_clip: 100)
 CENTER_MASK = "center_mask"  # optional Data attribute [N] bool: loss-bearing (non-halo) nodes
+# optional Data attribute [C] int64: the positions of the True entries of center_mask, ascending (the
+# samplers set it): selecting by it needs no host synchronisation, a boolean mask does
+CENTER_INDEX = "center_index"
 
 
 def clip_loss(z_a: Tensor, z_b: Tensor, logit_scale: Tensor) -> Tensor:
@@ -92,9 +95,12 @@ def compute_losses(
     if y is None:
         raise GnnstError("compute_losses: batch.y (expression) is missing; losses need training spots")
     y_hat = out["y_hat"]
-    mask = _center_mask(batch, y_hat.size(0))
+    index = getattr(batch, CENTER_INDEX, None)  # the same rows as center_mask, in the same order
+    mask = _center_mask(batch, y_hat.size(0)) if index is None else None
 
     def sel(t: Tensor) -> Tensor:
+        if index is not None:
+            return t.index_select(0, index)
         return t if mask is None else t[mask]
 
     def need(key: str, switch: str) -> Tensor:

@@ -102,4 +102,6 @@ class RetrievalOnlyModel(RetrievalBankMixin, ExpressionModel):
 
     def after_fit(self, train_graphs: Sequence[Data], *, batch_nodes: int) -> None:
         """The bank: every training spot's expression embedding and expression."""
-        self.build_retrieval_bank(torch.cat([g.y for g in train_graphs]))
+        from gnnst.graph.sampler import present_rows
+
+        self.build_retrieval_bank(torch.cat([present_rows(g, g.y) for g in train_graphs]))

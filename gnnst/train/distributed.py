@@ -1,9 +1,21 @@
-"""Distributed set-up: DDP when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU), a no-op otherwise."""
+"""Distributed set-up when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU), a no-op otherwise.
+
+Two ways to use the ranks (``train.distributed``):
+
+- ``folds`` (default): the models of a run are independent (ensemble members, per fold and for the
+  final model), so each rank trains its share of them (:func:`my_share`: member ``i`` on rank
+  ``i % world``), one model per rank at a time, with no gradient exchange; the trained members are then
+  gathered on every rank (:func:`gather`) and rank 0 writes the outputs. The numbers are those of one
+  process: each member has its own seed and sees only its own batches.
+- ``ddp``: every model is trained by all ranks with its gradients all-reduced (one model too large, or
+  too slow, for one device; :func:`gnnst.train.trainer.fit`).
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -50,3 +62,40 @@ def cleanup() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed): e.g. all have checked an output folder before
+    rank 0 starts writing into it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def my_share(n: int, mode: str = "folds") -> list[int]:
+    """Which of ``n`` independent models this rank trains: ``i`` with ``i % world == rank`` under
+    ``mode == "folds"`` and torchrun; all of them otherwise (one process, or ``ddp``: every rank takes
+    part in every model)."""
+    info = current()
+    if mode != "folds" or info.world_size == 1:
+        return list(range(n))
+    return [i for i in range(n) if i % info.world_size == info.rank]
+
+
+def gather(local: dict[int, Any], n: int, mode: str = "folds") -> list[Any]:
+    """The results of models ``0..n-1`` in order, from the ranks that trained them (``local``: this rank's,
+    by model number; :func:`my_share`). Pickled through the process group (``all_gather_object``); a
+    no-op gather when there is one process."""
+    info = current()
+    if mode != "folds" or info.world_size == 1:
+        return [local[i] for i in range(n)]
+    import torch.distributed as dist
+
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, local)
+    merged = {k: v for part in parts for k, v in part.items()}
+    missing = [i for i in range(n) if i not in merged]
+    if missing:  # pragma: no cover - a bug, not a user error
+        raise RuntimeError(f"models {missing} were trained by no rank")
+    return [merged[i] for i in range(n)]

@@ -103,20 +103,27 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     from gnnst.models.base import blend
     from gnnst.predictor import TrainedModel, predict_graphs
     from gnnst.reliability import OODReference
-    from gnnst.train.trainer import fit, validation_score
+    from gnnst.train.distributed import gather, my_share
+    from gnnst.train.trainer import default_batch_nodes, fit, validation_score
 
     tc = cfg.train
-    kw = dict(batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, device=device)
-    fits, states, modes, val_sum, val_members = [], [], None, None, []
-    for i in range(tc.ensemble):
+    batch_nodes = tc.batch_nodes or default_batch_nodes(device)
+    kw = dict(batch_nodes=batch_nodes, num_hops=tc.num_hops, device=device)
+    local = {}
+    for i in my_share(tc.ensemble, tc.distributed):  # under torchrun "folds": this rank's members only
         mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
         torch.manual_seed(mcfg.seed)
         model = create_model(cfg.model.name, in_dim=ts.in_dim, num_genes=len(ts.panel.genes), cfg=cfg.model)
-        fits.append(fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
-                        device=device, progress=progress))
-        states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        modes = modes or tuple(model.prediction_modes)
-        v = predict_graphs(model, ts.val, modes=modes, **kw)
+        res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
+                  device=device, progress=progress)
+        modes = tuple(model.prediction_modes)
+        local[i] = (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes,
+                    predict_graphs(model, ts.val, modes=modes, **kw))
+    fits, states, modes, val_sum, val_members = [], [], None, None, []
+    for res, state, member_modes, v in gather(local, tc.ensemble, tc.distributed):  # member order, as in one process
+        fits.append(res)
+        states.append(state)
+        modes = modes or member_modes
         val_sum = v if val_sum is None else {m: [a + b for a, b in zip(val_sum[m], v[m])] for m in modes}
         val_members.append({m: [p[mk] for p, mk in zip(v[m], ts.val_masks)] for m in modes})  # validation spots
     n = len(fits)
@@ -128,7 +135,7 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     val_score = validation_score(val_y, [p[mk] for p, mk in zip(mixed, ts.val_masks)]) if val_y else float("nan")
     tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
                       patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
-                      graph=cfg.graph, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, states=states,
+                      graph=cfg.graph, batch_nodes=batch_nodes, num_hops=tc.num_hops, states=states,
                       blend_alpha=alpha, fold=dict(fold), reliability=cfg.reliability, protocol=ts.protocol)
     tm.calibration = fit_calibration(val_members, val_y, modes, alpha, cfg.reliability.interval_level)
     rc = cfg.reliability

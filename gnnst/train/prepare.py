@@ -66,6 +66,17 @@ def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
     return out
 
 
+def with_node_mask(g: "Data", keep: np.ndarray) -> "Data":
+    """``g`` restricted to nodes ``keep`` ``[N]`` bool without copying it: a shallow copy with
+    ``node_mask`` set, which the samplers and the models' ``after_fit`` honour exactly as they would the
+    copy :func:`node_subgraph` makes (the other nodes are neither centres, nor halo, nor in a bank)."""
+    import torch
+
+    d = copy.copy(g)
+    d.node_mask = torch.from_numpy(np.asarray(keep, dtype=bool))
+    return d
+
+
 def scaled(g: "Data", scaler: "TargetScaler") -> "Data":
     """``g`` with ``y`` standardised by ``scaler``; shares x, pos and the edges with ``g`` (a clone would
     double a large slide); the storage dtype of ``y`` is kept."""
@@ -85,7 +96,8 @@ class TrainingSet:
         panel: the gene panel (columns of every ``y``).
         graphs: slide id -> graph of every training and test slide, normalised expression (unscaled).
         train_slides, test_slides: the slides.
-        train: training parts of the training slides (validation spots removed), ``y`` standardised.
+        train: training parts of the training slides, ``y`` standardised: the slides' graphs (shared with
+            ``val``) with ``node_mask`` marking the training spots (:func:`with_node_mask`).
         val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised.
         val_masks: ``[N]`` bool per ``val`` graph.
         scaler: the standardisation (training spots only).
@@ -112,11 +124,12 @@ class TrainingSet:
         return int(self.train[0].x.shape[1])
 
 
-def prepare_training(cfg: "Config", loaded, train_slides: Sequence[str], test_slides: Sequence[str], *,
+def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_slides: Sequence[str], *,
                      select_on_heldout: bool = False) -> TrainingSet:
     """What a fit needs, from ``train_slides`` only (unless ``select_on_heldout``, see the module docstring).
 
-    ``loaded``: the slides read and embedded once (:class:`gnnst.graph.dataset.LoadedSlides`).
+    ``source``: the slides (:class:`gnnst.graph.store.SlideSource`: a graph folder, or slides read and
+    embedded in memory); the panel, targets and scaling are the same from either.
     """
     from gnnst.data.expression import select_panel
     from gnnst.graph.dataset import make_graphs
@@ -125,18 +138,20 @@ def prepare_training(cfg: "Config", loaded, train_slides: Sequence[str], test_sl
     train_slides, test_slides = list(train_slides), list(test_slides)
     leaky = select_on_heldout and bool(test_slides)
     panel_slides = train_slides + test_slides if leaky else train_slides
-    panel = select_panel([loaded.adatas[s] for s in panel_slides], cfg.expression)
-    graphs = make_graphs(loaded, cfg, panel, train_slides + test_slides)
+    with source.timer("panel"):
+        panel = select_panel([source.slide_counts(s) for s in panel_slides], cfg.expression)
+    graphs = make_graphs(source, cfg, panel, train_slides + test_slides)
     train_full = [graphs[s] for s in train_slides]
     if leaky:
-        train_parts = train_full
         val_graphs = [graphs[s] for s in test_slides]
         val_masks = [np.ones(g.num_nodes, dtype=bool) for g in val_graphs]
+        scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_full]))
+        train = [scaled(g, scaler) for g in train_full]
+        val = [scaled(g, scaler) for g in val_graphs]
     else:
-        val_graphs = train_full
         val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
-        train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
-    scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_parts]))
+        scaler = TargetScaler.fit(np.concatenate([g.y.numpy()[~m] for g, m in zip(train_full, val_masks)]))
+        val = [scaled(g, scaler) for g in train_full]  # one standardised y per slide, shared by both
+        train = [with_node_mask(g, ~m) for g, m in zip(val, val_masks)]
     return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
-                       train=[scaled(g, scaler) for g in train_parts], val=[scaled(g, scaler) for g in val_graphs],
-                       val_masks=val_masks, scaler=scaler, protocol=LEAKY if leaky else "honest")
+                       train=train, val=val, val_masks=val_masks, scaler=scaler, protocol=LEAKY if leaky else "honest")

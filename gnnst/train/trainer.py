@@ -1,6 +1,12 @@
 """The training loop of every model: AdamW, warm-up + cosine schedule, early stopping on a validation split
-carved from the training slides, a checkpoint every epoch, exact resume, AMP on CUDA and DDP when
-launched by torchrun.
+carved from the training slides, a checkpoint every epoch, exact resume, mixed precision on CUDA and, with
+``train.distributed: ddp`` under torchrun, DDP.
+
+A step is bound by the device, not the host, where the device allows (:func:`make_loader`): on CUDA the
+slides stay on the device and each epoch's halo subgraphs are cut there at once
+(:class:`gnnst.graph.device_sampler.DeviceSubgraphLoader`); the loss is summed on the device and read once
+per epoch; bfloat16 autocast needs no gradient scaler (whose overflow check reads back every step).
+On the CPU the host sampler and the step are those of before.
 
 :func:`fit` knows models only through :class:`gnnst.models.base.ExpressionModel` (``forward``,
 ``loss``, ``predict``, ``after_fit``, ``uses_halo``); it has no model-specific code.
@@ -13,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -38,6 +44,71 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     nodes_per_second: float = 0.0
+
+
+CPU_BATCH_NODES = 512  # train.batch_nodes: null on a CPU
+CUDA_BATCH_NODES = 2048  # ... on a GPU: fewer, larger steps keep it busy (the step's cost is mostly per call)
+DEVICE_MEMORY_SHARE = 0.5  # sampler "auto": slides on the GPU when they take at most this share of its free memory
+
+
+def default_batch_nodes(device) -> int:
+    """``train.batch_nodes`` when it is null: :data:`CUDA_BATCH_NODES` on CUDA, :data:`CPU_BATCH_NODES` else."""
+    return CUDA_BATCH_NODES if getattr(device, "type", str(device)) == "cuda" else CPU_BATCH_NODES
+
+
+def resolve_batch_nodes(cfg: "Config", device) -> int:
+    """Set ``cfg.train.batch_nodes`` left at null to the device's default (so outputs record the number)."""
+    if cfg.train.batch_nodes is None:
+        cfg.train.batch_nodes = default_batch_nodes(device)
+        log.info("train.batch_nodes = %d (the default on %s)", cfg.train.batch_nodes, getattr(device, "type", device))
+    return cfg.train.batch_nodes
+
+
+def amp_dtype(device) -> "torch.dtype | None":
+    """Autocast dtype on ``device``: bfloat16 on CUDA where supported, else float16; ``None`` off CUDA."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_loader(graphs: Sequence["Data"], cfg: "Config", device, *, num_hops: int, shuffle: bool, seed: int = 0):
+    """The sampler of ``train.sampler`` for ``graphs``: :class:`~gnnst.graph.sampler.SubgraphLoader` (host)
+    or :class:`~gnnst.graph.device_sampler.DeviceSubgraphLoader` (slides on ``device``); ``auto`` takes the
+    device one on CUDA when the slides fit in :data:`DEVICE_MEMORY_SHARE` of its free memory. Both give
+    the same batches."""
+    import torch
+
+    from gnnst.graph.device_sampler import DeviceSubgraphLoader, device_bytes
+    from gnnst.graph.sampler import SubgraphLoader
+
+    device = torch.device(device)
+    batch_nodes = cfg.train.batch_nodes or default_batch_nodes(device)
+    kind = cfg.train.sampler
+    if kind == "auto":
+        kind = "host"
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            need = device_bytes(graphs)
+            kind = "device" if need <= DEVICE_MEMORY_SHARE * free else "host"
+            if kind == "host":
+                log.info("sampler: the slides (%.1f GB) do not fit in half the GPU's free memory (%.1f GB): "
+                         "batches are cut on the host", need / 1e9, free / 1e9)
+    if kind == "device":
+        return DeviceSubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed,
+                                    device=device)
+    return SubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed)
+
+
+def batches(loader, groups: list, device) -> "Iterator[Data]":
+    """The batches of ``groups`` on ``device``: cut there (device loader), or on the host and copied
+    without blocking the host."""
+    if hasattr(loader, "iter_batches"):
+        yield from loader.iter_batches(groups)
+        return
+    for group in groups:
+        yield loader.make_batch(group).to(device, non_blocking=True)
 
 
 def lr_factor(epoch_float: float, warmup: int, total: int) -> float:
@@ -87,27 +158,30 @@ def fit(
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from gnnst.graph.sampler import SubgraphLoader
     from gnnst.io import atomic_torch_save
-    from gnnst.predictor import halo_hops, predict_graphs
+    from gnnst.predictor import halo_hops, image_side, predict_graphs
 
     tc = cfg.train
-    device = device or torch.device("cpu")
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(device or "cpu")
+    batch_nodes = tc.batch_nodes or default_batch_nodes(device)
+    ddp = tc.distributed == "ddp" and dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    writes = rank == 0  # under "folds" every rank trains (and writes) its own models
     model.to(device)
     net = model
-    if distributed:
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)  # logit_scale is used in the loss, outside forward
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    use_amp = tc.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loader = SubgraphLoader(train_graphs, batch_nodes=tc.batch_nodes, num_hops=halo_hops(model, tc.num_hops),
-                            shuffle=True, seed=cfg.seed)
+    autocast = amp_dtype(device) if tc.amp else None
+    # float16 needs loss scaling (whose overflow check reads back every step); bfloat16 does not
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
+    loader = make_loader(train_graphs, cfg, device, num_hops=halo_hops(model, tc.num_hops), shuffle=True, seed=cfg.seed)
     val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val_graphs, val_masks)]
     has_val = sum(len(v) for v in val_y) > 1
+    val_loader = make_loader(image_side(val_graphs), cfg, device, num_hops=halo_hops(model, tc.num_hops),
+                             shuffle=False) if has_val else None
 
     start, best, best_epoch, history, bad = 0, -math.inf, -1, [], 0
     last = ckpt_dir / "last.pt" if ckpt_dir else None
@@ -128,47 +202,34 @@ def fit(
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same randomness
         loader.set_epoch(epoch)
         groups = loader.batches_of_parts()
-        if distributed:  # every rank gets the same number of batches (DDP needs matching steps)
+        if ddp:  # every rank gets the same number of batches (DDP needs matching steps)
             per_rank = -(-len(groups) // world)
             groups = [groups[(rank + world * j) % len(groups)] for j in range(per_rank)]
         net.train()
-        tot, steps = 0.0, 0
-        for i, group in enumerate(groups):
-            b = loader.make_batch(group).to(device)
-            for pg in opt.param_groups:
-                pg["lr"] = tc.lr * lr_factor(epoch + i / max(len(groups), 1), tc.warmup_epochs, tc.epochs)
-            with torch.autocast(device.type, enabled=use_amp):
-                out = net(b)
-                losses = model.loss(out, b)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            tot += float(losses["total"].detach())
-            steps += 1
-            nodes_seen += int(b.center_mask.sum())
-        rec = {"epoch": epoch, "loss": tot / max(steps, 1)}
+        total, steps = train_epoch(net, model, loader, groups, opt, scaler, device=device, autocast=autocast,
+                                   lr=lambda i: tc.lr * lr_factor(epoch + i / max(len(groups), 1), tc.warmup_epochs,
+                                                                  tc.epochs))
+        nodes_seen += sum(len(c) for grp in groups for _, c in grp)
+        rec = {"epoch": epoch, "loss": float(total) / max(steps, 1)}  # the epoch's one read-back of the loss
         if has_val:
             model.eval()
-            model.after_fit(train_graphs, batch_nodes=tc.batch_nodes)
-            (preds,) = predict_graphs(model, val_graphs, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops,
-                                      device=device).values()
+            model.after_fit(train_graphs, batch_nodes=batch_nodes)
+            (preds,) = predict_graphs(model, val_graphs, batch_nodes=batch_nodes, num_hops=tc.num_hops,
+                                      device=device, loader=val_loader).values()
             rec["val_pcc"] = validation_score(val_y, [p[m] for p, m in zip(preds, val_masks)])
             score = rec["val_pcc"]
         else:
             score = -rec["loss"]
         if score > best:
             best, best_epoch, bad = score, epoch, 0
-            if rank == 0 and ckpt_dir is not None:
+            if writes and ckpt_dir is not None:
                 atomic_torch_save({"model": model.state_dict(), "epoch": epoch}, ckpt_dir / "best.pt")
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{rec.get('val_pcc', float('nan')):.3f}")
-        if rank == 0 and last is not None:
+        if writes and last is not None:
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                                "best": best, "best_epoch": best_epoch, "history": history, "bad": bad}, last)
     seconds = time.perf_counter() - t0
@@ -178,6 +239,43 @@ def fit(
         elif ckpt_dir is not None and (ckpt_dir / "best.pt").is_file():
             model.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)["model"])
     model.eval()
-    model.after_fit(train_graphs, batch_nodes=tc.batch_nodes)
+    model.after_fit(train_graphs, batch_nodes=batch_nodes)
     return FitResult(best_epoch=best_epoch, best_score=float(best), history=history, seconds=seconds,
                      nodes_per_second=nodes_seen / max(seconds, 1e-9))
+
+
+def train_epoch(net, model: "ExpressionModel", loader, groups: list, opt, scaler, *, device, autocast=None,
+                lr=None, max_steps: int | None = None) -> tuple["torch.Tensor", int]:
+    """One pass of optimiser steps over the batches of ``groups`` (``loader.batches_of_parts()``).
+
+    Args:
+        net: what is called on a batch (``model``, or its DDP wrapper); ``model.loss`` gives the losses.
+        autocast: dtype of mixed precision (:func:`amp_dtype`), ``None`` = off.
+        lr: step number -> learning rate (``None``: leave it).
+        max_steps: stop after this many steps (benchmarks).
+
+    Returns ``(summed loss, steps)``: the sum stays on the device as float64 (no read-back per step; the
+    same number as summing each step's loss on the host).
+    """
+    import torch
+
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    steps = 0
+    for i, b in enumerate(batches(loader, groups, device)):
+        if max_steps is not None and i >= max_steps:
+            break
+        if lr is not None:
+            for pg in opt.param_groups:
+                pg["lr"] = lr(i)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = net(b)
+            losses = model.loss(out, b)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        total += losses["total"].detach().double()
+        steps += 1
+    return total, steps

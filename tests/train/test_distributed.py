@@ -36,7 +36,7 @@ def _worker(rank, world, port, out_dir):
     info = init_distributed("cpu")
     assert info.world_size == world and info.rank == rank
     cfg = load_config(None, ["train.epochs=3", "train.batch_nodes=16", "model.hidden=32", "model.proj_dim=16",
-                             "model.heads=2", "train.device=cpu"])
+                             "model.heads=2", "train.device=cpu", "train.distributed=ddp"])
     graphs = [_graph(seed=0), _graph(seed=1)]
     masks = carve_validation(graphs, 0.2, 0)
     train = [node_subgraph(g, ~m) for g, m in zip(graphs, masks)]
@@ -78,3 +78,54 @@ def _init_params():
     cfg = load_config(None, ["model.hidden=32", "model.proj_dim=16", "model.heads=2"])
     torch.manual_seed(0)
     return create_model("gnnst", in_dim=16, num_genes=5, cfg=cfg.model).parameters()
+
+
+def _folds_worker(rank, world, port, args):
+    """One rank of `gnnst train` under torchrun with ``train.distributed: folds`` (the default)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from gnnst.cli import main
+
+    assert main(args) == 0
+
+
+@pytest.mark.slow
+def test_folds_mode_two_cpu_processes_give_the_metrics_of_one(tmp_path):
+    """The ensemble members of a fold spread over two gloo ranks (0 and 2 on rank 0, 1 on rank 1): the same
+    metrics and the same trained members as one process."""
+    import json
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from gnnst.cli import main
+    from gnnst_tinyrun import TINY_RUN, data_args, tiny_dataset
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    run = ["train", *data_args(tiny_dataset(tmp_path)), "--quiet", *TINY_RUN, "train.ensemble=3",
+           "eval.only_folds=[S3]", "eval.figures=false", "eval.final_model=false", "train.device=cpu"]
+    assert main([*run, "--out", str(tmp_path / "one")]) == 0
+    mp.spawn(_folds_worker, args=(2, _free_port(), [*run, "--out", str(tmp_path / "two")]), nprocs=2, join=True)
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    for key in ("summary", "folds"):
+        assert _untimed(a[key]) == _untimed(b[key]), key
+    assert len(a["folds"][0]["val_pcc_members"]) == 3
+    fold = "folds/patient_P3"
+    s1, s2 = (torch.load(tmp_path / r / fold / "model.pt", weights_only=True)["states"] for r in ("one", "two"))
+    assert len(s1) == len(s2) == 3
+    for x, y in zip(s1, s2):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    # each member trained once, by one rank: member1's checkpoints were written by rank 1
+    assert all((tmp_path / "two" / fold / f"member{i}" / "last.pt").is_file() for i in range(3))
+
+
+def _untimed(x):
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if "second" not in k}
+    if isinstance(x, list):
+        return [_untimed(v) for v in x]
+    return x
