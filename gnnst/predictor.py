@@ -2,7 +2,9 @@
 
 :class:`TrainedModel` holds everything prediction needs: which encoder made the embeddings (name,
 identity, input size, width) and the patch size in µm, the gene panel and how expression was
-normalised, the target scaling, the graph parameters, the inference batching, the ensemble members'
+normalised, the target scaling, the graph parameters, what is done to a slide's patches and embeddings
+before the members see them (:class:`~gnnst.graph.features.FeatureState`: stain reference, per-slide
+standardisation), the inference batching, the ensemble members'
 weights, the head/retrieval blend weight chosen on validation spots, where it was trained (the fold)
 and, for a run's final model, the per-gene cross-validated PCC of the run it came from (:attr:`cv`).
 
@@ -30,6 +32,7 @@ from gnnst import __version__
 from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig
 from gnnst.data.expression import GenePanel
 from gnnst.errors import GnnstError
+from gnnst.graph.features import FeatureState
 
 if TYPE_CHECKING:
     import torch
@@ -177,6 +180,10 @@ class TrainedModel:
             other folds finish.
         protocol: ``"honest"``, or the LEAKY note of ``eval.select_on_heldout`` runs.
         gnnst_version: version that trained it.
+        features: the slide-shift corrections it was trained with (``features`` config): the stain reference
+            a new slide's patches are mapped to (:meth:`FeatureState.stain_transform`, applied by
+            :mod:`gnnst.inference`) and the per-slide standardisation of the embeddings (applied by
+            :meth:`predict` through :meth:`inputs`). Training-only augmentation is not recorded.
     """
 
     model_name: str
@@ -196,6 +203,7 @@ class TrainedModel:
     cv: dict | None = None
     protocol: str = "honest"
     gnnst_version: str = __version__
+    features: FeatureState = field(default_factory=FeatureState)
 
     @classmethod
     def untrained(cls, encoder: EncoderInfo, genes: Sequence[str], *, model_config: ModelConfig | None = None,
@@ -232,7 +240,8 @@ class TrainedModel:
                 "expression": config_to_dict(self.expression), "scaler": self.scaler.to_dict(),
                 "graph": {"k": self.graph.k, "radius_um": self.graph.radius_um},
                 "batch_nodes": int(self.batch_nodes), "num_hops": int(self.num_hops), "states": self.states,
-                "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv, "protocol": self.protocol}
+                "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv, "protocol": self.protocol,
+                "features": self.features.to_dict()}
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically (see the module docstring); returns ``path``."""
@@ -276,7 +285,7 @@ class TrainedModel:
             raise GnnstError(f"{where}: TrainedModel format version {version!r}, this gnnst reads version "
                              f"{FORMAT_VERSION}; {'upgrade gnnst' if isinstance(version, int) and version > FORMAT_VERSION else 'retrain it with `gnnst train`'}")
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d and n not in ("cv", "protocol")]
+        missing = [n for n in names if n not in d and n not in ("cv", "protocol", "features")]
         if missing:
             raise GnnstError(f"{where}: TrainedModel field '{missing[0]}' is missing")
         try:
@@ -288,7 +297,8 @@ class TrainedModel:
                      graph=GraphConfig(k=d["graph"]["k"], radius_um=d["graph"]["radius_um"]),
                      batch_nodes=int(d["batch_nodes"]), num_hops=int(d["num_hops"]), states=list(d["states"]),
                      blend_alpha=float(d["blend_alpha"]), fold=dict(d["fold"]), cv=d.get("cv"),
-                     protocol=str(d.get("protocol", "honest")), gnnst_version=str(d["gnnst_version"]))
+                     protocol=str(d.get("protocol", "honest")), gnnst_version=str(d["gnnst_version"]),
+                     features=FeatureState.from_dict(d.get("features")))
         except GnnstError as e:
             raise GnnstError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -320,6 +330,10 @@ class TrainedModel:
             raise GnnstError(f"{where}: no ensemble member ('states' is empty)")
         if not 0.0 <= self.blend_alpha <= 1.0:
             raise GnnstError(f"{where}: 'blend_alpha' must be in [0, 1], got {self.blend_alpha}")
+        sn = self.features.slide_norm
+        if sn is not None and (len(sn.mean) != self.in_dim or len(sn.std) != self.in_dim):
+            raise GnnstError(f"{where}: 'features.slide_norm' has statistics of width {len(sn.mean)} for input "
+                             f"width {self.in_dim}")
 
     # ------------------------------------------------------------------ prediction
     def models(self, device="cpu") -> list["ExpressionModel"]:
@@ -344,10 +358,21 @@ class TrainedModel:
         return ("head",) if self.blend_alpha == 1.0 else ("retrieval",) if self.blend_alpha == 0.0 else \
             ("head", "retrieval")
 
+    def inputs(self, graph: "Data", *, warn: bool = True) -> np.ndarray:
+        """What the members read of a slide graph: its ``x`` ``[N, D]`` (the embeddings, of stain-normalised
+        patches when :attr:`features` says so) after the per-slide standardisation it was trained with;
+        ``[N, D]`` float32."""
+        from gnnst import keys
+
+        return self.features.inputs(graph.x, slide=f"slide '{getattr(graph, keys.DATA_SLIDE, None) or 'slide'}'",
+                                    warn=warn)
+
     def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True
                 ) -> "Prediction | list[Prediction]":
         """Predicted expression of each slide graph (``x``, ``pos``, ``edge_index``, ``edge_attr``; ``y`` is
-        not read), in the panel's units (:attr:`expression`).
+        not read), in the panel's units (:attr:`expression`). ``x`` holds the slide's embeddings as
+        :mod:`gnnst.inference` makes them (stain-normalised patches when :attr:`features` says so); the
+        per-slide standardisation is applied here (:meth:`inputs`); ``x_views`` is never read.
 
         Each member predicts by halo mini-batches (:attr:`batch_nodes`, :attr:`num_hops`), the head and
         retrieval outputs blended with :attr:`blend_alpha` (:func:`gnnst.models.base.blend`); members are
@@ -366,6 +391,7 @@ class TrainedModel:
                 raise GnnstError(f"embedding width mismatch: the graph has x of shape "
                                  f"{None if g.x is None else list(g.x.shape)}, the model reads width {self.in_dim}")
         device = torch.device(device) if isinstance(device, str) else device
+        graphs = [self._as_input(g) for g in graphs]
         modes = self.modes()
         per_member = []  # [M][graph] -> [N, G] standardised
         for model in self.models(device):
@@ -382,6 +408,15 @@ class TrainedModel:
             result.append(Prediction(expression=expr,
                                      members=self.scaler.inverse(stack).astype(np.float32) if members else None))
         return result[0] if single else result
+
+    def _as_input(self, g: "Data") -> "Data":
+        """A shallow copy of ``g`` with ``x`` = :meth:`inputs` (in ``g.x``'s dtype) and no ``x_views``."""
+        from gnnst import keys
+
+        d = copy.copy(g)
+        if getattr(d, keys.DATA_X_VIEWS, None) is not None:
+            del d[keys.DATA_X_VIEWS]
+        return self.features.graph_inputs(d)
 
     def slide_graph(self, pixel: np.ndarray, mpp: float) -> "SlideGraph":
         """A slide's graph with this model's graph parameters (:func:`gnnst.graph.edges.slide_graph`)."""

@@ -149,7 +149,7 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
              device, progress: bool, main: bool, run_config: dict, out: Path) -> tuple[dict, dict]:
     """One fold: train, score the held-out slides through the fold's TrainedModel, fit the baselines,
     write the fold's files; returns ``(result, {method: FoldPredictions})``."""
-    from gnnst.eval.baselines import fit_baseline
+    from gnnst.eval.baselines import baseline_validation_score, fit_baseline
     from gnnst.io import atomic_write_json
     from gnnst.metrics import FoldPredictions, report_subsets, summarise
     from gnnst.predictor import EncoderInfo
@@ -163,7 +163,7 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
     subsets = report_subsets(ts.panel.genes, ts.panel.heg, ts.panel.hvg, _selection_expression(cfg, ts), ms)
     y_test = {s: ts.graphs[s].y.numpy().astype(np.float32) for s in fold.test_slides}
     preds: dict[str, dict] = {}
-    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets}
+    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets, "features": ts.features.describe()}
     if MODEL in methods:
         ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(loaded.encoder),
                            resume=resume, device=device, progress=progress)
@@ -176,17 +176,19 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
                        "blend_alpha": ens.model.blend_alpha, "train_seconds": sum(f.seconds for f in ens.fits),
                        "nodes_per_second": float(np.mean([f.nodes_per_second for f in ens.fits])),
                        "epochs_run": [len(f.history) for f in ens.fits]})
-    seconds = {}
+    seconds, val_scores = {}, {}
     for b in methods:
         if b != MODEL:
             t0 = time.perf_counter()
             preds[b] = fit_baseline(b, ts, fold.test_slides, cfg.seed)
             seconds[b] = time.perf_counter() - t0
+            val_scores[b] = baseline_validation_score(b, ts, cfg.seed)  # inner validation, training slides only
     fps = {m: FoldPredictions(fold.name, list(ts.panel.genes), subsets, y_test, preds[m], fold.patient_disjoint)
            for m in methods}
     if MODEL in methods:
         result.update(_fold_block(fps[MODEL], per_gene=True))
-    result["baselines"] = {b: {**_fold_block(fps[b], per_gene=False), "seconds": seconds[b]} for b in seconds}
+    result["baselines"] = {b: {**_fold_block(fps[b], per_gene=False), "seconds": seconds[b], "val_pcc": val_scores[b]}
+                           for b in seconds}
     result["fold_seconds"] = time.perf_counter() - t_fold
     if main:
         _save_heldout(fdir / HELDOUT, fold, y_test, preds)

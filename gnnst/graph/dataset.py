@@ -258,10 +258,12 @@ def panel_targets(adatas: dict, cfg: "Config", panel: "GenePanel") -> dict:
 
 
 def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
-                ys: dict | None = None) -> dict:
+                ys: dict | None = None, embs: dict | None = None) -> dict:
     """Slide id -> ``Data`` for ``panel`` (expression normalised per spot, so no slide affects another).
 
     ``ys``: slide id -> ``[N, G]`` targets already computed for ``panel`` (:func:`panel_targets`).
+    ``embs``: slide id -> ``[N, D]`` embeddings to use instead of ``loaded.embs`` (e.g. of stain-normalised
+    patches, :func:`gnnst.graph.features.fold_features`).
     """
     graphs = {}
     for e in loaded.entries:
@@ -274,7 +276,7 @@ def make_graphs(loaded: LoadedSlides, cfg: "Config", panel: "GenePanel", slide_i
             with loaded.timer("panel"):
                 y = panel_targets({s: loaded.adatas[s]}, cfg, panel)[s]
         with loaded.timer("graph"):
-            data = slide_to_data(loaded.adatas[s], loaded.embs[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um,
+            data = slide_to_data(loaded.adatas[s], (embs or loaded.embs)[s], y, k=cfg.graph.k, radius_um=cfg.graph.radius_um,
                                  storage=cfg.graph.storage)
             data.patient_id = e.patient_id or s
         graphs[s] = data

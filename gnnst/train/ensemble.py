@@ -102,5 +102,5 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
                       patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
                       graph=cfg.graph, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, states=states,
-                      blend_alpha=alpha, fold=dict(fold), protocol=ts.protocol)
+                      blend_alpha=alpha, fold=dict(fold), protocol=ts.protocol, features=ts.features)
     return EnsembleFit(model=tm, fits=fits, val_score=val_score, blend_scores=scores)

@@ -18,11 +18,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from gnnst import keys
+
 if TYPE_CHECKING:
+    import torch
     from torch_geometric.data import Data
 
     from gnnst.config import Config
     from gnnst.data.expression import GenePanel
+    from gnnst.graph.features import FeatureState
     from gnnst.predictor import TargetScaler
 
 LEAKY = ("LEAKY (eval.select_on_heldout): gene panel and reported subsets chosen on all slides including "
@@ -63,6 +67,9 @@ def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
                num_nodes=int(k.sum()))
     if getattr(g, "y", None) is not None:
         out.y = g.y[k]
+    views = getattr(g, keys.DATA_X_VIEWS, None)
+    if views is not None:  # [V, N, D] -> [V, n, D]
+        setattr(out, keys.DATA_X_VIEWS, views[:, k])
     return out
 
 
@@ -83,12 +90,16 @@ class TrainingSet:
 
     Attributes:
         panel: the gene panel (columns of every ``y``).
-        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled).
+        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled), ``x``
+            the embeddings before :attr:`features` (what :meth:`TrainedModel.predict` takes).
         train_slides, test_slides: the slides.
-        train: training parts of the training slides (validation spots removed), ``y`` standardised.
-        val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised.
+        train: training parts of the training slides (validation spots removed), ``y`` standardised, ``x``
+            the model's input (and ``x_views`` with ``features.stain_augment``).
+        val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised, ``x`` the model's input.
         val_masks: ``[N]`` bool per ``val`` graph.
         scaler: the standardisation (training spots only).
+        features: what turns a graph's ``x`` into the model's input (:class:`gnnst.graph.features.FeatureState`).
+        inputs: slide id -> :attr:`graphs` with ``x`` the model's input (unscaled ``y``).
         protocol: ``"honest"`` or :data:`LEAKY`.
     """
 
@@ -100,12 +111,14 @@ class TrainingSet:
     val: list
     val_masks: list[np.ndarray]
     scaler: "TargetScaler"
+    features: "FeatureState"
+    inputs: dict
     protocol: str = "honest"
 
     @property
     def train_full(self) -> list:
-        """The whole training slides (validation spots included), unscaled."""
-        return [self.graphs[s] for s in self.train_slides]
+        """The whole training slides (validation spots included), unscaled, ``x`` the model's input."""
+        return [self.inputs[s] for s in self.train_slides]
 
     @property
     def in_dim(self) -> int:
@@ -120,23 +133,47 @@ def prepare_training(cfg: "Config", loaded, train_slides: Sequence[str], test_sl
     """
     from gnnst.data.expression import select_panel
     from gnnst.graph.dataset import make_graphs
+    from gnnst.graph.features import feature_state, fold_features
     from gnnst.predictor import TargetScaler
 
     train_slides, test_slides = list(train_slides), list(test_slides)
     leaky = select_on_heldout and bool(test_slides)
     panel_slides = train_slides + test_slides if leaky else train_slides
     panel = select_panel([loaded.adatas[s] for s in panel_slides], cfg.expression)
-    graphs = make_graphs(loaded, cfg, panel, train_slides + test_slides)
-    train_full = [graphs[s] for s in train_slides]
+    ff = fold_features(cfg, loaded, train_slides, train_slides + test_slides)  # the slides' images only
+    graphs = make_graphs(loaded, cfg, panel, train_slides + test_slides, embs=ff.embs)
+    features = feature_state(cfg.features, [ff.embs[s] for s in train_slides], ff.stain_reference)
+    inputs = {}
+    for s, g in graphs.items():
+        if s in ff.views:
+            g = copy.copy(g)
+            setattr(g, keys.DATA_X_VIEWS, _views_tensor(ff.views[s], g.x.dtype))
+        inputs[s] = features.graph_inputs(g)
+    train_full = [inputs[s] for s in train_slides]
     if leaky:
         train_parts = train_full
-        val_graphs = [graphs[s] for s in test_slides]
+        val_graphs = [_without_views(inputs[s]) for s in test_slides]
         val_masks = [np.ones(g.num_nodes, dtype=bool) for g in val_graphs]
     else:
-        val_graphs = train_full
+        val_graphs = [_without_views(g) for g in train_full]
         val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
         train_parts = [node_subgraph(g, ~m) for g, m in zip(train_full, val_masks)]
     scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_parts]))
     return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
                        train=[scaled(g, scaler) for g in train_parts], val=[scaled(g, scaler) for g in val_graphs],
-                       val_masks=val_masks, scaler=scaler, protocol=LEAKY if leaky else "honest")
+                       val_masks=val_masks, scaler=scaler, features=features, inputs=inputs,
+                       protocol=LEAKY if leaky else "honest")
+
+
+def _views_tensor(views: np.ndarray, dtype) -> "torch.Tensor":
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).to(dtype)
+
+
+def _without_views(g: "Data") -> "Data":
+    """``g`` without ``x_views`` (validation and prediction see view 0 only); a shallow copy."""
+    d = copy.copy(g)
+    if getattr(d, keys.DATA_X_VIEWS, None) is not None:
+        del d[keys.DATA_X_VIEWS]
+    return d

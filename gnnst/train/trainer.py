@@ -90,6 +90,7 @@ def fit(
     from gnnst.graph.sampler import SubgraphLoader
     from gnnst.io import atomic_torch_save
     from gnnst.predictor import halo_hops, predict_graphs
+    from gnnst.train.views import set_views
 
     tc = cfg.train
     device = device or torch.device("cpu")
@@ -127,6 +128,7 @@ def fit(
             break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same randomness
         loader.set_epoch(epoch)
+        set_views(train_graphs, epoch, cfg.seed)  # x: one stain-augmented view per spot (features.stain_augment)
         groups = loader.batches_of_parts()
         if distributed:  # every rank gets the same number of batches (DDP needs matching steps)
             per_rank = -(-len(groups) // world)
@@ -149,6 +151,7 @@ def fit(
             tot += float(losses["total"].detach())
             steps += 1
             nodes_seen += int(b.center_mask.sum())
+        set_views(train_graphs, None, cfg.seed)  # back to view 0: validation and after_fit see no augmentation
         rec = {"epoch": epoch, "loss": tot / max(steps, 1)}
         if has_val:
             model.eval()
