@@ -136,7 +136,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots (or a tissue grid) -> an .h5ad."""
+    """``gnnst predict``: a trained checkpoint + an unseen slide's image and spots (or a tissue grid) -> .h5ad or .zarr."""
     p = _parser("predict", predict_main, quiet=True)
     p.add_argument("--checkpoint", required=True, help="model.pt (a TrainedModel) written by `gnnst train`: OUT/final/model.pt "
                         "(trained on every slide), or OUT/folds/<fold>/model.pt (the fold's held-out slides never seen)")
@@ -151,7 +151,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         "per spot); 1 = one patch at the spot centre, ~4x faster than the default 2")
     p.add_argument("--plot-genes", default=None,
                    help="with --grid-um: comma-separated genes mapped to <out>_<gene>.png (default: top-3 HEG)")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad (AnnData), or .zarr (a SpatialData store: the H&E "
+                                                "thumbnail, the spots' shapes and the predictions as their table)")
+    p.add_argument("--reliable-pcc", type=float, default=None,
+                   help="cross-validated PCC a gene needs for var['gnnst_reliable'] (default: the model's "
+                        "reliability.reliable_pcc, 0.3 unless trained otherwise)")
     p.add_argument("--mpp", type=float, default=None,
                    help="micrometres per pixel (else from the image metadata, or in spot mode the spot pitch)")
     p.add_argument("--slide-id", default=None, help="slide id (default: image file stem)")
@@ -163,10 +167,17 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         from gnnst.inference import predict_grid, write_grid_maps
-        from gnnst.io import atomic_write_h5ad
         from gnnst.predictor import TrainedModel
+        from gnnst.reliability import describe_reliability
 
-        out = check_output_file(args.out, suffix=".h5ad")
+        out = Path(args.out)
+        if out.suffix == ".zarr" and out.exists():
+            raise GnnstError(f"--out {out} exists; choose another path (a SpatialData store is never overwritten)")
+        if not out.is_dir() and out.suffix not in (".h5ad", ".zarr"):
+            raise GnnstError(f"--out must end in .h5ad or .zarr, got {out}")
+        out = check_output_file(out, suffix=".zarr" if out.suffix == ".zarr" else ".h5ad")
+        if args.reliable_pcc is not None and not -1 <= args.reliable_pcc <= 1:
+            raise GnnstError(f"--reliable-pcc must be in [-1, 1], got {args.reliable_pcc}")
         if args.mpp is not None and not args.mpp > 0:
             raise GnnstError(f"--mpp must be > 0, got {args.mpp}")
         if args.batch_size < 1:
@@ -186,12 +197,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         adata = predict_grid(model, args.image, grid_um=args.grid_um, kind=args.grid,
                              supersample=args.supersample, slide_id=slide_id, mpp=args.mpp,
                              cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device,
-                             progress=not args.quiet)
-        atomic_write_h5ad(adata, out)
+                             progress=not args.quiet, reliable_pcc=args.reliable_pcc)
+        write_prediction(adata, out)
         maps = write_grid_maps(adata, genes, out.with_suffix(""))
         print(f"predicted {adata.n_vars} genes at {adata.n_obs} {args.grid} grid spots ({args.grid_um:g} µm) "
               f"over the tissue of '{slide_id}' -> {out}" + (f"; maps: {', '.join(m.name for m in maps)}"
                                                              if maps else ""))
+        print(describe_reliability(adata.uns["gnnst"]["reliability"]))
         return 0
 
     return _guard(run)
@@ -206,8 +218,8 @@ def _predict_spots(args: argparse.Namespace) -> int:
     from gnnst.data.readers.legacy_st import mpp_from_pitch
     from gnnst.graph.edges import check_spot_counts
     from gnnst.inference import predict_slide, read_spot_table
-    from gnnst.io import atomic_write_h5ad
     from gnnst.predictor import TrainedModel
+    from gnnst.reliability import describe_reliability
 
     out = Path(args.out)
     slide_id = args.slide_id or Path(args.image).stem
@@ -230,15 +242,28 @@ def _predict_spots(args: argparse.Namespace) -> int:
                 raise GnnstError(f"{args.image}: no micrometres per pixel in the image metadata; give --mpp")
             adata = predict_slide(model, args.image, xy, bc, slide_id=slide_id, mpp=mpp, cache_dir=args.cache_dir,
                                   batch_size=args.batch_size, device=args.device, progress=not args.quiet,
-                                  opened=im)
+                                  opened=im, reliable_pcc=args.reliable_pcc)
         finally:
             if im is None and decoding.exception() is None:  # waits for the decode, then frees it
                 im = decoding.result()
             if im is not None:
                 im.close()
-    atomic_write_h5ad(adata, out)
+    write_prediction(adata, out)
     print(f"predicted {adata.n_vars} genes at {adata.n_obs} spots of '{slide_id}' -> {out}")
+    print(describe_reliability(adata.uns["gnnst"]["reliability"]))
     return 0
+
+
+def write_prediction(adata, out: Path) -> None:
+    """``gnnst predict``'s output: an .h5ad, or a SpatialData store (:func:`gnnst.export.spatialdata.write_spatialdata`)."""
+    if out.suffix == ".zarr":
+        from gnnst.export.spatialdata import write_spatialdata
+
+        write_spatialdata(adata, out)
+    else:
+        from gnnst.io import atomic_write_h5ad
+
+        atomic_write_h5ad(adata, out)
 
 
 def ablate_main(argv: Sequence[str] | None = None) -> int:

@@ -282,6 +282,26 @@ class EvalConfig(_Section):
     select_on_heldout: bool = False
 
 
+@dataclass
+class ReliabilityConfig(_Section):
+    """How far to trust a prediction (gnnst.reliability): per gene, per spot, per region."""
+
+    key: ClassVar[str] = "reliability"
+    # var['gnnst_reliable'] of every prediction: the gene's cross-validated PCC (mean over held-out slides,
+    # var['gnnst_cv_pcc']) is at least this; `gnnst predict --reliable-pcc` overrides it for one prediction
+    reliable_pcc: float = num(0.3, ge=-1, le=1)
+    # nominal coverage of the interval pred +- z * scale * layers['gnnst_sd'] (z of a normal at this level);
+    # the one scale factor is fitted on the validation spots of the training slides to reach it there
+    interval_level: float = num(0.9, gt=0, lt=1)
+    ood_k: int = num(10, ge=1)  # nearest training embeddings averaged in obs['gnnst_ood_score']
+    # obs['gnnst_ood'] flags a spot whose score exceeds this quantile of the training spots' own
+    # (leave-one-slide-out) scores
+    ood_quantile: float = num(0.99, gt=0, lt=1)
+    # training spots kept in the model as the OOD reference (seeded subsample, float16: 2 bytes x width
+    # each, 25.6 MB for 10,000 spots of 1280-wide embeddings)
+    ood_reference: int = num(10000, ge=2)
+
+
 ABLATION_SETTINGS = ["none", "k=4", "k=6", "k=8", "r=300", "r=450", "r=600"]  # default of AblationConfig.settings
 
 
@@ -307,6 +327,7 @@ class Config(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     seed: int = num(0, ge=0)  # seed for every random choice
     num_workers: int = num(0, ge=0)  # reserved for data loading processes
 

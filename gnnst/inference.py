@@ -1,10 +1,13 @@
 """Prediction for unseen slides: a :class:`~gnnst.predictor.TrainedModel` plus an H&E image and spot
 coordinates, no expression.
 
-``predict_slide`` predicts at given spots; ``predict_grid`` lays a regular grid of spots over the
-tissue of an H&E-only whole slide and predicts there (``write_grid_maps`` draws the result). Both
-build each slide's graph with :meth:`TrainedModel.slide_graph`, predict with
-:meth:`TrainedModel.predict` and package the result with :func:`gnnst.predictions.prediction_anndata`.
+``predict_spots`` is the one path from spots and an image to a
+:class:`~gnnst.predictor.Prediction` (embeddings, the slide's graph as in training,
+:meth:`TrainedModel.predict` with the members' spread and out-of-distribution scores);
+``predict_slide`` (``gnnst predict --spots``) packages it with
+:func:`gnnst.predictions.prediction_anndata`, :func:`gnnst.tl.predict` writes it into a user's AnnData.
+``predict_grid`` lays a regular grid of spots over the tissue of an H&E-only whole slide and predicts
+there (``write_grid_maps`` draws the result, flagged spots in grey).
 
 The model carries everything needed (encoder name and identity, patch size in µm, gene panel,
 graph parameters, normalisation, target scaling, the feature normalisation it was trained with); a
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
@@ -27,11 +30,13 @@ from gnnst.data.encoders import CPU_BATCH_SIZE
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from torch_geometric.data import Data
 
     from gnnst.data.images import SlideImage
-    from gnnst.predictor import TrainedModel
+    from gnnst.predictor import Prediction, TrainedModel
 
 log = logging.getLogger("gnnst")
+OOD_GREY = "#9e9e9e"  # colour of out-of-distribution spots in maps
 
 
 def read_spot_table(path: str | Path, *, slide_id: str) -> tuple[np.ndarray, list[str], np.ndarray | None]:
@@ -91,42 +96,80 @@ def predict_slide(
     device: str = "auto",
     progress: bool = True,
     opened: "SlideImage | None" = None,
+    reliable_pcc: float | None = None,
 ) -> "AnnData":
     """Predicted expression of one unseen slide as AnnData (:func:`gnnst.predictions.prediction_anndata`,
-    predictions in ``X`` and ``layers['gnnst_pred']``, the graph in ``obsp``).
+    predictions in ``X`` and ``layers['gnnst_pred']``, the graph in ``obsp``, the members' spread in
+    ``layers['gnnst_sd']``, OOD scores and flags in ``obs``, per-gene reliability in ``var`` at
+    ``reliable_pcc``).
 
     ``batch_size`` patches go through the encoder at a time. ``opened`` is ``image`` already opened
     (for JPEG/PNG: decoded), e.g. to read its resolution first; it is closed once the embeddings are
     there. Without it the image is opened only when the embeddings are not in the cache.
     """
+    from gnnst.predictions import prediction_anndata
+
+    a = spots_anndata(pixel_xy, barcodes, slide_id=slide_id, mpp=mpp, image=image)
+    pred, g, emb = predict_spots(model, a, cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                 progress=progress, opened=opened)
+    return prediction_anndata(model, pred, slide_id=slide_id, barcodes=list(a.obs_names), pixel=a.obsm[keys.SPATIAL],
+                              mpp=mpp, graph=g, embeddings=emb, image_path=image, reliable_pcc=reliable_pcc)
+
+
+def predict_spots(
+    model: "TrainedModel",
+    spots: "AnnData",
+    *,
+    cache_dir: str | None = None,
+    batch_size: int = CPU_BATCH_SIZE,
+    device: str = "auto",
+    progress: bool = True,
+    opened: "SlideImage | None" = None,
+    image_id: str | None = None,
+) -> tuple["Prediction", "Data", np.ndarray]:
+    """The one prediction path for spots: ``(prediction, graph, embeddings [N, D])``.
+
+    Args:
+        spots: canonical AnnData of the spots (:func:`spots_anndata`: ``obsm['spatial']`` full-resolution
+            pixels, ``obs['slide_id']``, ``uns['gnnst']`` with ``mpp``, ``image_path`` and, for a
+            downscaled image, ``image_scalef``).
+        opened: the image already opened (closed here once the embeddings are there); else it is opened
+            from ``image_path`` only when the embeddings are not cached.
+        image_id: identity of the image for the embedding cache (default: path, size and mtime).
+
+    The prediction has the members (their sd: :attr:`Prediction.sd`) and, when the model has an OOD
+    reference, each spot's out-of-distribution score and flag.
+    """
     from gnnst.data.embeddings import embed_spots
     from gnnst.data.encoders import resolve_device
     from gnnst.data.manifest import cache_root
+    from gnnst.graph.dataset import slide_to_data
 
     dev = resolve_device(device)
     enc = model.create_encoder(dev)
-    a = spots_anndata(pixel_xy, barcodes, slide_id=slide_id, mpp=mpp, image=image)
-    emb = embed_spots(a, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
+    emb = embed_spots(spots, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
                       cache_dir=cache_root(cache_dir) / "embeddings", progress=progress, image=opened,
-                      transform=_stain_transform(model, a, image=opened))
+                      image_id=image_id, transform=_stain_transform(model, spots, image=opened))
     if opened is not None:
         opened.close()  # also when the cache held the embeddings
-    return _predict_spots(model, a, emb, device=dev)
+    g = slide_to_data(spots, emb, None, k=model.graph.k, radius_um=model.graph.radius_um)
+    return model.predict(g, device=dev), g, emb
 
 
 def _stain_transform(model: "TrainedModel", a: "AnnData", *, image=None):
     """The map of the slide's patches (its own pixels) to the model's stain reference, or ``None`` when the
     model was trained without stain normalisation (:meth:`gnnst.graph.features.FeatureState.stain_transform`)."""
-    tf = model.features.stain_transform(a, size_um=model.patch_size_um, image=image)
+    tf = model.feature_norm.stain_transform(a, size_um=model.patch_size_um, image=image)
     if tf is not None:
         log.info("slide '%s': stain normalisation (%s) to the model's reference, estimated on %d tissue pixels of "
-                 "its own patches", a.obs[keys.SLIDE_ID].iloc[0], model.features.stain_norm, tf.source.n_pixels)
+                 "its own patches", a.obs[keys.SLIDE_ID].iloc[0], model.feature_norm.stain_norm, tf.source.n_pixels)
     return tf
 
 
 def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, mpp: float,
-                  image: str | Path) -> "AnnData":
-    """Canonical AnnData of spots without expression: ``obsm['spatial']``, ``obs['slide_id']``, ``uns['gnnst']``."""
+                  image: str | Path, image_scalef: float = 1.0) -> "AnnData":
+    """Canonical AnnData of spots without expression: ``obsm['spatial']``, ``obs['slide_id']``, ``uns['gnnst']``
+    (``image_scalef``: pixels of ``image`` per full-resolution pixel)."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -135,22 +178,8 @@ def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, m
                    obs=pd.DataFrame(index=pd.Index(barcodes, name=keys.BARCODE)))
     a.obsm[keys.SPATIAL] = np.asarray(pixel_xy, dtype=np.float64)
     a.obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * len(barcodes))
-    a.uns[keys.UNS_GNNST] = {keys.MPP: float(mpp), keys.IMAGE_PATH: str(image)}
+    a.uns[keys.UNS_GNNST] = {keys.MPP: float(mpp), keys.IMAGE_PATH: str(image), keys.IMAGE_SCALEF: float(image_scalef)}
     return a
-
-
-def _predict_spots(model: "TrainedModel", a: "AnnData", emb: np.ndarray, *, device) -> "AnnData":
-    """Graph, prediction and AnnData of the spots ``a`` (:func:`spots_anndata`) with embeddings ``emb``."""
-    from gnnst.graph.dataset import slide_to_data
-    from gnnst.predictions import prediction_anndata
-
-    meta = a.uns[keys.UNS_GNNST]
-    g = slide_to_data(a, emb, None, k=model.graph.k, radius_um=model.graph.radius_um)
-    pred = model.predict(g, device=device, members=False).expression
-    return prediction_anndata(model, pred, slide_id=str(a.obs[keys.SLIDE_ID].iloc[0]), barcodes=list(a.obs_names),
-                              pixel=a.obsm[keys.SPATIAL], mpp=meta[keys.MPP], graph=g, embeddings=emb,
-                              image_path=meta.get(keys.IMAGE_PATH),
-                              image_scalef=meta.get(keys.IMAGE_SCALEF, 1.0))
 
 
 def predict_grid(
@@ -166,6 +195,7 @@ def predict_grid(
     batch_size: int = CPU_BATCH_SIZE,
     device: str = "auto",
     progress: bool = True,
+    reliable_pcc: float | None = None,
 ) -> "AnnData":
     """Predicted expression over an H&E-only slide, at a regular grid of spots laid over its tissue.
 
@@ -176,7 +206,8 @@ def predict_grid(
     With ``supersample = S > 1`` the grid is predicted ``S * S`` times, shifted to sub-positions spread
     over each cell (:func:`gnnst.data.grid.cell_offsets`); every copy is a grid of the same pitch with
     its graph built as in training, and a spot's value is the mean over its cell (``S * S`` patches
-    per spot). ``S = 1`` is a point sample at the spot centre, ~S² times faster.
+    per spot). ``S = 1`` is a point sample at the spot centre, ~S² times faster. The members' spread
+    (``layers['gnnst_sd']``) is that of their cell means, a spot's OOD score the mean over its cell.
 
     Args:
         model: the trained model (:meth:`TrainedModel.load`).
@@ -232,11 +263,11 @@ def predict_grid(
     # each shifted copy is a whole grid: its graph is built as in training
     graphs = [slide_to_data(sub[k * n:(k + 1) * n], emb[k * n:(k + 1) * n], None, k=model.graph.k,
                             radius_um=model.graph.radius_um) for k in range(n_sub)]
-    preds = model.predict(graphs, device=dev, members=False)
-    p = np.mean([q.expression for q in preds], axis=0).astype(np.float32)  # [N, G] mean over the cell
+    p = cell_mean(model, (model.predict(g, device=dev) for g in graphs))
     out = prediction_anndata(model, p, slide_id=slide_id, barcodes=barcodes, pixel=xy, mpp=mpp,
                              graph=graphs[0] if n_sub == 1 else model.slide_graph(xy, mpp),
-                             embeddings=emb.reshape(n_sub, n, -1).mean(0), image_path=image)
+                             embeddings=emb.reshape(n_sub, n, -1).mean(0), image_path=image,
+                             reliable_pcc=reliable_pcc)
     add_image(out, image, library_id=slide_id, mpp=mpp, spot_diameter_um=grid_um)
     out.uns[keys.UNS_GNNST]["grid"] = {"kind": kind, "pitch_um": float(grid_um), "pitch_px": float(pitch_px),
                                        "supersample": int(supersample), "patches_per_spot": int(n_sub),
@@ -245,8 +276,26 @@ def predict_grid(
     return out
 
 
+def cell_mean(model: "TrainedModel", preds: Iterable["Prediction"]) -> "Prediction":
+    """The mean of the predictions of one grid's shifted copies (same spots, consumed one at a time so only
+    the running sums are held): expression and each member's prediction averaged over the copies, the OOD
+    score averaged and flagged with the model's threshold."""
+    from gnnst.predictor import Prediction
+
+    n, total = 0, None
+    for q in preds:
+        parts = (q.expression, q.members, q.ood_score)
+        total = [None if a is None else np.array(a, np.float32) for a in parts] if total is None else \
+            [None if t is None else t + a for t, a in zip(total, parts)]
+        n += 1
+    expr, members, score = (None if t is None else (t / n).astype(np.float32) for t in total)
+    return Prediction(expression=expr, members=members, ood_score=score,
+                      ood=None if score is None else model.ood_reference.flag(score))
+
+
 def write_grid_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, *, dpi: int = 150) -> list[Path]:
-    """PNG maps of predicted ``genes`` over the slide's thumbnail: ``<out_prefix>_<gene>.png``.
+    """PNG maps of predicted ``genes`` over the slide's thumbnail: ``<out_prefix>_<gene>.png``; spots flagged
+    out of distribution (``obs['gnnst_ood']``) are drawn in grey, without their value.
 
     Needs ``uns['spatial'][<slide_id>]`` (see :func:`predict_grid`). Returns the files written.
     """
@@ -270,6 +319,7 @@ def write_grid_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, 
     width_in = 7.0
     pts_per_px = width_in * 72.0 / w
     size = (diameter * pts_per_px * (1.16 if hex_grid else 1.0)) ** 2  # marker area, points^2
+    ood = adata.obs[keys.OOD].to_numpy(dtype=bool) if keys.OOD in adata.obs else np.zeros(adata.n_obs, bool)
     written = []
     for gene in genes:
         v = np.asarray(adata[:, gene].layers[keys.PRED]).ravel()
@@ -277,12 +327,16 @@ def write_grid_maps(adata: "AnnData", genes: list[str], out_prefix: str | Path, 
         FigureCanvasAgg(fig)
         ax = fig.add_axes((0.0, 0.0, width_in / (width_in + 1.3), width_in * h / w / (width_in * h / w + 0.5)))
         ax.imshow(img)
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=size, marker="h" if hex_grid else "s", cmap="viridis",
-                        linewidths=0, alpha=0.85)
+        marker = "h" if hex_grid else "s"
+        sc = ax.scatter(xy[~ood, 0], xy[~ood, 1], c=v[~ood], s=size, marker=marker, cmap="viridis",
+                        vmin=float(v.min()), vmax=float(v.max()), linewidths=0, alpha=0.85)
+        if ood.any():
+            ax.scatter(xy[ood, 0], xy[ood, 1], c=OOD_GREY, s=size, marker=marker, linewidths=0, alpha=0.85)
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
         ax.set_axis_off()
-        ax.set_title(f"{slide_id}: {gene}", fontsize=10)
+        ax.set_title(f"{slide_id}: {gene}" + (f" (grey: {int(ood.sum())} spots out of distribution)"
+                                              if ood.any() else ""), fontsize=10)
         fig.colorbar(sc, ax=ax, fraction=0.04, pad=0.02, label="predicted log1p(CP10k)")
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in gene)
         path = Path(f"{out_prefix}_{safe}.png")

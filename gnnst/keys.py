@@ -12,6 +12,13 @@ CONNECTIVITIES = "spatial_connectivities"  # obsp, squidpy's name
 DISTANCES = "spatial_distances"  # obsp, squidpy's name
 NEIGHBORS = "spatial_neighbors"  # uns, squidpy's name
 PRED = "gnnst_pred"  # layers: predicted expression, same gene order as var
+SD = "gnnst_sd"  # layers: spread (sd) of the ensemble members' predictions, same genes
+CV_PCC = "gnnst_cv_pcc"  # var: the gene's cross-validated PCC, mean over held-out slides (NaN: none)
+CV_PCC_SD = "gnnst_cv_pcc_sd"  # var: its sd over those slides
+CV_PCC_NEW_PATIENT = "gnnst_cv_pcc_new_patient"  # var: its mean over the slides of patient-disjoint folds
+RELIABLE = "gnnst_reliable"  # var: bool, CV_PCC >= the reliability threshold
+OOD_SCORE = "gnnst_ood_score"  # obs: distance of the spot's patch embedding from the training spots (1 = typical)
+OOD = "gnnst_ood"  # obs: bool, OOD_SCORE above the training spots' own quantile
 UNS_GNNST = "gnnst"  # uns: version, config, metrics
 MPP = "mpp"  # uns['gnnst'][MPP]: micrometres per full-resolution pixel
 IMAGE_PATH = "image_path"  # uns['gnnst'][IMAGE_PATH]: the slide's image (full resolution, or Space Ranger's hires/lowres)

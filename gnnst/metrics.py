@@ -29,6 +29,11 @@ and the top-level map ``nulls`` (:data:`NULLS`) gives, for the dotted path of ea
 (:func:`null_reason`). The files are strict JSON (no ``NaN``/``Infinity``). Per-gene lists
 (``pcc_per_gene``) hold ``null`` where a gene's r is undefined (constant on that slide), without an entry.
 
+Reliability figures (:data:`RELIABILITY_COLUMNS`, :func:`reliability_scores`, :func:`summarise_reliability`):
+whether the fold model's ensemble spread and out-of-distribution flags (:mod:`gnnst.reliability`, fitted
+on the fold's training slides) mean anything on its held-out slides, whose expression is used for this
+scoring only.
+
 Pure numpy/scipy (no torch): the core layer of :mod:`gnnst`.
 """
 
@@ -60,6 +65,27 @@ _ERRORS = {
                    "its fold's panel genes, averaged over the held-out slides"),
     "mae": ("MAE", "mean absolute error, as MSE"),
 }
+
+
+# per held-out slide (reliability_scores), then the mean over held-out slides (summarise_reliability)
+RELIABILITY_FIGURES = {
+    "sd_error_spearman": ("Spearman(abs err, sd)", "per gene within each held-out slide, Spearman's rho between the "
+                          "absolute error |measured - predicted| and the ensemble sd (layers['gnnst_sd']) over the "
+                          "slide's spots, averaged over the fold's panel genes (genes where either is constant left "
+                          "out), then over the held-out slides; 0 = the sd says nothing about the error"),
+    "sd_error_spearman_positive": ("genes rho>0", "fraction of those genes whose rho is above 0, averaged over the "
+                                   "held-out slides"),
+    "interval_coverage": ("coverage", "fraction of a held-out slide's (spot, gene) values with |measured - predicted| "
+                          "<= z * scale * sd, the one scale fitted on the validation spots of the fold's training "
+                          "slides to cover the nominal level there (reliability.interval_level; z of a normal at that "
+                          "level), averaged over the held-out slides"),
+    "interval_halfwidth": ("half-width", "mean of z * scale * sd over a held-out slide's spots and genes (normalised "
+                           "log expression), averaged over the held-out slides"),
+    "ood_fraction": ("OOD flagged", "fraction of a held-out slide's spots flagged obs['gnnst_ood'] by the fold model "
+                     "(score above the reliability.ood_quantile quantile of its training spots' leave-one-slide-out "
+                     "scores), averaged over the held-out slides"),
+}
+RELIABILITY_COLUMNS = tuple(RELIABILITY_FIGURES)
 
 
 def figure_key(template: str, kind: str) -> str:
@@ -336,6 +362,51 @@ def pooled_pcc(folds: Sequence[FoldPredictions], kind: str) -> tuple[float, int]
             ys.append(np.asarray(f.y[s], dtype=np.float64)[:, cols])
             ps.append(np.asarray(f.p[s], dtype=np.float64)[:, cols])
     return _mean(pearson_per_gene(np.concatenate(ys), np.concatenate(ps))), len(genes)
+
+
+def reliability_scores(y: np.ndarray, p: np.ndarray, sd: np.ndarray | None, ood: np.ndarray | None, *,
+                       scale: float | None, z: float | None) -> dict:
+    """The :data:`RELIABILITY_FIGURES` of one held-out slide (``None`` where the model has no sd, no
+    calibration or no OOD reference); ``spearman_per_gene``: ``[G]`` rho, ``None`` where undefined.
+
+    Shapes: y, p, sd ``[N, G]`` (normalised log expression); ood ``[N]`` bool.
+    """
+    out: dict = {k: None for k in RELIABILITY_COLUMNS}
+    out["spearman_per_gene"] = None
+    if ood is not None:
+        out["ood_fraction"] = float(np.mean(ood)) if len(ood) else None
+    if sd is None:
+        return out
+    err = np.abs(np.asarray(y, dtype=np.float64) - np.asarray(p, dtype=np.float64))
+    sd = np.asarray(sd, dtype=np.float64)
+    rho = spearman_per_gene(err, sd)
+    ok = np.isfinite(rho)
+    out["sd_error_spearman"] = _none_if_nan(_mean(rho))
+    out["sd_error_spearman_positive"] = float(np.mean(rho[ok] > 0)) if ok.any() else None
+    out["spearman_per_gene"] = [_none_if_nan(v) for v in rho]
+    if scale is not None and z is not None:
+        half = z * scale * sd
+        out["interval_coverage"] = float(np.mean(err <= half))
+        out["interval_halfwidth"] = float(half.mean())
+    return out
+
+
+def summarise_reliability(slides: Sequence[Mapping]) -> dict:
+    """Each :data:`RELIABILITY_COLUMNS` figure averaged over held-out slides' :func:`reliability_scores`
+    (slides where it is ``None`` left out; ``None`` when none has it), and ``slides`` counted."""
+    out: dict = {}
+    for k in RELIABILITY_COLUMNS:
+        vals = [float(v[k]) for v in slides if v.get(k) is not None]
+        out[k] = float(np.mean(vals)) if vals else None
+    out["slides"] = len(slides)
+    return out
+
+
+def describe_reliability(level: float) -> dict:
+    """Label and definition of every :data:`RELIABILITY_FIGURES` key (``metrics.json``), with the nominal
+    coverage ``level`` of the interval."""
+    return {k: {"label": lab + (f" (nominal {level:g})" if k == "interval_coverage" else ""), "definition": d}
+            for k, (lab, d) in RELIABILITY_FIGURES.items()}
 
 
 def summarise(folds: Sequence[FoldPredictions]) -> dict:

@@ -7,6 +7,14 @@ Layout of a prediction (:func:`prediction_anndata`):
 - ``X`` ``[N, G]``: measured normalised expression (``normalize_total`` + ``log1p``) where it exists
   (held-out slides of a run), else the prediction; ``uns['gnnst']['X']`` says which;
 - ``layers['gnnst_pred']`` ``[N, G]``: predicted expression, same genes (``var_names`` = the panel);
+- ``layers['gnnst_sd']`` ``[N, G]``: sd of the ensemble members' predictions (absent for a single-member
+  model: ``uns['gnnst']['reliability']['sd']`` says so); the interval ``pred +- z * scale * sd`` with the
+  scale and z of ``uns['gnnst']['reliability']['sd']`` covered the nominal level on validation spots;
+- ``var['gnnst_cv_pcc']``, ``var['gnnst_cv_pcc_sd']``, ``var['gnnst_cv_pcc_new_patient']`` (float, NaN
+  where the model has no cross-validated PCC: fold models, genes in no fold's panel) and
+  ``var['gnnst_reliable']`` (bool: ``gnnst_cv_pcc`` >= the threshold in ``uns['gnnst']['reliability']``);
+- ``obs['gnnst_ood_score']`` (float; 1 = a typical training spot seen from a new slide) and
+  ``obs['gnnst_ood']`` (bool: out of the training distribution), when the model has an OOD reference;
 - ``obs['slide_id']`` (categorical; squidpy's ``library_key``), obs names = spot barcodes;
 - ``obsm['spatial']`` ``[N, 2]`` full-resolution pixels (x, y); ``obsm['X_img_<encoder>']`` ``[N, D]``;
 - ``obsp['spatial_connectivities']``, ``obsp['spatial_distances']`` (µm), ``uns['spatial_neighbors']``:
@@ -32,6 +40,9 @@ Layout of a prediction (:func:`prediction_anndata`):
   ``config``            JSON of the training run's resolved config (``'{}'`` when unknown)
   ``metrics``           JSON of this slide's scores (:func:`gnnst.metrics.slide_scores`; ``'{}'`` when
                         nothing was measured)
+  ``reliability``       ``genes`` (threshold, n_reliable, n_genes, n_estimated, source, definition),
+                        ``sd`` (scale, level, z, interval, ... or ``'none: ...'``), ``ood`` (k, quantile,
+                        threshold, n_flagged, ... or ``'none: ...'``): :mod:`gnnst.reliability`
   ``grid``              grid predictions only: kind, pitch, supersampling, tissue threshold/fraction
   ``run``               exports only: the run folder
   ====================  =========================================================================
@@ -52,7 +63,7 @@ if TYPE_CHECKING:
     from torch_geometric.data import Data
 
     from gnnst.graph.edges import SlideGraph
-    from gnnst.predictor import TrainedModel
+    from gnnst.predictor import Prediction, TrainedModel
 
 HIRES_MAX_SIDE = 2000  # longer side of uns['spatial'][slide]['images']['hires'] (Space Ranger's hires size)
 MEASURED = "measured normalize_total + log1p expression"  # uns['gnnst']['X'] of held-out slides
@@ -66,7 +77,7 @@ def encoder_key(name: str) -> str:
 
 def prediction_anndata(
     model: "TrainedModel",
-    pred: np.ndarray,
+    pred: "Prediction | np.ndarray",
     *,
     slide_id: str,
     barcodes: Sequence[str],
@@ -79,12 +90,14 @@ def prediction_anndata(
     image_scalef: float = 1.0,
     config: dict | None = None,
     metrics: dict | None = None,
+    reliable_pcc: float | None = None,
 ) -> "AnnData":
     """One slide's prediction as AnnData in the layout of the module docstring.
 
     Args:
-        model: the model that predicted (panel, encoder, fold, graph parameters).
-        pred: ``[N, G]`` predicted expression, panel order.
+        model: the model that predicted (panel, encoder, fold, graph parameters, reliability).
+        pred: the :class:`~gnnst.predictor.Prediction` (expression, members for the sd, OOD scores), or
+            only its ``[N, G]`` expression (panel order; then no sd and no OOD fields).
         slide_id, barcodes, pixel: the spots (``pixel`` ``[N, 2]`` full-resolution x, y).
         mpp: micrometres per pixel.
         graph: the slide's graph in spot order: a :class:`~gnnst.graph.edges.SlideGraph`
@@ -96,13 +109,16 @@ def prediction_anndata(
             hires/lowres PNG; see :mod:`gnnst.data.validate`).
         config: the training run's resolved config (as a dict).
         metrics: this slide's scores.
+        reliable_pcc: the PCC a gene needs for ``var['gnnst_reliable']`` (default: the model's
+            ``reliability.reliable_pcc``).
     """
     import anndata as ad
     import pandas as pd
 
     from gnnst.graph.neighbors import add_spatial_graph
 
-    pred = np.asarray(pred, dtype=np.float32)
+    full = None if isinstance(pred, np.ndarray) else pred
+    pred = np.asarray(pred if full is None else full.expression, dtype=np.float32)
     obs = pd.DataFrame(index=pd.Index([str(b) for b in barcodes], name=keys.BARCODE))
     obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * len(obs))
     X = pred.copy() if measured is None else np.asarray(measured, dtype=np.float32)
@@ -132,8 +148,55 @@ def prediction_anndata(
     if image_path:
         meta[keys.IMAGE_PATH] = str(Path(image_path).resolve())
         meta[keys.IMAGE_SCALEF] = float(image_scalef)
+    meta["reliability"] = add_reliability(a, model, full, reliable_pcc=reliable_pcc)
     a.uns[keys.UNS_GNNST] = meta
     return a
+
+
+def add_reliability(adata: "AnnData", model: "TrainedModel", pred: "Prediction | None", *,
+                    reliable_pcc: float | None = None) -> dict:
+    """Write the reliability fields of the module docstring into ``adata`` (``var_names`` = the panel, spots
+    in ``pred``'s order) and return what ``uns['gnnst']['reliability']`` records."""
+    genes = model.gene_reliability(reliable_pcc)
+    frame = genes.frame()
+    for col in frame.columns:
+        adata.var[col] = frame[col].to_numpy()
+    sd, meta = spot_reliability(model, pred)
+    if sd is not None:
+        adata.layers[keys.SD] = sd
+    write_ood(adata, pred)
+    return {"genes": genes.summary(), **meta}
+
+
+def spot_reliability(model: "TrainedModel", pred: "Prediction | None") -> tuple[np.ndarray | None, dict]:
+    """``(sd [N, G] or None, {'sd': ..., 'ood': ...})``: the ensemble spread of ``pred`` and the ``sd`` and
+    ``ood`` entries of ``uns['gnnst']['reliability']`` (a ``'none: ...'`` string where there is nothing)."""
+    from gnnst.reliability import SD_DEFINITION
+
+    sd = None if pred is None else pred.sd
+    if sd is None:
+        why = ("a single-member model has no ensemble spread (train with train.ensemble >= 2)" if len(model.states) < 2
+               else "the members' predictions were not kept")
+        sd_meta: dict | str = f"none: {why}"
+    else:
+        sd_meta = {"members": len(model.states), "definition": SD_DEFINITION,
+                   **(model.calibration.summary() if model.calibration is not None else
+                      {"interval": "none: no calibration in the model"})}
+    if pred is None or pred.ood_score is None:
+        ood_meta: dict | str = ("none: the model has no OOD reference (trained before gnnst reliability)"
+                                if model.ood_reference is None else "none: not computed")
+    else:
+        ood_meta = {**model.ood_reference.summary(), "n_flagged": int(np.sum(pred.ood)),
+                    "fraction_flagged": float(np.mean(pred.ood)) if len(pred.ood) else 0.0}
+    return sd, {"sd": sd_meta, "ood": ood_meta}
+
+
+def write_ood(adata: "AnnData", pred: "Prediction | None") -> None:
+    """``obs['gnnst_ood_score']`` and ``obs['gnnst_ood']`` of ``pred`` (nothing when it has no OOD scores)."""
+    if pred is None or pred.ood_score is None:
+        return
+    adata.obs[keys.OOD_SCORE] = np.asarray(pred.ood_score, dtype=np.float32)
+    adata.obs[keys.OOD] = np.asarray(pred.ood, dtype=bool)
 
 
 def add_image(

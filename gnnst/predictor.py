@@ -2,11 +2,14 @@
 
 :class:`TrainedModel` holds everything prediction needs: which encoder made the embeddings (name,
 identity, input size, width) and the patch size in µm, the gene panel and how expression was
-normalised, the target scaling, the graph parameters, what is done to a slide's patches and embeddings
-before the members see them (:class:`~gnnst.graph.features.FeatureState`: stain reference, per-slide
-standardisation), the inference batching, the ensemble members'
-weights, the head/retrieval blend weight chosen on validation spots, where it was trained (the fold)
-and, for a run's final model, the per-gene cross-validated PCC of the run it came from (:attr:`cv`).
+normalised, the target scaling, the graph parameters, the inference batching, the ensemble members'
+weights, the head/retrieval blend weight chosen on validation spots, where it was trained (the fold),
+for a run's final model the per-gene cross-validated PCC of the run it came from (:attr:`cv`), what is
+done to a slide's patches and embeddings before the members see them (:attr:`feature_norm`, a
+:class:`~gnnst.graph.features.FeatureState`: stain reference, per-slide standardisation), and what
+says how far to trust a prediction (:mod:`gnnst.reliability`): the scale of the ensemble spread fitted
+on validation spots (:attr:`calibration`) and a bounded reference of training features for
+out-of-distribution scores (:attr:`ood_reference`).
 
 Cross-validation (:mod:`gnnst.eval.crossval`) builds one per fold and scores the held-out slide
 through :meth:`TrainedModel.predict`, so a fold's metrics and ``gnnst predict`` run the same code;
@@ -29,10 +32,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from gnnst import __version__
-from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig
+from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig, ReliabilityConfig
 from gnnst.data.expression import GenePanel
 from gnnst.errors import GnnstError
 from gnnst.graph.features import FeatureState
+from gnnst.reliability import Calibration, GeneReliability, OODReference, ensemble_sd
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 
 FORMAT = "gnnst.TrainedModel"  # the 'format' field of a model file
 FORMAT_VERSION = 1  # bumped when a field changes meaning; older files are refused with a message
+OPTIONAL_FIELDS = ("cv", "calibration", "ood_reference", "reliability", "protocol", "feature_norm")  # absent from older files
 
 
 @dataclass
@@ -110,10 +115,20 @@ class Prediction:
         expression: ``[N, G]`` float32 normalised log expression (the panel's units), ensemble mean.
         members: ``[M, N, G]`` float32 each ensemble member's prediction in the same units, or ``None``
             when not asked for (their spread is the ensemble's disagreement).
+        ood_score: ``[N]`` float32 out-of-distribution score of each spot (:class:`~gnnst.reliability.OODReference`),
+            ``None`` when the model has no reference or it was not asked for.
+        ood: ``[N]`` bool, the score above the model's threshold (``None`` with ``ood_score``).
     """
 
     expression: np.ndarray
     members: np.ndarray | None = None
+    ood_score: np.ndarray | None = None
+    ood: np.ndarray | None = None
+
+    @property
+    def sd(self) -> np.ndarray | None:
+        """``[N, G]`` sd (``ddof=1``) of the members' predictions; ``None`` without members or with one."""
+        return ensemble_sd(self.members)
 
 
 def halo_hops(model: "ExpressionModel", num_hops: int) -> int:
@@ -178,12 +193,18 @@ class TrainedModel:
             panel order, ``None`` where a gene was in no fold's panel). ``None`` for a fold model: its own
             held-out slide is its estimate, in the run's ``metrics.json``, and it is written before the
             other folds finish.
+        calibration: the scale of the members' spread fitted on the validation spots of the training
+            slides (:class:`~gnnst.reliability.Calibration`); ``None`` for a single member.
+        ood_reference: training features for out-of-distribution scores
+            (:class:`~gnnst.reliability.OODReference`); ``None`` in models that predate it.
+        reliability: the ``reliability`` config it was trained with (the default gene threshold, interval
+            level, OOD settings).
         protocol: ``"honest"``, or the LEAKY note of ``eval.select_on_heldout`` runs.
         gnnst_version: version that trained it.
-        features: the slide-shift corrections it was trained with (``features`` config): the stain reference
+        feature_norm: the slide-shift corrections it was trained with (``features`` config): the stain reference
             a new slide's patches are mapped to (:meth:`FeatureState.stain_transform`, applied by
             :mod:`gnnst.inference`) and the per-slide standardisation of the embeddings (applied by
-            :meth:`predict` through :meth:`inputs`). Training-only augmentation is not recorded.
+            :meth:`predict` through :meth:`features`). Training-only augmentation is not recorded.
     """
 
     model_name: str
@@ -201,9 +222,12 @@ class TrainedModel:
     blend_alpha: float
     fold: dict
     cv: dict | None = None
+    calibration: Calibration | None = None
+    ood_reference: OODReference | None = None
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     protocol: str = "honest"
     gnnst_version: str = __version__
-    features: FeatureState = field(default_factory=FeatureState)
+    feature_norm: FeatureState = field(default_factory=FeatureState)
 
     @classmethod
     def untrained(cls, encoder: EncoderInfo, genes: Sequence[str], *, model_config: ModelConfig | None = None,
@@ -240,8 +264,11 @@ class TrainedModel:
                 "expression": config_to_dict(self.expression), "scaler": self.scaler.to_dict(),
                 "graph": {"k": self.graph.k, "radius_um": self.graph.radius_um},
                 "batch_nodes": int(self.batch_nodes), "num_hops": int(self.num_hops), "states": self.states,
-                "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv, "protocol": self.protocol,
-                "features": self.features.to_dict()}
+                "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv,
+                "calibration": None if self.calibration is None else self.calibration.to_dict(),
+                "ood_reference": None if self.ood_reference is None else self.ood_reference.to_dict(),
+                "reliability": config_to_dict(self.reliability), "protocol": self.protocol,
+                "feature_norm": self.feature_norm.to_dict()}
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically (see the module docstring); returns ``path``."""
@@ -285,7 +312,7 @@ class TrainedModel:
             raise GnnstError(f"{where}: TrainedModel format version {version!r}, this gnnst reads version "
                              f"{FORMAT_VERSION}; {'upgrade gnnst' if isinstance(version, int) and version > FORMAT_VERSION else 'retrain it with `gnnst train`'}")
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d and n not in ("cv", "protocol", "features")]
+        missing = [n for n in names if n not in d and n not in OPTIONAL_FIELDS]
         if missing:
             raise GnnstError(f"{where}: TrainedModel field '{missing[0]}' is missing")
         try:
@@ -297,8 +324,12 @@ class TrainedModel:
                      graph=GraphConfig(k=d["graph"]["k"], radius_um=d["graph"]["radius_um"]),
                      batch_nodes=int(d["batch_nodes"]), num_hops=int(d["num_hops"]), states=list(d["states"]),
                      blend_alpha=float(d["blend_alpha"]), fold=dict(d["fold"]), cv=d.get("cv"),
+                     calibration=None if d.get("calibration") is None else Calibration.from_dict(d["calibration"]),
+                     ood_reference=None if d.get("ood_reference") is None else
+                     OODReference.from_dict(d["ood_reference"]),
+                     reliability=_from_dict(ReliabilityConfig, d.get("reliability") or {}, "reliability."),
                      protocol=str(d.get("protocol", "honest")), gnnst_version=str(d["gnnst_version"]),
-                     features=FeatureState.from_dict(d.get("features")))
+                     feature_norm=FeatureState.from_dict(d.get("feature_norm")))
         except GnnstError as e:
             raise GnnstError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -330,10 +361,13 @@ class TrainedModel:
             raise GnnstError(f"{where}: no ensemble member ('states' is empty)")
         if not 0.0 <= self.blend_alpha <= 1.0:
             raise GnnstError(f"{where}: 'blend_alpha' must be in [0, 1], got {self.blend_alpha}")
-        sn = self.features.slide_norm
+        sn = self.feature_norm.slide_norm
         if sn is not None and (len(sn.mean) != self.in_dim or len(sn.std) != self.in_dim):
-            raise GnnstError(f"{where}: 'features.slide_norm' has statistics of width {len(sn.mean)} for input "
+            raise GnnstError(f"{where}: 'feature_norm.slide_norm' has statistics of width {len(sn.mean)} for input "
                              f"width {self.in_dim}")
+        if self.ood_reference is not None and self.ood_reference.features.shape[1] != self.in_dim:
+            raise GnnstError(f"{where}: 'ood_reference' has features of width {self.ood_reference.features.shape[1]}, "
+                             f"the model reads width {self.in_dim}")
 
     # ------------------------------------------------------------------ prediction
     def models(self, device="cpu") -> list["ExpressionModel"]:
@@ -358,26 +392,36 @@ class TrainedModel:
         return ("head",) if self.blend_alpha == 1.0 else ("retrieval",) if self.blend_alpha == 0.0 else \
             ("head", "retrieval")
 
-    def inputs(self, graph: "Data", *, warn: bool = True) -> np.ndarray:
-        """What the members read of a slide graph: its ``x`` ``[N, D]`` (the embeddings, of stain-normalised
-        patches when :attr:`features` says so) after the per-slide standardisation it was trained with;
-        ``[N, D]`` float32."""
+    def features(self, graph: "Data", *, warn: bool = True) -> np.ndarray:
+        """``[N, D]`` float32: the features of a slide graph the model reads, the ones out-of-distribution
+        scores compare (:attr:`ood_reference` is built from the training slides' through here): its ``x``
+        (the embeddings, of stain-normalised patches when :attr:`feature_norm` says so) after the per-slide
+        standardisation it was trained with. The one function from a graph to the members' input."""
         from gnnst import keys
 
-        return self.features.inputs(graph.x, slide=f"slide '{getattr(graph, keys.DATA_SLIDE, None) or 'slide'}'",
-                                    warn=warn)
+        return self.feature_norm.inputs(graph.x, slide=f"slide '{getattr(graph, keys.DATA_SLIDE, None) or 'slide'}'",
+                                        warn=warn)
 
-    def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True
+    def gene_reliability(self, threshold: float | None = None) -> GeneReliability:
+        """Per-gene reliability of the panel (:class:`~gnnst.reliability.GeneReliability`) at ``threshold``
+        (default: ``reliability.reliable_pcc`` of the training run)."""
+        t = self.reliability.reliable_pcc if threshold is None else float(threshold)
+        fold = str(self.fold.get("name", "")) if self.fold.get("test_slides") else None
+        return GeneReliability.from_cv(self.cv, self.panel.genes, t, fold=fold)
+
+    def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True, ood: bool = True
                 ) -> "Prediction | list[Prediction]":
         """Predicted expression of each slide graph (``x``, ``pos``, ``edge_index``, ``edge_attr``; ``y`` is
         not read), in the panel's units (:attr:`expression`). ``x`` holds the slide's embeddings as
-        :mod:`gnnst.inference` makes them (stain-normalised patches when :attr:`features` says so); the
-        per-slide standardisation is applied here (:meth:`inputs`); ``x_views`` is never read.
+        :mod:`gnnst.inference` makes them (stain-normalised patches when :attr:`feature_norm` says so); the
+        per-slide standardisation is applied here (:meth:`features`); ``x_views`` is never read.
 
         Each member predicts by halo mini-batches (:attr:`batch_nodes`, :attr:`num_hops`), the head and
         retrieval outputs blended with :attr:`blend_alpha` (:func:`gnnst.models.base.blend`); members are
         averaged, then the target scaling is undone. With ``members`` the per-member predictions come
-        too. Returns one :class:`Prediction` per graph (a single one for a single graph).
+        too (their sd: :attr:`Prediction.sd`); with ``ood`` (and an :attr:`ood_reference`) each spot's
+        out-of-distribution score and flag. Returns one :class:`Prediction` per graph (a single one for a
+        single graph).
         """
         import torch
         from torch_geometric.data import Data
@@ -391,7 +435,7 @@ class TrainedModel:
                 raise GnnstError(f"embedding width mismatch: the graph has x of shape "
                                  f"{None if g.x is None else list(g.x.shape)}, the model reads width {self.in_dim}")
         device = torch.device(device) if isinstance(device, str) else device
-        graphs = [self._as_input(g) for g in graphs]
+        originals, graphs = graphs, [self._as_input(g) for g in graphs]
         modes = self.modes()
         per_member = []  # [M][graph] -> [N, G] standardised
         for model in self.models(device):
@@ -405,18 +449,21 @@ class TrainedModel:
         for i in range(len(graphs)):
             stack = np.stack([m[i] for m in per_member])  # [M, N, G]
             expr = self.scaler.inverse(stack.mean(0)).astype(np.float32)
+            score = self.ood_reference.score(self.features(originals[i], warn=False)) \
+                if ood and self.ood_reference is not None else None
             result.append(Prediction(expression=expr,
-                                     members=self.scaler.inverse(stack).astype(np.float32) if members else None))
+                                     members=self.scaler.inverse(stack).astype(np.float32) if members else None,
+                                     ood_score=score, ood=None if score is None else self.ood_reference.flag(score)))
         return result[0] if single else result
 
     def _as_input(self, g: "Data") -> "Data":
-        """A shallow copy of ``g`` with ``x`` = :meth:`inputs` (in ``g.x``'s dtype) and no ``x_views``."""
+        """A shallow copy of ``g`` with ``x`` = :meth:`features` (in ``g.x``'s dtype) and no ``x_views``."""
         from gnnst import keys
 
         d = copy.copy(g)
         if getattr(d, keys.DATA_X_VIEWS, None) is not None:
             del d[keys.DATA_X_VIEWS]
-        return self.features.graph_inputs(d)
+        return self.feature_norm.graph_inputs(d)
 
     def slide_graph(self, pixel: np.ndarray, mpp: float) -> "SlideGraph":
         """A slide's graph with this model's graph parameters (:func:`gnnst.graph.edges.slide_graph`)."""

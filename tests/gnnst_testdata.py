@@ -146,3 +146,40 @@ def write_he_image(path: Path, size: tuple[int, int], *, seed: int = 0, stains: 
     conc = he_concentrations((size[1], size[0]), seed)
     Image.fromarray(he_pixels(conc, stains, scale)).save(path, quality=97)
     return conc
+
+
+def write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], features: list[tuple[str, str, str]]) -> None:
+    """A 10x feature-barcode HDF5 (``filtered_feature_bc_matrix.h5``) of ``counts`` ``[barcodes, features]``;
+    ``features``: (id, name, feature_type). CSC features x barcodes == CSR barcodes x features."""
+    import h5py
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix(counts)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"], g["indices"], g["indptr"] = m.data, m.indices.astype(np.int64), m.indptr.astype(np.int64)
+        g["shape"] = np.array([len(features), len(barcodes)], dtype=np.int32)
+        g["barcodes"] = np.array(barcodes, dtype="S")
+        feat = g.create_group("features")
+        for i, key in enumerate(("id", "name", "feature_type")):
+            feat[key] = np.array([fe[i] for fe in features], dtype="S")
+        feat["genome"] = np.array(["GRCh38"] * len(features), dtype="S")
+        feat["_all_tag_keys"] = np.array([b"genome"])
+
+
+def he_like_image(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """``[h, w, 3]`` uint8 that looks like H&E to an ImageNet encoder: pink stroma with wavy fibres and
+    purple nuclei (``size`` = (w, h))."""
+    w, h = size
+    yy, xx = np.mgrid[:h, :w]
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = np.array([232, 190, 210]) + rng.normal(0, 6, 3)
+    ang = rng.uniform(0, np.pi)
+    wave = np.sin((xx * np.cos(ang) + yy * np.sin(ang)) / rng.uniform(6, 14) + rng.uniform(0, 6))
+    img += wave[..., None] * np.array([-10, -25, -15])
+    for _ in range(int(rng.integers(25, 60) * w * h / 224 ** 2)):  # nuclei
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, 8)
+        m = (xx - cx) ** 2 + ((yy - cy) * rng.uniform(0.6, 1.4)) ** 2 < r * r
+        img[m] = np.array([95, 60, 140]) + rng.normal(0, 12, 3)
+    img += rng.normal(0, 5, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)

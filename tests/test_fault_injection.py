@@ -151,7 +151,7 @@ CASES = [
     # ---------------------------------------------------------------- predict
     ("predict:out_is_folder", lambda w: _predict(w, out=w["base"] / "empty_dir"),
      r"--out .*empty_dir: is a folder; give a file name"),
-    ("predict:out_not_h5ad", lambda w: _predict(w, out=w["base"] / "p.csv"), r"--out must end in \.h5ad, got .*p\.csv"),
+    ("predict:out_not_h5ad", lambda w: _predict(w, out=w["base"] / "p.csv"), r"--out must end in \.h5ad or \.zarr, got .*p\.csv"),
     ("predict:out_unwritable", lambda w: _predict(w, out=f"{w['ro']}/p.h5ad"), r"--out .*p\.h5ad: cannot write here"),
     ("predict:out_under_a_file", lambda w: _predict(w, out=f"{w['afile']}/p.h5ad"), r"a_file\.txt is a file"),
     ("predict:fewer_spots_than_k", lambda w: _predict(w, spots=w["spots4"]),

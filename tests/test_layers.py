@@ -1,4 +1,4 @@
-"""Layers import downward only: core -> data -> graph -> models -> predictor -> train -> eval -> export -> cli.
+"""Layers import downward only: core -> data -> graph -> models -> predictor -> train -> eval -> export (tl, pl) -> cli.
 
 Walks every module of ``gnnst`` with ``ast`` (module-level, function-level and TYPE_CHECKING imports
 alike), maps each to its layer, and fails on an import of a higher layer or on an import cycle between
@@ -21,10 +21,10 @@ LAYERS = {
     "gnnst.data": 1,
     "gnnst.graph": 2,
     "gnnst.models": 3,
-    "gnnst.predictor": 4, "gnnst.predictions": 4, "gnnst.inference": 4,
+    "gnnst.predictor": 4, "gnnst.predictions": 4, "gnnst.inference": 4, "gnnst.reliability": 4,
     "gnnst.train": 5,
     "gnnst.eval": 6,
-    "gnnst.export": 7,
+    "gnnst.export": 7, "gnnst.tl": 7, "gnnst.pl": 7,
     "gnnst.cli": 8, "gnnst.__main__": 8,
 }
 NAMES = ["core", "data", "graph", "models", "predictor", "train", "eval", "export", "cli"]

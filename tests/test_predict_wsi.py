@@ -211,3 +211,34 @@ def test_grid_with_fewer_spots_than_the_checkpoints_k(wsi, tmp_path, capsys):
     assert re.search(r"gnnst: error: the tissue grid of 'slide' \(--grid-um 400\) has \d spots, too few for the "
                      r"checkpoint's graph.k=6 .*use a smaller --grid-um", err), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_grid_prediction_carries_spread_and_ood_and_maps_grey_out_flagged_spots(wsi, tmp_path):
+    from PIL import Image
+
+    from gnnst.inference import predict_grid, write_grid_maps
+    from gnnst.predictor import TrainedModel
+    from gnnst.reliability import OODReference
+
+    import torch
+
+    model = TrainedModel.load(wsi / "model.pt")
+    g = torch.Generator().manual_seed(1)
+    model.states.append({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                         for k, v in model.states[0].items()})  # a second member, slightly perturbed
+    model.ood_reference = OODReference.build([np.abs(np.random.default_rng(s).normal(size=(20, 1280))) for s in (0, 1)],
+                                             k=5, quantile=0.99, cap=100, seed=0)  # unrelated features: all flagged
+    a = predict_grid(model, wsi / "slide.tif", grid_um=160, kind="square", supersample=2, slide_id="slide",
+                     cache_dir=str(wsi / "cache"), progress=False)
+    assert a.layers["gnnst_sd"].shape == a.X.shape and (a.layers["gnnst_sd"] > 0).any()
+    assert a.obs["gnnst_ood"].all() and a.uns["gnnst"]["reliability"]["ood"]["n_flagged"] == a.n_obs
+
+    def greyish(path):
+        px = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(((px.max(-1) - px.min(-1) < 20) & (px.min(-1) > 130) & (px.max(-1) < 185)).sum())
+
+    flagged = write_grid_maps(a, ["G0"], tmp_path / "flagged")[0]
+    a.obs["gnnst_ood"] = False
+    clean = write_grid_maps(a, ["G0"], tmp_path / "clean")[0]
+    assert greyish(flagged) > 5 * max(greyish(clean), 50)  # flagged spots are drawn grey, without their value
+

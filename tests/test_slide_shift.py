@@ -109,7 +109,7 @@ def _model_features(model, pred) -> np.ndarray:
 
     from gnnst.predictions import encoder_key
 
-    return model.inputs(Data(x=torch.as_tensor(np.asarray(pred.obsm[encoder_key(model.encoder.name)]))))
+    return model.features(Data(x=torch.as_tensor(np.asarray(pred.obsm[encoder_key(model.encoder.name)]))))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def plain(he_data):
 def test_a_restained_slide_is_predicted_closer_with_the_normalisation(he_data, plain, features):
     cfg_norm = _cfg(he_data, *features)
     _, norm = _train(he_data, _loaded(he_data, cfg_norm), cfg_norm, "norm_" + features[0].split("=")[0])
-    assert norm.features.describe() != plain.features.describe()
+    assert norm.feature_norm.describe() != plain.feature_norm.describe()
     (feat_without, without), (feat_with, with_) = _restained(he_data, plain), _restained(he_data, norm)
     assert feat_with < 0.8 * feat_without, (feat_with, feat_without)
     assert with_ < without, (with_, without)
@@ -138,7 +138,7 @@ def test_a_held_out_slides_expression_never_reaches_features_or_model(he_data):
     X = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
     a.X = np.random.default_rng(0).permutation(X[::-1] * 3 + 1)
     ts2, m2 = _train(he_data, loaded, cfg, "honest2")
-    assert ts1.features.to_dict() == ts2.features.to_dict()  # stain reference, training statistics
+    assert ts1.feature_norm.to_dict() == ts2.feature_norm.to_dict()  # stain reference, training statistics
     for s in SLIDES:
         np.testing.assert_array_equal(ts1.inputs[s].x.numpy(), ts2.inputs[s].x.numpy())
     for p, q in zip(m1.states, m2.states):
@@ -159,4 +159,4 @@ def test_augmented_views_reach_training_only(he_data):
         assert not np.allclose(views[1].numpy(), views[0].numpy())  # the jitter changed the embeddings
     assert all(getattr(g, keys.DATA_X_VIEWS, None) is None for g in ts.val)  # validation: view 0 only
     assert getattr(ts.inputs["S1"], keys.DATA_X_VIEWS, None) is None  # a held-out slide has no views
-    assert "augment" not in str(model.features.to_dict())
+    assert "augment" not in str(model.feature_norm.to_dict())

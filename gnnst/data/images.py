@@ -52,6 +52,23 @@ class SlideImage:
             raise GnnstError(f"{self.path}: unsupported image format '{suffix}' "
                              f"(known: {', '.join(sorted(PIL_SUFFIXES | WSI_SUFFIXES))})")
 
+    @classmethod
+    def from_array(cls, rgb: np.ndarray, *, name: str = "<array>", pad_value: int = 255) -> "SlideImage":
+        """An image held in memory, ``[h, w, 3]`` (or ``[h, w, 4]``, alpha dropped): uint8, or floats in
+        [0, 1] as scanpy keeps ``uns['spatial'][lib]['images']``; ``name`` stands for its path in messages."""
+        from PIL import Image
+
+        a = np.asarray(rgb)
+        if a.ndim != 3 or a.shape[2] not in (3, 4):
+            raise GnnstError(f"{name}: an image must be [h, w, 3] RGB, got shape {list(a.shape)}")
+        if a.dtype.kind == "f":
+            a = (np.clip(a, 0.0, 1.0) * 255.0).round()
+        self = cls.__new__(cls)
+        self.path, self.pad_value, self.mpp, self._slide = Path(name), pad_value, None, None
+        self._pil = Image.fromarray(np.ascontiguousarray(a[..., :3], dtype=np.uint8))
+        self.width, self.height = self._pil.size
+        return self
+
     def _open_pil(self) -> None:
         from PIL import Image
 

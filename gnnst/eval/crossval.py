@@ -121,9 +121,16 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     metrics["folds"] = fold_results
     metrics["train_seconds_per_fold"] = (float(np.mean([r["train_seconds"] for r in fold_results]))
                                          if fit_model and fold_results else 0.0)
+    if fit_model:
+        metrics["reliability"] = reliability_summary(fold_results, cfg.reliability.interval_level)
     if fit_model and cfg.eval.final_model:
-        fit_final(cfg, loaded, out / "final", fold_results=fold_results, resume=resume, device=device,
-                  progress=progress, main=main)
+        final = fit_final(cfg, loaded, out / "final", fold_results=fold_results, resume=resume, device=device,
+                          progress=progress, main=main)
+        if main:
+            from gnnst.predictor import TrainedModel
+
+            genes = TrainedModel.load(final).gene_reliability().summary()
+            metrics["reliability"]["final_model_genes"] = {k: v for k, v in genes.items() if k != "definition"}
     metrics["config"] = config_to_dict(cfg)
     metrics["seconds_total"] = time.perf_counter() - t_all
     metrics["embedding_timings"] = dict(loaded.timer.totals)
@@ -163,19 +170,20 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
     subsets = report_subsets(ts.panel.genes, ts.panel.heg, ts.panel.hvg, _selection_expression(cfg, ts), ms)
     y_test = {s: ts.graphs[s].y.numpy().astype(np.float32) for s in fold.test_slides}
     preds: dict[str, dict] = {}
-    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets, "features": ts.features.describe()}
+    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets, "features": ts.feature_norm.describe()}
     if MODEL in methods:
         ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(loaded.encoder),
                            resume=resume, device=device, progress=progress)
         if main:
             ens.model.save(fdir / "model.pt")
-        got = ens.model.predict([ts.graphs[s] for s in fold.test_slides], device=device, members=False)
-        preds[MODEL] = {s: p.expression for s, p in zip(fold.test_slides, got)}
+        got = dict(zip(fold.test_slides, ens.model.predict([ts.graphs[s] for s in fold.test_slides], device=device)))
+        preds[MODEL] = {s: p.expression for s, p in got.items()}
         result.update({"best_epochs": [f.best_epoch for f in ens.fits],
                        "val_pcc_members": [f.best_score for f in ens.fits], "val_pcc_ensemble": ens.val_score,
                        "blend_alpha": ens.model.blend_alpha, "train_seconds": sum(f.seconds for f in ens.fits),
                        "nodes_per_second": float(np.mean([f.nodes_per_second for f in ens.fits])),
                        "epochs_run": [len(f.history) for f in ens.fits]})
+        result.update(_fold_reliability(ens.model, got, y_test))
     seconds, val_scores = {}, {}
     for b in methods:
         if b != MODEL:
@@ -193,7 +201,7 @@ def run_fold(cfg: "Config", loaded, fold: "Fold", fdir: Path, *, ms: "MetricSet"
     if main:
         _save_heldout(fdir / HELDOUT, fold, y_test, preds)
         if MODEL in methods:
-            _write_predictions(out, loaded, ts, fold, ens.model, preds[MODEL], y_test, result, run_config)
+            _write_predictions(out, loaded, ts, fold, ens.model, got, y_test, result, run_config)
         atomic_write_json(fdir / "result.json", result)
     head = summarise([fps[MODEL]]) if MODEL in methods else {}
     log.info("fold %s: PCC %s per slide %.3f%s, all %.3f, blend alpha %s, %.1f s", fold.name,
@@ -210,6 +218,32 @@ def _selection_expression(cfg: "Config", ts: "TrainingSet") -> np.ndarray | None
         return None
     slides = ts.train_slides + (ts.test_slides if cfg.eval.select_on_heldout else [])
     return np.concatenate([ts.graphs[s].y.numpy().astype(np.float32) for s in slides])
+
+
+def _fold_reliability(model, got: dict, y: dict) -> dict:
+    """The fold model's spread scale and OOD reference, and per held-out slide the reliability figures
+    (:func:`gnnst.metrics.reliability_scores`): its measured expression ``y`` is used for this scoring only."""
+    from gnnst.metrics import reliability_scores
+
+    cal, ref = model.calibration, model.ood_reference
+    return {"calibration": None if cal is None else cal.to_dict(),
+            "ood_reference": None if ref is None else {k: v for k, v in ref.summary().items() if k != "definition"},
+            "reliability": {s: reliability_scores(y[s], p.expression, p.sd, p.ood, scale=None if cal is None else cal.scale,
+                                                  z=None if cal is None else cal.z) for s, p in got.items()}}
+
+
+def reliability_summary(fold_results: list[dict], level: float) -> dict:
+    """``metrics.json['reliability']``: definitions, the figures over all held-out slides and over the
+    patient-disjoint folds' (:func:`gnnst.metrics.summarise_reliability`), and each held-out slide's."""
+    from gnnst.metrics import RELIABILITY_COLUMNS, describe_reliability, summarise_reliability
+
+    every = [(f, v) for f in fold_results for v in f.get("reliability", {}).values()]
+    return {"definitions": describe_reliability(level),
+            "summary": summarise_reliability([v for _, v in every]),
+            "summary_patient_disjoint": summarise_reliability([v for f, v in every if f["patient_disjoint"]]),
+            "per_slide": {s: {k: v.get(k) for k in RELIABILITY_COLUMNS}
+                          for f in fold_results for s, v in f.get("reliability", {}).items()},
+            "spread_scale": {f["name"]: (f.get("calibration") or {}).get("scale") for f in fold_results}}
 
 
 def _fold_block(fp: "FoldPredictions", *, per_gene: bool) -> dict:
@@ -253,7 +287,8 @@ def _load_fold(fdir: Path, fold: "Fold", methods: list[str]) -> tuple[dict, dict
 
 def _write_predictions(out: Path, loaded, ts: "TrainingSet", fold: "Fold", model, preds: dict, y: dict,
                        result: dict, run_config: dict) -> None:
-    """``predictions/<slide>.h5ad`` of each held-out slide (measured in ``X``, prediction in the layer)."""
+    """``predictions/<slide>.h5ad`` of each held-out slide (measured in ``X``, prediction in the layer,
+    sd and OOD flags from ``preds``: slide -> :class:`~gnnst.predictor.Prediction`)."""
     from gnnst import keys
     from gnnst.io import atomic_write_h5ad
     from gnnst.predictions import prediction_anndata

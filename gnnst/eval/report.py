@@ -61,4 +61,29 @@ def format_summary(metrics: dict) -> str:
     if pooled:
         lines.append("- pooled over all folds on " + ", ".join(f"{n} {ms.subset_label(k)}" for k, n in pooled.items())
                      + " genes (in every fold's subset)")
+    if metrics.get("reliability"):
+        lines += ["", *format_reliability(metrics["reliability"])]
     return "\n".join(lines)
+
+
+def format_reliability(rel: dict) -> list[str]:
+    """Markdown lines of ``metrics.json['reliability']``: the spread's calibration and the OOD fraction over
+    all held-out slides, the patient-disjoint ones and each slide; the final model's reliable genes."""
+    from gnnst.metrics import RELIABILITY_COLUMNS
+
+    defs = rel.get("definitions", {})
+    label = {k: defs.get(k, {}).get("label", k) for k in RELIABILITY_COLUMNS}
+    lines = ["Reliability (gnnst.reliability, fitted on training slides; held-out expression used for scoring only):",
+             "", "| held-out slides | " + " | ".join(label[k] for k in RELIABILITY_COLUMNS) + " |",
+             "|" + "---|" * (len(RELIABILITY_COLUMNS) + 1)]
+    rows = [("all", rel.get("summary", {})), ("patient-disjoint", rel.get("summary_patient_disjoint", {}))]
+    rows += [(s, v) for s, v in rel.get("per_slide", {}).items()]
+    for name, d in rows:
+        if d:
+            lines.append(table_row(name, d, RELIABILITY_COLUMNS))
+    genes = rel.get("final_model_genes")
+    if genes:
+        lines += ["", f"Final model: {genes['n_reliable']} of {genes['n_genes']} panel genes pass the reliability "
+                      f"threshold (cross-validated PCC >= {genes['threshold']:g}; {genes['n_estimated']} have an estimate)"]
+    lines += ["", "Columns:"] + [f"- {label[k]}: {defs.get(k, {}).get('definition', '')}" for k in RELIABILITY_COLUMNS]
+    return lines

@@ -1,5 +1,7 @@
 """An ensemble of one registered model, its head/retrieval blend chosen on validation spots, packaged as
-the :class:`~gnnst.predictor.TrainedModel` that prediction loads."""
+the :class:`~gnnst.predictor.TrainedModel` that prediction loads, with what says how far to trust it
+(:mod:`gnnst.reliability`): the scale of the members' spread fitted on the same validation spots, and a
+reference of the training slides' features for out-of-distribution scores."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     from gnnst.config import Config
     from gnnst.predictor import EncoderInfo, TrainedModel
+    from gnnst.reliability import Calibration
     from gnnst.train.prepare import TrainingSet
     from gnnst.train.trainer import FitResult
 
@@ -66,22 +69,45 @@ def choose_blend(cfg: "Config", modes: tuple[str, ...], val_preds: dict, val_y: 
     return {"head": 1.0, "retrieval": 0.0}.get(cfg.model.predict_mode, cfg.model.blend_alpha), {}
 
 
+def fit_calibration(val_members: list[dict], val_y: list[np.ndarray], modes: tuple[str, ...], alpha: float,
+                    level: float) -> "Calibration | None":
+    """The spread's scale (:meth:`gnnst.reliability.Calibration.fit`) on the validation spots: each member's
+    prediction there (``val_members[i][mode]``: ``[n_val, G]`` per validation graph, standardised) blended
+    at ``alpha`` as :meth:`TrainedModel.predict` blends it, against ``val_y`` (standardised; the ratio of
+    error to sd is the same in expression units, per gene). ``None`` for one member or no validation spot."""
+    from gnnst.models.base import blend
+    from gnnst.reliability import Calibration, ensemble_sd
+
+    if len(val_members) < 2 or not val_y or sum(len(v) for v in val_y) == 0:
+        return None
+    per = []
+    for vm in val_members:
+        parts = vm[modes[0]] if len(modes) == 1 else [blend(h, r, alpha) for h, r in zip(vm["head"], vm["retrieval"])]
+        per.append(np.concatenate(parts))
+    stack = np.stack(per)  # [M, n_val, G]
+    return Calibration.fit(np.concatenate(val_y).astype(np.float32), stack.mean(0), ensemble_sd(stack), level=level,
+                           members=len(per))
+
+
 def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, encoder: "EncoderInfo",
                  resume: bool, device, progress: bool) -> EnsembleFit:
     """Train ``cfg.train.ensemble`` models ``cfg.model.name`` (seeds ``cfg.seed + i``) on ``ts`` through
     :func:`gnnst.train.trainer.fit` (checkpoints in ``fdir/member<i>``), choose the blend weight on the
     validation spots (:func:`choose_blend`), and package them as a :class:`~gnnst.predictor.TrainedModel`
-    (``fold``: its ``{'name', 'train_slides', 'test_slides', 'patient_disjoint'}``)."""
+    (``fold``: its ``{'name', 'train_slides', 'test_slides', 'patient_disjoint'}``) with its
+    :class:`~gnnst.reliability.Calibration` (fitted on the validation spots; two members or more) and
+    :class:`~gnnst.reliability.OODReference` (the training slides' features)."""
     import torch
 
     from gnnst.models import create_model
     from gnnst.models.base import blend
     from gnnst.predictor import TrainedModel, predict_graphs
+    from gnnst.reliability import OODReference
     from gnnst.train.trainer import fit, validation_score
 
     tc = cfg.train
     kw = dict(batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, device=device)
-    fits, states, modes, val_sum = [], [], None, None
+    fits, states, modes, val_sum, val_members = [], [], None, None, []
     for i in range(tc.ensemble):
         mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
         torch.manual_seed(mcfg.seed)
@@ -92,6 +118,7 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
         modes = modes or tuple(model.prediction_modes)
         v = predict_graphs(model, ts.val, modes=modes, **kw)
         val_sum = v if val_sum is None else {m: [a + b for a, b in zip(val_sum[m], v[m])] for m in modes}
+        val_members.append({m: [p[mk] for p, mk in zip(v[m], ts.val_masks)] for m in modes})  # validation spots
     n = len(fits)
     val_avg = {m: [a / n for a in val_sum[m]] for m in modes}
     val_y = [g.y.numpy()[mk] for g, mk in zip(ts.val, ts.val_masks)]
@@ -102,5 +129,15 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
                       patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
                       graph=cfg.graph, batch_nodes=tc.batch_nodes, num_hops=tc.num_hops, states=states,
-                      blend_alpha=alpha, fold=dict(fold), protocol=ts.protocol, features=ts.features)
+                      blend_alpha=alpha, fold=dict(fold), reliability=cfg.reliability, protocol=ts.protocol,
+                      feature_norm=ts.feature_norm)
+    tm.calibration = fit_calibration(val_members, val_y, modes, alpha, cfg.reliability.interval_level)
+    rc = cfg.reliability
+    tm.ood_reference = OODReference.build([tm.features(ts.graphs[s]) for s in ts.train_slides], k=rc.ood_k,
+                                          quantile=rc.ood_quantile, cap=rc.ood_reference, seed=cfg.seed)
+    log.info("reliability: spread scale %s on %s validation values; OOD reference of %d of %d training spots "
+             "(%.1f MB), threshold %.3f", "none (one member)" if tm.calibration is None else
+             f"{tm.calibration.scale:.3f}", "no" if tm.calibration is None else tm.calibration.n_values,
+             len(tm.ood_reference.features), tm.ood_reference.n_train, tm.ood_reference.nbytes / 1e6,
+             tm.ood_reference.threshold)
     return EnsembleFit(model=tm, fits=fits, val_score=val_score, blend_scores=scores)

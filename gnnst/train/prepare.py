@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gnnst.predictor import TargetScaler
 
 LEAKY = ("LEAKY (eval.select_on_heldout): gene panel and reported subsets chosen on all slides including "
-         "the held-out one; early stopping, checkpoint and blend chosen on the held-out slide")
+         "the held-out one; early stopping, checkpoint, blend and the spread's scale chosen on the held-out slide")
 
 
 def carve_validation(graphs: Sequence["Data"], fraction: float, seed: int) -> list[np.ndarray]:
@@ -91,14 +91,14 @@ class TrainingSet:
     Attributes:
         panel: the gene panel (columns of every ``y``).
         graphs: slide id -> graph of every training and test slide, normalised expression (unscaled), ``x``
-            the embeddings before :attr:`features` (what :meth:`TrainedModel.predict` takes).
+            the embeddings before :attr:`feature_norm` (what :meth:`TrainedModel.predict` takes).
         train_slides, test_slides: the slides.
         train: training parts of the training slides (validation spots removed), ``y`` standardised, ``x``
             the model's input (and ``x_views`` with ``features.stain_augment``).
         val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised, ``x`` the model's input.
         val_masks: ``[N]`` bool per ``val`` graph.
         scaler: the standardisation (training spots only).
-        features: what turns a graph's ``x`` into the model's input (:class:`gnnst.graph.features.FeatureState`).
+        feature_norm: what turns a graph's ``x`` into the model's input (:class:`gnnst.graph.features.FeatureState`).
         inputs: slide id -> :attr:`graphs` with ``x`` the model's input (unscaled ``y``).
         protocol: ``"honest"`` or :data:`LEAKY`.
     """
@@ -111,7 +111,7 @@ class TrainingSet:
     val: list
     val_masks: list[np.ndarray]
     scaler: "TargetScaler"
-    features: "FeatureState"
+    feature_norm: "FeatureState"
     inputs: dict
     protocol: str = "honest"
 
@@ -161,7 +161,7 @@ def prepare_training(cfg: "Config", loaded, train_slides: Sequence[str], test_sl
     scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_parts]))
     return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
                        train=[scaled(g, scaler) for g in train_parts], val=[scaled(g, scaler) for g in val_graphs],
-                       val_masks=val_masks, scaler=scaler, features=features, inputs=inputs,
+                       val_masks=val_masks, scaler=scaler, feature_norm=features, inputs=inputs,
                        protocol=LEAKY if leaky else "honest")
 
 

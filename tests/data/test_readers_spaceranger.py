@@ -3,7 +3,6 @@
 import gzip
 import json
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +12,7 @@ import scipy.sparse as sp
 from gnnst.data.readers import get_reader
 from gnnst.data.readers.spaceranger import read_spaceranger
 from gnnst.errors import GnnstError
+from gnnst_testdata import write_10x_h5
 
 BARCODES = ["AAAC-1", "AAAG-1", "AAAT-1", "AACA-1"]  # matrix columns; AAAT-1 is outside tissue
 FEATURES = [  # id, name, feature_type; the duplicate symbol is made unique, the antibody dropped
@@ -42,18 +42,8 @@ KEPT_COUNTS = np.array([[1, 0, 3], [0, 2, 0], [0, 0, 7]], dtype=np.float32)  # g
 
 
 def write_h5(path, counts=COUNTS, barcodes=BARCODES, features=FEATURES):
-    """The 10x feature-barcode HDF5 layout: CSC features x barcodes == CSR barcodes x features."""
-    m = sp.csr_matrix(counts)
-    with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g["data"], g["indices"], g["indptr"] = m.data, m.indices.astype(np.int64), m.indptr.astype(np.int64)
-        g["shape"] = np.array([len(features), len(barcodes)], dtype=np.int32)
-        g["barcodes"] = np.array(barcodes, dtype="S")
-        feat = g.create_group("features")
-        for i, key in enumerate(("id", "name", "feature_type")):
-            feat[key] = np.array([fe[i] for fe in features], dtype="S")
-        feat["genome"] = np.array(["GRCh38"] * len(features), dtype="S")
-        feat["_all_tag_keys"] = np.array([b"genome"])
+    """The 10x feature-barcode HDF5 layout (gnnst_testdata.write_10x_h5)."""
+    write_10x_h5(path, counts, barcodes, features)
 
 
 def write_mtx(folder, counts=COUNTS, barcodes=BARCODES, features=FEATURES):

@@ -62,19 +62,24 @@ def test_trained_model_records_and_applies_the_normalisation(tmp_path):
 
     tm = make_model(members=1, alpha=1.0)
     g = _toy_graph(60)
-    tm.features = FeatureState(slide_norm=SlideNorm(20, np.zeros(D, np.float32), np.ones(D, np.float32)))
+    tm.feature_norm = FeatureState(slide_norm=SlideNorm(20, np.zeros(D, np.float32), np.ones(D, np.float32)))
     back = TrainedModel.load(tm.save(tmp_path / "m.pt"))
-    assert back.features.slide_norm is not None and back.features.slide_norm.min_spots == 20
+    assert back.feature_norm.slide_norm is not None and back.feature_norm.slide_norm.min_spots == 20
     shifted = g.clone()
     shifted.x = g.x * 2.5 + 3.0  # the slide's embeddings shifted and scaled per dimension
-    np.testing.assert_allclose(back.inputs(shifted), back.inputs(g), atol=1e-4)
+    np.testing.assert_allclose(back.features(shifted), back.features(g), atol=1e-4)
     p, q = back.predict(g).expression, back.predict(shifted).expression
     np.testing.assert_allclose(p, q, atol=1e-3)
+    from gnnst.reliability import OODReference  # OOD scores compare the normalised features, through features()
+
+    back.ood_reference = OODReference.build([back.features(_toy_graph(40, seed=s)) for s in (1, 2)], k=3,
+                                            quantile=0.95, cap=100, seed=0)
+    np.testing.assert_allclose(back.predict(shifted).ood_score, back.predict(g).ood_score, atol=1e-3)
     plain = make_model(members=1, alpha=1.0)  # without normalisation the shift moves the predictions
     assert np.abs(plain.predict(g).expression - plain.predict(shifted).expression).mean() > 10 * np.abs(p - q).mean()
     wrong = FeatureState(slide_norm=SlideNorm(20, np.zeros(D + 1, np.float32), np.ones(D + 1, np.float32)))
-    tm.features = wrong
-    with pytest.raises(GnnstError, match="'features.slide_norm' has statistics of width"):
+    tm.feature_norm = wrong
+    with pytest.raises(GnnstError, match="'feature_norm.slide_norm' has statistics of width"):
         tm.save(tmp_path / "bad.pt")
 
 

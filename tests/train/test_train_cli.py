@@ -80,6 +80,44 @@ def test_train_outputs(three_patients, capsys):
                str(three_patients["root"] / "S1_HE.jpg"), "--spots", str(three_patients["root"] / "S1_selection.tsv"),
                "--out", str(out / "s1_final.h5ad"), "--cache-dir", str(three_patients["cache"]), "--quiet"])
     assert rc == 0 and ad.read_h5ad(out / "s1_final.h5ad").n_vars == len(final.panel.genes)
+    _check_reliability(out, m, final, fold_model, capsys, printed)
+
+
+def _check_reliability(out, m, final, fold_model, capsys, summary: str):
+    """What says how far to trust the predictions (gnnst.reliability), fitted on training slides only."""
+    from gnnst.metrics import RELIABILITY_COLUMNS
+
+    # each fold model: the spread's scale from its validation spots, an OOD reference of its training slides
+    assert fold_model.calibration.members == 2 and fold_model.calibration.level == 0.9
+    assert fold_model.ood_reference.n_train == 40  # S2 + S3, 20 spots each: never the held-out S1
+    rel = m["reliability"]
+    for s in ("S1", "S2", "S3"):
+        v = rel["per_slide"][s]
+        assert set(v) == set(RELIABILITY_COLUMNS) and 0 <= v["interval_coverage"] <= 1 and 0 <= v["ood_fraction"] <= 1
+        assert -1 <= v["sd_error_spearman"] <= 1
+    assert rel["summary"]["slides"] == 3 and rel["definitions"]["interval_coverage"]["label"] == "coverage (nominal 0.9)"
+    assert rel["spread_scale"]["patient_P1"] == pytest.approx(fold_model.calibration.scale)
+    assert rel["final_model_genes"]["n_genes"] == len(final.panel.genes)
+    assert "Spearman(abs err, sd)" in summary and "Final model:" in summary  # printed with the summary
+    # a held-out slide's prediction file: the fold model's spread and flags, no reliability of its own genes
+    a = ad.read_h5ad(out / "predictions" / "S1.h5ad")
+    assert a.layers["gnnst_sd"].shape == a.X.shape and (a.layers["gnnst_sd"] >= 0).all()
+    assert a.obs["gnnst_ood"].dtype == bool and np.isfinite(a.obs["gnnst_ood_score"]).all()
+    assert a.obs["gnnst_ood"].mean() == pytest.approx(rel["per_slide"]["S1"]["ood_fraction"])
+    assert a.var["gnnst_cv_pcc"].isna().all() and not a.var["gnnst_reliable"].any()
+    assert "fold model 'patient_P1'" in a.uns["gnnst"]["reliability"]["genes"]["source"]
+    # the final model's predictions: its cross-validated PCC in var, the gene count printed
+    rc = main(["predict", "--checkpoint", str(out / "final" / "model.pt"), "--image", str(out.parent / "data" / "S2_HE.jpg"),
+               "--spots", str(out.parent / "data" / "S2_selection.tsv"), "--out", str(out / "s2.h5ad"),
+               "--cache-dir", str(out.parent / "cache"), "--quiet", "--reliable-pcc", "-1"])
+    printed = capsys.readouterr().out
+    p = ad.read_h5ad(out / "s2.h5ad")
+    cv = dict(zip(final.cv["genes"], final.cv["pcc_mean"]))
+    expect = np.array([np.nan if cv[g] is None else cv[g] for g in p.var_names], dtype=np.float32)
+    np.testing.assert_allclose(p.var["gnnst_cv_pcc"].to_numpy(), expect)
+    n = int(np.isfinite(expect).sum())  # threshold -1: every gene with an estimate passes
+    assert rc == 0 and int(p.var["gnnst_reliable"].sum()) == n
+    assert f"{n} of {p.n_vars} genes pass the reliability threshold (cross-validated PCC >= -1" in printed
 
 
 def test_crossval_scores_through_the_saved_fold_model(three_patients):
