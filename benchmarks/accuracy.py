@@ -42,6 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))  # the gnnst of this checkout, whatever is installed
 
 from _results import machine_info, write_section  # noqa: E402
 
