@@ -222,7 +222,8 @@ def _common(metrics: dict, folds: list, t_all: float, jobs: int, n_reused: int, 
             "seconds": time.perf_counter() - t_all, "jobs": jobs,
             "threads_per_job": _WORKER["threads"] or len(os.sched_getaffinity(0)),
             "n_spots": int(sum(a.n_obs for a in loaded.adatas.values())), "reused": n_reused, "computed": n_computed,
-            "overrides": list(overrides), "definitions": first.get("definitions", {}), "eval": first.get("config", {}).get("eval", {})}
+            "overrides": list(overrides), "definitions": first.get("definitions", {}),
+            "eval": first.get("config", {}).get("eval", {})}
 
 
 def run(cache_dir: str | None, methods: list[str], only_folds: list[str] | None, overrides: list[str],
@@ -276,7 +277,8 @@ def shift_rows(family: str, setting: str, m: dict) -> dict:
             val[f["name"]] = block.get("val_pcc") if b else f.get("val_pcc_ensemble")
             seconds += block.get("seconds", 0.0) if b else f["fold_seconds"]
         row = dict(m["baselines"][b] if b else m["summary"])
-        row.update(patient_disjoint=(m.get("baselines_patient_disjoint") or {}).get(b) if b else m.get("summary_patient_disjoint"),
+        disjoint = (m.get("baselines_patient_disjoint") or {}).get(b) if b else m.get("summary_patient_disjoint")
+        row.update(patient_disjoint=disjoint,
                    per_slide=per_slide, val_per_fold=val, seconds=seconds, label=label, setting=setting,
                    features=m["config"]["features"])
         vals = [v for v in val.values() if v is not None and np.isfinite(v)]
