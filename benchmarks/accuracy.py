@@ -2,8 +2,8 @@
 the library's cross-validation (:func:`gnnst.eval.crossval.run_crossval`) on the same folds, gene panels,
 normalisation and embeddings.
 
-    python benchmarks/accuracy.py [--cache-dir /tmp/gcache] [--jobs 2] [--resume] [--budget-min M]
-                                  [--methods ...] [--only-folds ...] [--no-write] [KEY=VALUE ...]
+    python benchmarks/accuracy.py [--suite main|shift] [--cache-dir /tmp/gcache] [--jobs 2] [--resume]
+                                  [--budget-min M] [--methods ...] [--only-folds ...] [--no-write] [KEY=VALUE ...]
 
 Each row is one config of ``gnnst train`` (:data:`METHODS`: overrides of ``configs/her2st.yaml``); the
 baseline rows (mean of training spots, ridge, ridge + neighbour mean) are the ``eval.baselines`` of one
@@ -17,6 +17,13 @@ kept for ``--resume``). Tasks are (method, fold) pairs, ``--jobs`` at a time in 
 read and embed the slides once each; a run cut short (``--budget-min``, an interruption) is completed
 with ``--resume``, which is the library's own resume. Prints its tables, writes the section ``accuracy``
 of ``benchmarks/RESULTS.md`` and ``benchmarks/results/accuracy.json`` (only for a complete default run).
+
+``--suite shift`` (issue 15, slide-to-slide shift) runs only the rows of the ``features`` corrections, for
+gnnst (ens 1) and the ridge baselines: none / slide standardisation / Macenko stain normalisation / stain
+augmentation (:data:`SHIFT`), then each family's combination of the corrections that raised its INNER
+VALIDATION score (the training slides' validation blocks, never a held-out slide), and writes the section
+``accuracy_shift`` (and ``results/accuracy_shift.json``) on its own, in its own ``--workdir``
+(default ``runs/bench_accuracy_shift``).
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))  # the gnnst of this checkout, whatever is installed
 
 from _results import machine_info, write_section  # noqa: E402
 
@@ -61,6 +70,19 @@ METHODS = {
 RUN_ORDER = (BASELINES, "gnnst_full_e1", "bleep", "mclstexp", "gnnst_leaky_e1", "gnnst_no_graph",
              "gnnst_no_contrastive", "gnnst_no_nbhd", "gnnst_masked_recon", "gnnst")
 
+# --suite shift (issue 15): setting -> (label, features overrides); each for gnnst (ens 1) and the ridge baselines
+SHIFT = {
+    "none": ("none", []),
+    "standardize": ("slide standardisation", ["features.slide_norm=standardize"]),
+    "macenko": ("stain normalisation (Macenko)", ["features.stain_norm=macenko"]),
+    "augment": ("stain augmentation (2 HED views)", ["features.stain_augment=2"]),
+}
+SHIFT_FAMILIES = {  # family -> (own overrides, trains the model, rows it gives: (row key, label))
+    "gnnst": (["eval.baselines=[]", "train.ensemble=1"], True, [("model", "gnnst (ens 1)")]),
+    "ridge": (["eval.baselines=[ridge, ridge_neighbours]"], False,
+              [("ridge", "ridge"), ("ridge_neighbours", "ridge + neighbour mean")]),
+}
+
 log = logging.getLogger("gnnst")
 
 
@@ -69,14 +91,25 @@ def run_name(method: str) -> str:
     return BASELINES if METHODS[method][1] is None else method
 
 
-def run_config(run: str, cache_dir: str | None, overrides: list[str]):
-    """The config of one run: configs/her2st.yaml, the run's overrides, then the user's."""
+def run_spec(run: str) -> tuple[list[str], bool]:
+    """``(overrides, trains the model)`` of one run of the main table."""
+    if run == BASELINES:
+        return ["eval.baselines=[mean, ridge, ridge_neighbours]"], False
+    return ["eval.baselines=[]"] + METHODS[run][1], True
+
+
+def shift_spec(family: str, features: list[str]) -> tuple[list[str], bool]:
+    """``(overrides, trains the model)`` of one run of the shift suite."""
+    own, fit_model, _ = SHIFT_FAMILIES[family]
+    return own + list(features), fit_model
+
+
+def run_config(spec: tuple[list[str], bool], cache_dir: str | None, overrides: list[str]):
+    """The config of one run: configs/her2st.yaml, the run's overrides (``spec``), then the user's."""
     from gnnst.config import load_config
 
-    own = ["eval.baselines=[mean, ridge, ridge_neighbours]"] if run == BASELINES else \
-        ["eval.baselines=[]"] + METHODS[run][1]
     extra = [f"data.cache_dir={cache_dir}"] if cache_dir else []
-    return load_config(REPO / "configs" / "her2st.yaml", COMMON + own + extra + list(overrides))
+    return load_config(REPO / "configs" / "her2st.yaml", COMMON + list(spec[0]) + extra + list(overrides))
 
 
 # ---------------------------------------------------------------------------------------- tasks
@@ -89,86 +122,123 @@ def _init_worker(cache_dir: str | None, overrides: list[str], threads: int | Non
 
     logging.getLogger("gnnst").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    _WORKER.update(loaded=load_and_embed(run_config(BASELINES, cache_dir, overrides), progress=False),
+    _WORKER.update(loaded=load_and_embed(run_config(run_spec(BASELINES), cache_dir, overrides), progress=False),
                    load_seconds=time.perf_counter() - t0, cache_dir=cache_dir, overrides=list(overrides))
     set_cpu_threads(threads)
 
 
-def _run(run: str, workdir: Path, folds: list[str] | None, *, tasks: bool = True) -> dict:
-    """``run_crossval`` of one run on ``folds`` (all when ``None``) in ``workdir/<run>``, reusing what is
-    there; with the worker's slides."""
+def _run(run: str, spec: tuple[list[str], bool], workdir: Path, folds: list[str] | None, *, tasks: bool = True
+         ) -> dict:
+    """``run_crossval`` of one run (``spec``: :func:`run_spec`) on ``folds`` (all when ``None``) in
+    ``workdir/<run>``, reusing what is there; with the worker's slides."""
     from gnnst.config import Config, _from_dict, _merge, config_to_dict, parse_overrides
     from gnnst.eval.crossval import run_crossval
 
-    cfg = run_config(run, _WORKER["cache_dir"], _WORKER["overrides"])
+    cfg = run_config(spec, _WORKER["cache_dir"], _WORKER["overrides"])
     if folds is not None:
         cfg = _from_dict(Config, _merge(config_to_dict(cfg), parse_overrides([f"eval.only_folds=[{', '.join(folds)}]"])))
     t0 = time.perf_counter()
-    m = run_crossval(cfg, workdir / run, resume=True, progress=False, loaded=_WORKER["loaded"],
-                     fit_model=run != BASELINES)
+    m = run_crossval(cfg, workdir / run, resume=True, progress=False, loaded=_WORKER["loaded"], fit_model=spec[1])
     if tasks:
         print(f"  {run:22s} {'+'.join(folds or ['all'])}: {time.perf_counter() - t0:6.1f} s", flush=True)
     return m
 
 
-def run(cache_dir: str | None, methods: list[str], only_folds: list[str] | None, overrides: list[str],
-        jobs: int = 1, workdir: Path = REPO / "runs" / "bench_accuracy", budget_min: float | None = None) -> dict:
-    """Every run the selected rows need, fold by fold (``jobs`` at a time in worker processes of
-    ``cores // jobs`` torch threads; ``jobs=1``: here, all cores), then each run's summary across folds
-    (the library's resume: finished folds are reused). Runs missing a fold are reported unfinished."""
+def run_tasks(specs: dict, only_folds: list[str] | None, jobs: int, workdir: Path, t_all: float,
+              budget_min: float | None, fold_major: Sequence[str] = ()) -> tuple[dict, list, int, int]:
+    """Every (run, fold) of ``specs`` (run -> :func:`run_spec`) not finished in ``workdir``, ``jobs`` at a time
+    in worker processes of ``cores // jobs`` torch threads (``jobs=1``: here, all cores); then each complete
+    run's summary across folds (the library's resume: finished folds are reused). Runs start in the order of
+    ``specs``, all folds of one after the other, except the runs in ``fold_major``, which come last fold by
+    fold (a run cut short then has the same folds of each). A task that fails is reported and its run left
+    unfinished. Returns ``(metrics of the complete runs, folds, reused, computed)``; no task starts after
+    ``budget_min`` minutes from ``t_all``."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from gnnst.eval.crossval import select_folds
     from gnnst.eval.splits import make_folds
 
-    cores = len(os.sched_getaffinity(0))
-    threads = None if jobs == 1 else max(cores // jobs, 1)
-    t_all = time.perf_counter()
-    _init_worker(cache_dir, overrides, threads)
     loaded = _WORKER["loaded"]
-    base = run_config(BASELINES, cache_dir, overrides)
+    base = run_config(run_spec(BASELINES), _WORKER["cache_dir"], _WORKER["overrides"])
     folds = select_folds(make_folds(loaded.patients(), mode=base.eval.folds), only_folds)
-    runs = [r for r in RUN_ORDER if any(run_name(m) == r for m in methods)]
-    todo = [(r, f.name) for r in runs for f in folds
-            if not (workdir / r / "folds" / f.name / "result.json").is_file()]
-    n_reused = len(runs) * len(folds) - len(todo)
+    tasks = [(r, f.name) for r in specs if r not in fold_major for f in folds] + \
+        [(r, f.name) for f in folds for r in specs if r in fold_major]
+    todo = [(r, f) for r, f in tasks if not (workdir / r / "folds" / f / "result.json").is_file()]
+    n_reused = len(specs) * len(folds) - len(todo)
     if n_reused:
         print(f"reusing {n_reused} finished (run, fold) results in {workdir}", flush=True)
 
     def over_budget() -> bool:
         return budget_min is not None and time.perf_counter() - t_all > 60 * budget_min
 
+    def done(fut, task) -> None:
+        try:
+            fut.result() if fut is not None else None
+        except Exception as e:  # noqa: BLE001 - one failed task leaves its run unfinished, not the others
+            print(f"  {task[0]} {task[1]}: FAILED: {type(e).__name__}: {e}", flush=True)
+
     if jobs == 1:
         for r, f in todo:
             if over_budget():
                 break
-            _run(r, workdir, [f])
+            try:
+                _run(r, specs[r], workdir, [f])
+            except Exception as e:  # noqa: BLE001
+                print(f"  {r} {f}: FAILED: {type(e).__name__}: {e}", flush=True)
     elif todo:
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(cache_dir, overrides, threads)) as pool:
-            queue, pending = list(todo), set()
+                                 initargs=(_WORKER["cache_dir"], _WORKER["overrides"], _WORKER["threads"])) as pool:
+            queue, pending = list(todo), {}
             while queue or pending:
                 while queue and len(pending) < jobs and not over_budget():
                     r, f = queue.pop(0)
-                    pending.add(pool.submit(_run, r, workdir, [f]))
+                    pending[pool.submit(_run, r, specs[r], workdir, [f])] = (r, f)
                 if not pending:
                     break
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(set(pending), return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    fut.result()
-    complete = [r for r in runs if all((workdir / r / "folds" / f.name / "result.json").is_file() for f in folds)]
-    metrics = {r: _run(r, workdir, [f.name for f in folds] if only_folds else None, tasks=False) for r in complete}
+                    done(fut, pending.pop(fut))
+    complete = [r for r in specs if all((workdir / r / "folds" / f.name / "result.json").is_file() for f in folds)]
+    metrics = {r: _run(r, specs[r], workdir, [f.name for f in folds] if only_folds else None, tasks=False)
+               for r in complete}
+    return metrics, folds, n_reused, len(todo)
+
+
+def _start(cache_dir: str | None, overrides: list[str], jobs: int) -> None:
+    """This process reads and embeds the slides once; workers get ``cores // jobs`` threads."""
+    cores = len(os.sched_getaffinity(0))
+    threads = None if jobs == 1 else max(cores // jobs, 1)
+    _init_worker(cache_dir, overrides, threads)
+    _WORKER["threads"] = threads
+
+
+def _common(metrics: dict, folds: list, t_all: float, jobs: int, n_reused: int, n_computed: int,
+            overrides: list[str]) -> dict:
+    loaded = _WORKER["loaded"]
+    first = next(iter(metrics.values()), {})
+    return {"folds": [f.to_dict() for f in folds], "load_seconds": _WORKER["load_seconds"],
+            "seconds": time.perf_counter() - t_all, "jobs": jobs,
+            "threads_per_job": _WORKER["threads"] or len(os.sched_getaffinity(0)),
+            "n_spots": int(sum(a.n_obs for a in loaded.adatas.values())), "reused": n_reused, "computed": n_computed,
+            "overrides": list(overrides), "definitions": first.get("definitions", {}),
+            "eval": first.get("config", {}).get("eval", {})}
+
+
+def run(cache_dir: str | None, methods: list[str], only_folds: list[str] | None, overrides: list[str],
+        jobs: int = 1, workdir: Path = REPO / "runs" / "bench_accuracy", budget_min: float | None = None) -> dict:
+    """Every run the selected rows need (:func:`run_tasks`); runs missing a fold are reported unfinished."""
+    t_all = time.perf_counter()
+    _start(cache_dir, overrides, jobs)
+    runs = [r for r in RUN_ORDER if any(run_name(m) == r for m in methods)]
+    metrics, folds, n_reused, n_computed = run_tasks({r: run_spec(r) for r in runs}, only_folds, jobs, workdir,
+                                                     t_all, budget_min)
     rows = [m for m in methods if run_name(m) in metrics]
     unfinished = {m: sum((workdir / run_name(m) / "folds" / f.name / "result.json").is_file() for f in folds)
                   for m in methods if m not in rows}
-    return {"summary": {m: row_summary(m, metrics[run_name(m)]) for m in rows}, "folds": [f.to_dict() for f in folds],
-            "load_seconds": _WORKER["load_seconds"], "seconds": time.perf_counter() - t_all, "jobs": jobs,
-            "threads_per_job": threads or cores, "n_spots": int(sum(a.n_obs for a in loaded.adatas.values())),
-            "methods": rows, "unfinished": unfinished, "reused": n_reused, "computed": len(todo),
-            "overrides": list(overrides), "definitions": next(iter(metrics.values()))["definitions"] if metrics else {},
-            "eval": next(iter(metrics.values()))["config"]["eval"] if metrics else {}}
+    return {"summary": {m: row_summary(m, metrics[run_name(m)]) for m in rows}, "methods": rows,
+            "unfinished": unfinished, **_common(metrics, folds, t_all, jobs, n_reused, n_computed, overrides)}
 
 
 def row_summary(method: str, m: dict) -> dict:
@@ -185,6 +255,160 @@ def row_summary(method: str, m: dict) -> dict:
     out["details"] = [] if b else [{k: f.get(k) for k in ("name", "best_epochs", "blend_alpha", "train_seconds",
                                                           "fold_seconds")} for f in m["folds"]]
     return out
+
+
+# ---------------------------------------------------------------------------------------- shift suite
+def shift_run(family: str, setting: str) -> str:
+    return f"{family}_{setting}"
+
+
+def shift_rows(family: str, setting: str, m: dict) -> dict:
+    """The rows of one shift-suite run (row key -> figures): all folds, the patient-disjoint folds, per held-out
+    slide, and the inner validation score per fold (``val_pcc_ensemble`` of the model; ``val_pcc`` of a
+    baseline: the training slides' validation blocks)."""
+    out = {}
+    for key, label in SHIFT_FAMILIES[family][2]:
+        b = None if key == "model" else key
+        per_slide, val, seconds = {}, {}, 0.0
+        for f in m["folds"]:
+            block = f["baselines"][b] if b else f
+            per_slide.update({s: {k: v for k, v in sc.items() if k != "pcc_per_gene"}
+                              for s, sc in block["per_slide"].items()})
+            val[f["name"]] = block.get("val_pcc") if b else f.get("val_pcc_ensemble")
+            seconds += block.get("seconds", 0.0) if b else f["fold_seconds"]
+        row = dict(m["baselines"][b] if b else m["summary"])
+        disjoint = (m.get("baselines_patient_disjoint") or {}).get(b) if b else m.get("summary_patient_disjoint")
+        row.update(patient_disjoint=disjoint,
+                   per_slide=per_slide, val_per_fold=val, seconds=seconds, label=label, setting=setting,
+                   features=m["config"]["features"])
+        vals = [v for v in val.values() if v is not None and np.isfinite(v)]
+        row["val_pcc"] = float(np.mean(vals)) if len(vals) == len(val) else float("nan")
+        out[key] = row
+    return out
+
+
+def _family_val(rows: dict, family: str) -> float:
+    """One number per family and setting for choosing its combination: the mean inner validation of its rows."""
+    return float(np.mean([rows[k]["val_pcc"] for k, _ in SHIFT_FAMILIES[family][2]]))
+
+
+def run_shift(cache_dir: str | None, only_folds: list[str] | None, overrides: list[str], jobs: int, workdir: Path,
+              budget_min: float | None) -> dict:
+    """The shift suite: every (family, setting) of :data:`SHIFT`, then per family the combination of the
+    corrections whose inner validation beat ``none`` (run only when that is two or more of them)."""
+    t_all = time.perf_counter()
+    _start(cache_dir, overrides, jobs)
+    specs = {shift_run(fam, st): shift_spec(fam, feats) for fam in SHIFT_FAMILIES for st, (_, feats) in SHIFT.items()}
+    # fold by fold, gnnst first: a run cut short by the budget compares every row on the same folds
+    metrics, folds, n_reused, n_computed = run_tasks(specs, only_folds, jobs, workdir, t_all, budget_min,
+                                                     fold_major=list(specs))
+    partial = {}  # family -> the folds every one of its runs finished, when some run is unfinished
+    for fam in SHIFT_FAMILIES:
+        runs = [shift_run(fam, st) for st in SHIFT]
+        if all(r in metrics for r in runs):
+            continue
+        common = [f.name for f in folds if all((workdir / r / "folds" / f.name / "result.json").is_file() for r in runs)]
+        if common:  # every setting of the family summarised on the same folds, reported as partial
+            partial[fam] = common
+            metrics.update({r: _run(r, specs[r], workdir, common, tasks=False) for r in runs})
+    rows = {(fam, st): shift_rows(fam, st, metrics[shift_run(fam, st)]) for fam in SHIFT_FAMILIES for st in SHIFT
+            if shift_run(fam, st) in metrics}
+    combos = {}
+    for fam in SHIFT_FAMILIES:
+        if fam in partial or not all((fam, st) in rows for st in SHIFT):
+            continue
+        ref = _family_val(rows[(fam, "none")], fam)
+        better = [st for st in SHIFT if st != "none" and _family_val(rows[(fam, st)], fam) > ref]
+        combos[fam] = better
+        if len(better) >= 2:
+            spec = shift_spec(fam, [o for st in better for o in SHIFT[st][1]])
+            m2, *_, c2 = run_tasks({shift_run(fam, "best"): spec}, only_folds, jobs, workdir, t_all, budget_min)
+            n_computed += c2
+            if m2:
+                rows[(fam, "best")] = shift_rows(fam, "best", m2[shift_run(fam, "best")])
+    unfinished = [shift_run(fam, st) for fam in SHIFT_FAMILIES for st in SHIFT
+                  if (fam, st) not in rows or fam in partial]
+    return {"rows": {f"{fam}_{st}_{k}": v for (fam, st), rr in rows.items() for k, v in rr.items()},
+            "combinations": combos, "unfinished": unfinished, "partial": partial,
+            **_common(metrics, folds, t_all, jobs, n_reused, n_computed, overrides)}
+
+
+def _setting_label(row: dict, combos: dict, family: str) -> str:
+    if row["setting"] != "best":
+        return SHIFT[row["setting"]][0]
+    return "combination: " + " + ".join(SHIFT[st][0] for st in combos[family])
+
+
+def format_shift(r: dict) -> str:
+    """The shift suite's tables: all folds with the inner validation; the patient-disjoint fold on its own."""
+    from gnnst.metrics import MetricSet
+
+    ev = r["eval"]
+    ms = MetricSet(n_heg=ev.get("n_heg", 50), n_hvg=ev.get("n_hvg", 50), hvg=ev.get("hvg", "seurat"))
+    rows, combos = r["rows"], r["combinations"]
+    order = [(fam, st, k) for fam in SHIFT_FAMILIES for k, _ in SHIFT_FAMILIES[fam][2] for st in [*SHIFT, "best"]
+             if f"{fam}_{st}_{k}" in rows]
+    cols = ["pcc_heg_per_slide", "pcc_all_per_slide", "pcc_heg_pooled", "pcc_all_pooled"]
+    n = len(r["folds"])
+    lines = [f"**All {n} folds**: inner validation = mean over the folds of the PCC on the validation blocks of the "
+             "training slides (what a default may be chosen on); the other columns score the held-out slides.", "",
+             "| model | features | inner validation PCC | folds better than none (inner) | "
+             + " | ".join(ms.label(c) for c in cols) + " | time (s) |", "|---" * (len(cols) + 5) + "|"]
+    for fam, st, k in order:
+        row, none = rows[f"{fam}_{st}_{k}"], rows.get(f"{fam}_none_{k}")
+        nf = len(row["val_per_fold"])
+        wins = "—" if st == "none" or none is None else \
+            f"{sum(row['val_per_fold'][f] > none['val_per_fold'][f] for f in row['val_per_fold'])}/{nf}"
+        label = row["label"] + (f" (PARTIAL: folds {', '.join(row['val_per_fold'])})" if fam in r["partial"] else "")
+        lines.append(f"| {label} | {_setting_label(row, combos, fam)} | {_f(row['val_pcc'])} | {wins} | "
+                     + " | ".join(_f(row.get(c)) for c in cols) + f" | {row['seconds']:.0f} |")
+    lines += ["", "**Patient-disjoint fold only** (B4 on her2st-6: patient B, trained on patient C's five slides):", "",
+              "| model | features | inner validation PCC (this fold) | " + " | ".join(
+                  ms.label(c) for c in ["pcc_heg_per_slide", "pcc_hvg_per_slide", "pcc_all_per_slide"]) + " |",
+              "|---" * 5 + "|"]
+    pd_folds = [f["name"] for f in r["folds"] if f.get("patient_disjoint")]
+    for fam, st, k in order:
+        row = rows[f"{fam}_{st}_{k}"]
+        d = row.get("patient_disjoint") or {}
+        v = np.mean([row["val_per_fold"][f] for f in pd_folds if f in row["val_per_fold"]] or [np.nan])
+        lines.append(f"| {row['label']} | {_setting_label(row, combos, fam)} | {_f(v)} | "
+                     + " | ".join(_f(d.get(c)) for c in ["pcc_heg_per_slide", "pcc_hvg_per_slide", "pcc_all_per_slide"])
+                     + " |")
+    return "\n".join(lines)
+
+
+def shift_notes(r: dict) -> str:
+    defs = r.get("definitions", {})
+    out = [
+        f"- {r['n_spots']} spots, {len(r['folds'])} folds, every row through the library's cross-validation with "
+        "`configs/her2st.yaml` and the `features` overrides of `benchmarks/accuracy.py` (`SHIFT`); gnnst rows train "
+        "one model per fold (`train.ensemble=1`): its `none` row is the main table's \"gnnst, full (ens 1)\" config.",
+        "- Each correction reads a slide's own images only: slide standardisation = each embedding dimension "
+        "minus the slide's own mean over its own sd; Macenko = the slide's stain (estimated on its own patches' "
+        "pixels) mapped to a reference estimated on the fold's TRAINING slides (re-embedded and cached per fold); "
+        "stain augmentation = 2 HED-jittered embeddings per training spot, one view per spot drawn each epoch "
+        "(baselines: the views are extra training rows); validation and held-out slides see view 0 only.",
+        "- Inner validation: `val_pcc_ensemble` of the fold's model, `baseline_validation_score` of a baseline "
+        "(fitted on the training parts, scored on the same validation blocks of the training slides); held-out "
+        "slides play no part in it.",
+        "- Combination: per family, the corrections whose mean inner validation beat `none`, run together when "
+        "there are two or more (" + "; ".join(f"{fam}: {', '.join(b) or 'none beat it'}"
+                                              for fam, b in r["combinations"].items()) + ").",
+        "- Definitions (from `metrics.json`): " + "; ".join(
+            f"{v['label']}: {v['definition']}" for k, v in defs.get("metrics", {}).items()
+            if k in ("pcc_heg_per_slide", "pcc_heg_pooled")) + ".",
+        "- `time` = wall seconds summed over the folds (re-embedding of stain-normalised or augmented patches "
+        f"included where that fold computed them); tasks ran {r['jobs']} at a time with {r['threads_per_job']} "
+        "torch thread(s) each.",
+    ]
+    if r["unfinished"]:
+        out.append("- Not finished within the run's time budget (rows left out): " + ", ".join(r["unfinished"])
+                   + ". `--suite shift --resume` completes them.")
+    if r["reused"]:
+        out.append(f"- {r['reused']} of the (run, fold) results were computed by earlier invocations and reused "
+                   "(`--resume`).")
+    out.append(f"- This invocation: {r['seconds'] / 60:.1f} min on this machine.")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -279,12 +503,15 @@ def notes(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=["main", "shift"], default="main",
+                   help="main: the accuracy table; shift: the slide-shift rows (issue 15), their own section")
     p.add_argument("--cache-dir", default=None, help="embedding cache (data.cache_dir); a warm one saves encoding")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--only-folds", "--folds", dest="folds", nargs="+", default=None,
                    help="only these folds (names or test slide ids); default all")
     p.add_argument("--jobs", type=int, default=1, help="tasks run at once, in worker processes sharing the cores")
-    p.add_argument("--workdir", default=str(REPO / "runs" / "bench_accuracy"), help="the runs are kept here")
+    p.add_argument("--workdir", default=None,
+                   help="the runs are kept here (default runs/bench_accuracy, runs/bench_accuracy_shift)")
     p.add_argument("--resume", action="store_true", help="reuse the runs in --workdir (else it is emptied first)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no task after this many minutes; unfinished rows are reported as such")
@@ -294,14 +521,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.getLogger("gnnst").setLevel(logging.WARNING)
     load_before = os.getloadavg()
-    workdir = Path(args.workdir)
+    shift = args.suite == "shift"
+    workdir = Path(args.workdir or REPO / "runs" / ("bench_accuracy_shift" if shift else "bench_accuracy"))
     if not args.resume and workdir.exists():
         import shutil
 
         shutil.rmtree(workdir)
-    r = run(args.cache_dir, args.methods, args.folds, args.overrides, args.jobs, workdir, args.budget_min)
+    if shift:
+        r = run_shift(args.cache_dir, args.folds, args.overrides, args.jobs, workdir, args.budget_min)
+    else:
+        r = run(args.cache_dir, args.methods, args.folds, args.overrides, args.jobs, workdir, args.budget_min)
     r["loadavg_before"], r["loadavg_after"] = load_before, os.getloadavg()
-    text = format_tables(r) + "\n\n" + notes(r)
+    text = (format_shift(r) + "\n\n" + shift_notes(r)) if shift else format_tables(r) + "\n\n" + notes(r)
     text += (f"\n- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in r['loadavg_before'])}, after "
              f"{', '.join(f'{v:.1f}' for v in r['loadavg_after'])}: the machine is shared with other developers' "
              "jobs, so times may be inflated (accuracy figures are not affected).")
@@ -309,11 +540,13 @@ def main(argv=None) -> int:
         text += f"\n- Note: {args.note}"
     print(machine_info())
     print(text)
-    partial = args.folds or args.overrides or args.methods != list(METHODS) or r["unfinished"]
+    partial = args.folds or args.overrides or (args.methods != list(METHODS) and not shift) or r["unfinished"]
+    key, title = ("accuracy_shift", "Slide-to-slide shift on her2st-6 (`benchmarks/accuracy.py --suite shift`)") \
+        if shift else ("accuracy", "Accuracy on her2st-6 (`benchmarks/accuracy.py`)")
     if not args.no_write and not partial:
-        write_section("accuracy", "Accuracy on her2st-6 (`benchmarks/accuracy.py`)", text)
+        write_section(key, title, text)
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "accuracy.json").write_text(json.dumps(r, indent=2, default=float) + "\n")
+        (HERE / "results" / f"{key}.json").write_text(json.dumps(r, indent=2, default=float) + "\n")
     elif not args.no_write:
         print("(partial run: RESULTS.md not updated)")
     return 0

@@ -173,6 +173,34 @@ class GraphConfig(_Section):
             raise GnnstError("config key 'graph.k': set at least one of graph.k and graph.radius_um (both are null)")
 
 
+
+
+@dataclass
+class FeaturesConfig(_Section):
+    """What is done to a slide's patches and embeddings before the model sees them, to reduce the shift
+    between slides (staining, scanner, thickness). Each uses the slide's own images only, never its
+    expression, so it applies alike to training, held-out and new slides (:mod:`gnnst.graph.features`)."""
+
+    key: ClassVar[str] = "features"
+    # per-slide standardisation of the patch embeddings: "standardize" = each embedding dimension minus the
+    # slide's own mean, over the slide's own sd (a slide of fewer than min_spots spots: the training slides'
+    # statistics, with a warning); "none" = embeddings as the encoder gives them
+    slide_norm: typing.Literal["none", "standardize"] = "none"
+    min_spots: int = num(50, ge=2)  # fewest spots whose own statistics standardise a slide (slide_norm)
+    # stain normalisation of every patch before the encoder (gnnst.data.stain), the slide's stain estimated on
+    # its own pixels and mapped to a reference estimated on the training slides' pixels (per fold; all slides
+    # for the final model; recorded in the TrainedModel): "macenko" (stain vectors + concentrations),
+    # "reinhard" (LAB mean and sd), "none"
+    stain_norm: typing.Literal["none", "macenko", "reinhard"] = "none"
+    stain_sample_spots: int = num(256, ge=1)  # spots per slide whose patches estimate its stain (evenly spaced)
+    # training only: augmented embeddings per spot (HED jitter of the patches, Tellez et al. 2018), computed
+    # once and cached; each epoch a spot's input is one of its 1 + stain_augment views (view 0 unaugmented);
+    # validation, baselines' scoring and prediction see view 0 only. 0 = off
+    stain_augment: int = num(0, ge=0, le=32)
+    stain_augment_sigma: float = num(0.05, ge=0, lt=1)  # HED jitter: each stain's concentration x U(1-s, 1+s) ...
+    stain_augment_bias: float = num(0.05, ge=0, lt=1)  # ... + U(-b, b), one draw per slide and view
+
+
 PREDICT_MODES = ("head", "retrieval", "blend")  # allowed values of ModelConfig.predict_mode
 
 
@@ -316,6 +344,7 @@ class Config(_Section):
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     expression: ExpressionConfig = field(default_factory=ExpressionConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -10,7 +10,10 @@ coordinates, no expression.
 there (``write_grid_maps`` draws the result, flagged spots in grey).
 
 The model carries everything needed (encoder name and identity, patch size in µm, gene panel,
-graph parameters, normalisation, target scaling); a mismatch is an error, not a silent wrong answer.
+graph parameters, normalisation, target scaling, the feature normalisation it was trained with); a
+mismatch is an error, not a silent wrong answer. A new slide's patches are stain-normalised to the
+model's reference when it was trained so (the slide's stain estimated on its own pixels), and its
+embeddings standardised by its own statistics when it was trained so (in :meth:`TrainedModel.predict`).
 """
 
 from __future__ import annotations
@@ -146,11 +149,21 @@ def predict_spots(
     enc = model.create_encoder(dev)
     emb = embed_spots(spots, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
                       cache_dir=cache_root(cache_dir) / "embeddings", progress=progress, image=opened,
-                      image_id=image_id)
+                      image_id=image_id, transform=_stain_transform(model, spots, image=opened))
     if opened is not None:
         opened.close()  # also when the cache held the embeddings
     g = slide_to_data(spots, emb, None, k=model.graph.k, radius_um=model.graph.radius_um)
     return model.predict(g, device=dev), g, emb
+
+
+def _stain_transform(model: "TrainedModel", a: "AnnData", *, image=None):
+    """The map of the slide's patches (its own pixels) to the model's stain reference, or ``None`` when the
+    model was trained without stain normalisation (:meth:`gnnst.graph.features.FeatureState.stain_transform`)."""
+    tf = model.feature_norm.stain_transform(a, size_um=model.patch_size_um, image=image)
+    if tf is not None:
+        log.info("slide '%s': stain normalisation (%s) to the model's reference, estimated on %d tissue pixels of "
+                 "its own patches", a.obs[keys.SLIDE_ID].iloc[0], model.feature_norm.stain_norm, tf.source.n_pixels)
+    return tf
 
 
 def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, mpp: float,
@@ -245,7 +258,8 @@ def predict_grid(
     sub = spots_anndata(sub_xy, [f"{b}/{k}" for k in range(n_sub) for b in barcodes], slide_id=slide_id,
                         mpp=mpp, image=image)
     emb = embed_spots(sub, enc, size_um=model.patch_size_um, batch_size=batch_size, device=dev,
-                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress)  # [K*N, D]
+                      cache_dir=cache_root(cache_dir) / "embeddings", progress=progress,
+                      transform=_stain_transform(model, sub))  # [K*N, D]
     # each shifted copy is a whole grid: its graph is built as in training
     graphs = [slide_to_data(sub[k * n:(k + 1) * n], emb[k * n:(k + 1) * n], None, k=model.graph.k,
                             radius_um=model.graph.radius_um) for k in range(n_sub)]

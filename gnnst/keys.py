@@ -49,9 +49,11 @@ def img_key(encoder: str) -> str:
 # edge_attr  [E, 3]  (dx, dy, distance) in micrometres, source minus target
 # slide_id   str
 # barcodes   list[str]
+# x_views    [V, N, D]  training only: view 0 = x, views 1.. stain-augmented embeddings (gnnst.graph.features)
 DATA_X = "x"
 DATA_Y = "y"
 DATA_POS = "pos"
 DATA_PIXEL = "pixel"
 DATA_SLIDE = "slide_id"
 DATA_BARCODES = "barcodes"
+DATA_X_VIEWS = "x_views"

@@ -4,7 +4,9 @@
 identity, input size, width) and the patch size in µm, the gene panel and how expression was
 normalised, the target scaling, the graph parameters, the inference batching, the ensemble members'
 weights, the head/retrieval blend weight chosen on validation spots, where it was trained (the fold),
-for a run's final model the per-gene cross-validated PCC of the run it came from (:attr:`cv`), and what
+for a run's final model the per-gene cross-validated PCC of the run it came from (:attr:`cv`), what is
+done to a slide's patches and embeddings before the members see them (:attr:`feature_norm`, a
+:class:`~gnnst.graph.features.FeatureState`: stain reference, per-slide standardisation), and what
 says how far to trust a prediction (:mod:`gnnst.reliability`): the scale of the ensemble spread fitted
 on validation spots (:attr:`calibration`) and a bounded reference of training features for
 out-of-distribution scores (:attr:`ood_reference`).
@@ -33,6 +35,7 @@ from gnnst import __version__
 from gnnst.config import ExpressionConfig, GraphConfig, ModelConfig, ReliabilityConfig
 from gnnst.data.expression import GenePanel
 from gnnst.errors import GnnstError
+from gnnst.graph.features import FeatureState
 from gnnst.reliability import Calibration, GeneReliability, OODReference, ensemble_sd
 
 if TYPE_CHECKING:
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 
 FORMAT = "gnnst.TrainedModel"  # the 'format' field of a model file
 FORMAT_VERSION = 1  # bumped when a field changes meaning; older files are refused with a message
-OPTIONAL_FIELDS = ("cv", "calibration", "ood_reference", "reliability", "protocol")  # absent from older files
+OPTIONAL_FIELDS = ("cv", "calibration", "ood_reference", "reliability", "protocol", "feature_norm")  # absent from older files
 
 
 @dataclass
@@ -216,6 +219,10 @@ class TrainedModel:
             level, OOD settings).
         protocol: ``"honest"``, or the LEAKY note of ``eval.select_on_heldout`` runs.
         gnnst_version: version that trained it.
+        feature_norm: the slide-shift corrections it was trained with (``features`` config): the stain reference
+            a new slide's patches are mapped to (:meth:`FeatureState.stain_transform`, applied by
+            :mod:`gnnst.inference`) and the per-slide standardisation of the embeddings (applied by
+            :meth:`predict` through :meth:`features`). Training-only augmentation is not recorded.
     """
 
     model_name: str
@@ -238,6 +245,7 @@ class TrainedModel:
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     protocol: str = "honest"
     gnnst_version: str = __version__
+    feature_norm: FeatureState = field(default_factory=FeatureState)
 
     @classmethod
     def untrained(cls, encoder: EncoderInfo, genes: Sequence[str], *, model_config: ModelConfig | None = None,
@@ -277,7 +285,8 @@ class TrainedModel:
                 "blend_alpha": float(self.blend_alpha), "fold": self.fold, "cv": self.cv,
                 "calibration": None if self.calibration is None else self.calibration.to_dict(),
                 "ood_reference": None if self.ood_reference is None else self.ood_reference.to_dict(),
-                "reliability": config_to_dict(self.reliability), "protocol": self.protocol}
+                "reliability": config_to_dict(self.reliability), "protocol": self.protocol,
+                "feature_norm": self.feature_norm.to_dict()}
 
     def save(self, path: str | Path) -> Path:
         """Write the model file atomically (see the module docstring); returns ``path``."""
@@ -337,7 +346,8 @@ class TrainedModel:
                      ood_reference=None if d.get("ood_reference") is None else
                      OODReference.from_dict(d["ood_reference"]),
                      reliability=_from_dict(ReliabilityConfig, d.get("reliability") or {}, "reliability."),
-                     protocol=str(d.get("protocol", "honest")), gnnst_version=str(d["gnnst_version"]))
+                     protocol=str(d.get("protocol", "honest")), gnnst_version=str(d["gnnst_version"]),
+                     feature_norm=FeatureState.from_dict(d.get("feature_norm")))
         except GnnstError as e:
             raise GnnstError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
@@ -369,6 +379,10 @@ class TrainedModel:
             raise GnnstError(f"{where}: no ensemble member ('states' is empty)")
         if not 0.0 <= self.blend_alpha <= 1.0:
             raise GnnstError(f"{where}: 'blend_alpha' must be in [0, 1], got {self.blend_alpha}")
+        sn = self.feature_norm.slide_norm
+        if sn is not None and (len(sn.mean) != self.in_dim or len(sn.std) != self.in_dim):
+            raise GnnstError(f"{where}: 'feature_norm.slide_norm' has statistics of width {len(sn.mean)} for input "
+                             f"width {self.in_dim}")
         if self.ood_reference is not None and self.ood_reference.features.shape[1] != self.in_dim:
             raise GnnstError(f"{where}: 'ood_reference' has features of width {self.ood_reference.features.shape[1]}, "
                              f"the model reads width {self.in_dim}")
@@ -396,10 +410,15 @@ class TrainedModel:
         return ("head",) if self.blend_alpha == 1.0 else ("retrieval",) if self.blend_alpha == 0.0 else \
             ("head", "retrieval")
 
-    def features(self, graph: "Data") -> np.ndarray:
+    def features(self, graph: "Data", *, warn: bool = True) -> np.ndarray:
         """``[N, D]`` float32: the features of a slide graph the model reads, the ones out-of-distribution
-        scores compare (:attr:`ood_reference` is built from the training slides' through here)."""
-        return graph.x.float().numpy()
+        scores compare (:attr:`ood_reference` is built from the training slides' through here): its ``x``
+        (the embeddings, of stain-normalised patches when :attr:`feature_norm` says so) after the per-slide
+        standardisation it was trained with. The one function from a graph to the members' input."""
+        from gnnst import keys
+
+        return self.feature_norm.inputs(graph.x, slide=f"slide '{getattr(graph, keys.DATA_SLIDE, None) or 'slide'}'",
+                                        warn=warn)
 
     def gene_reliability(self, threshold: float | None = None) -> GeneReliability:
         """Per-gene reliability of the panel (:class:`~gnnst.reliability.GeneReliability`) at ``threshold``
@@ -411,7 +430,9 @@ class TrainedModel:
     def predict(self, graphs: "Data | Sequence[Data]", *, device="cpu", members: bool = True, ood: bool = True
                 ) -> "Prediction | list[Prediction]":
         """Predicted expression of each slide graph (``x``, ``pos``, ``edge_index``, ``edge_attr``; ``y`` is
-        not read), in the panel's units (:attr:`expression`).
+        not read), in the panel's units (:attr:`expression`). ``x`` holds the slide's embeddings as
+        :mod:`gnnst.inference` makes them (stain-normalised patches when :attr:`feature_norm` says so); the
+        per-slide standardisation is applied here (:meth:`features`); ``x_views`` is never read.
 
         Each member predicts by halo mini-batches (:attr:`batch_nodes`, :attr:`num_hops`), the head and
         retrieval outputs blended with :attr:`blend_alpha` (:func:`gnnst.models.base.blend`); members are
@@ -432,6 +453,7 @@ class TrainedModel:
                 raise GnnstError(f"embedding width mismatch: the graph has x of shape "
                                  f"{None if g.x is None else list(g.x.shape)}, the model reads width {self.in_dim}")
         device = torch.device(device) if isinstance(device, str) else device
+        originals, graphs = graphs, [self._as_input(g) for g in graphs]
         modes = self.modes()
         per_member = []  # [M][graph] -> [N, G] standardised
         for model in self.models(device):
@@ -445,12 +467,21 @@ class TrainedModel:
         for i in range(len(graphs)):
             stack = np.stack([m[i] for m in per_member])  # [M, N, G]
             expr = self.scaler.inverse(stack.mean(0)).astype(np.float32)
-            score = self.ood_reference.score(self.features(graphs[i])) \
+            score = self.ood_reference.score(self.features(originals[i], warn=False)) \
                 if ood and self.ood_reference is not None else None
             result.append(Prediction(expression=expr,
                                      members=self.scaler.inverse(stack).astype(np.float32) if members else None,
                                      ood_score=score, ood=None if score is None else self.ood_reference.flag(score)))
         return result[0] if single else result
+
+    def _as_input(self, g: "Data") -> "Data":
+        """A shallow copy of ``g`` with ``x`` = :meth:`features` (in ``g.x``'s dtype) and no ``x_views``."""
+        from gnnst import keys
+
+        d = copy.copy(g)
+        if getattr(d, keys.DATA_X_VIEWS, None) is not None:
+            del d[keys.DATA_X_VIEWS]
+        return self.feature_norm.graph_inputs(d)
 
     def slide_graph(self, pixel: np.ndarray, mpp: float) -> "SlideGraph":
         """A slide's graph with this model's graph parameters (:func:`gnnst.graph.edges.slide_graph`)."""

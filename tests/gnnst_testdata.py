@@ -112,6 +112,42 @@ def write_spatialdata_store(path: Path, *, grid=(5, 4), pitch=10.0, origin=(5.0,
     return {"barcodes": barcodes, "counts": counts, "genes": names, "xy": xy[order], "image": image}
 
 
+HE_STAINS = np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]])  # OD of haematoxylin, eosin per RGB channel
+
+
+def he_pixels(conc: np.ndarray, stains: np.ndarray = HE_STAINS, scale=(1.0, 1.0)) -> np.ndarray:
+    """uint8 RGB ``[..., 3]`` of stain concentrations ``conc`` ``[..., 2]`` (Beer-Lambert, light 240 as in
+    :mod:`gnnst.data.stain`): ``stains`` ``[3, 2]`` (columns normalised here), each stain's concentration x ``scale``."""
+    s = stains / np.linalg.norm(stains, axis=0, keepdims=True)
+    od = (conc * np.asarray(scale)) @ s.T
+    return np.clip(240.0 * np.exp(-od) - 1.0, 0, 255).round().astype(np.uint8)
+
+
+def he_concentrations(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """``[h, w, 2]`` haematoxylin and eosin concentrations of a synthetic tissue: smooth eosin-rich stroma with
+    haematoxylin-dense nuclei (blobs) whose density varies across the image."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    eosin = 0.6 + 0.6 * gaussian_filter(rng.random((h, w)), 6) / 0.5
+    density = gaussian_filter(rng.random((h, w)), 25)
+    nuclei = gaussian_filter((rng.random((h, w)) < 0.04 * density / density.mean()).astype(float), 1.5) * 12
+    nuclei = np.clip(nuclei, 0, 1.6)
+    return np.stack([0.05 + nuclei, np.clip(eosin, 0, 2) * (1 - 0.9 * np.clip(nuclei, 0, 1))], axis=-1)
+
+
+def write_he_image(path: Path, size: tuple[int, int], *, seed: int = 0, stains: np.ndarray = HE_STAINS,
+                   scale=(1.0, 1.0)) -> np.ndarray:
+    """A synthetic H&E image (``size`` = (w, h)) stained with ``stains`` x ``scale``, saved as high-quality JPEG;
+    returns its concentrations ``[h, w, 2]`` (the same ``seed`` gives the same tissue in another stain)."""
+    from PIL import Image
+
+    conc = he_concentrations((size[1], size[0]), seed)
+    Image.fromarray(he_pixels(conc, stains, scale)).save(path, quality=97)
+    return conc
+
+
 def write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], features: list[tuple[str, str, str]]) -> None:
     """A 10x feature-barcode HDF5 (``filtered_feature_bc_matrix.h5``) of ``counts`` ``[barcodes, features]``;
     ``features``: (id, name, feature_type). CSC features x barcodes == CSR barcodes x features."""

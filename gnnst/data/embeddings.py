@@ -52,8 +52,10 @@ class Timer:
         return _Ctx()
 
 
-def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_um: float, image_id: str) -> str:
-    """Digest of everything an embedding depends on."""
+def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_um: float, image_id: str,
+              transform: str | None = None) -> str:
+    """Digest of everything an embedding depends on; ``transform``: the ``identity`` of what was done to the
+    patches before the encoder (stain normalisation or augmentation, :mod:`gnnst.data.stain`)."""
     h = hashlib.sha256()
     mpp = adata.uns[keys.UNS_GNNST][keys.MPP]
     for part in (encoder_identity, str(input_size), f"{size_um:.6g}", f"{mpp:.9g}", image_id):
@@ -63,6 +65,8 @@ def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_
         h.update(f"{adata.uns[keys.UNS_GNNST][keys.IMAGE_SCALEF]:.9g}".encode())
     h.update(np.ascontiguousarray(adata.obsm[keys.SPATIAL], dtype=np.float64).tobytes())
     h.update("\n".join(adata.obs_names).encode())
+    if transform is not None:  # untransformed patches keep the keys they always had
+        h.update(f"\0transform:{transform}".encode())
     return h.hexdigest()[:20]
 
 
@@ -74,11 +78,14 @@ def default_image_id(adata: "AnnData") -> str:
 
 
 def cache_path(
-    adata: "AnnData", encoder: "PatchEncoder", *, size_um: float, cache_dir: Path, image_id: str | None = None
+    adata: "AnnData", encoder: "PatchEncoder", *, size_um: float, cache_dir: Path, image_id: str | None = None,
+    transform=None,
 ) -> Path:
-    """Where the embeddings of ``adata``'s spots are cached under ``cache_dir``."""
+    """Where the embeddings of ``adata``'s spots are cached under ``cache_dir`` (``transform``: applied to
+    the patches first, keyed by its ``identity``)."""
     key = cache_key(adata, encoder_identity=encoder.cache_identity, input_size=encoder.input_size, size_um=size_um,
-                    image_id=image_id or default_image_id(adata))
+                    image_id=image_id or default_image_id(adata),
+                    transform=None if transform is None else transform.identity)
     return Path(cache_dir) / encoder.key / f"{adata.obs[keys.SLIDE_ID].iloc[0]}-{key}.npz"
 
 
@@ -189,6 +196,7 @@ def embed_slides(
     images: dict[int, "SlideImage"] | None = None,
     timer: Timer | None = None,
     progress: bool = True,
+    transforms: Sequence | None = None,
 ) -> list[np.ndarray]:
     """Embeddings ``[N_i, D]`` float32 of the patches around each slide's spots, in the order given.
 
@@ -208,6 +216,8 @@ def embed_slides(
         images: slides already opened, by position in ``adatas`` (used when ``num_workers == 0``).
         timer: accumulates ``decode`` and ``crop`` (seconds summed over workers), ``patch_wait`` (the
             encoder waiting for patches) and ``encode``.
+        transforms: per slide, ``None`` or a transform of its ``uint8`` crops (stain normalisation or
+            augmentation, :mod:`gnnst.data.stain`), keyed in the cache by its ``identity``.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -223,6 +233,7 @@ def embed_slides(
     device = torch.device(device or "cpu")
     batch_size = batch_size or default_batch_size(device)
     image_ids = list(image_ids) if image_ids is not None else [None] * len(adatas)
+    transforms = list(transforms) if transforms is not None else [None] * len(adatas)
     out: list[np.ndarray | None] = [None] * len(adatas)
     todo, paths = [], {}
     for i, a in enumerate(adatas):
@@ -232,7 +243,8 @@ def embed_slides(
         if meta.get(keys.MPP) is None:
             raise GnnstError(f"slide '{sid}': micrometres per pixel unknown; give scale.mpp in the manifest")
         if cache_dir is not None:
-            paths[i] = cache_path(a, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_ids[i])
+            paths[i] = cache_path(a, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_ids[i],
+                                  transform=transforms[i])
             out[i] = load_cached(paths[i], a.n_obs, encoder.dim)
         if out[i] is None:
             todo.append(i)
@@ -251,7 +263,7 @@ def embed_slides(
         check_inside(xy, width, height, slide_id=_slide_id(a), barcodes=a.obs_names)
         plans.append(PatchPlan.make(_slide_id(a), meta[keys.IMAGE_PATH], xy,
                                     side_px=patch_side_px(size_um, image_mpp), out_size=encoder.input_size,
-                                    downsamples=downsamples, pad_value=pad_value))
+                                    downsamples=downsamples, pad_value=pad_value, transform=transforms[i]))
     on_cuda = device.type == "cuda"
     stream = PatchStream(plans, rows=batch_size, workers=num_workers, out_size=encoder.input_size,
                          interpolation=encoder.interpolation, resize=not on_cuda,
@@ -320,11 +332,14 @@ def embed_spots(
     timer: Timer | None = None,
     progress: bool = True,
     num_workers: int = 0,
+    transform=None,
 ) -> np.ndarray:
     """Embeddings ``[N, D]`` float32 of the patches around one slide's spots (see :func:`embed_slides`).
 
     ``image``: the slide, already opened (e.g. decoded in a background thread); else opened here.
+    ``transform``: applied to the patches first (:mod:`gnnst.data.stain`).
     """
     return embed_slides([adata], encoder, size_um=size_um, batch_size=batch_size, num_workers=num_workers,
                         pad_value=pad_value, device=device, cache_dir=cache_dir, image_ids=[image_id],
-                        images={0: image} if image is not None else None, timer=timer, progress=progress)[0]
+                        images={0: image} if image is not None else None, timer=timer, progress=progress,
+                        transforms=[transform])[0]

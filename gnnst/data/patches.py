@@ -66,6 +66,8 @@ class PatchPlan:
         level: pyramid level read from.
         read_px: patch side in pixels of that level (the crops' size).
         pad_value: grey level outside the image.
+        transform: applied to the ``uint8`` crops ``[B, r, r, 3]`` before resampling (stain normalisation or
+            augmentation, :mod:`gnnst.data.stain`); picklable, with an ``identity`` for the cache key.
     """
 
     slide_id: str
@@ -75,21 +77,24 @@ class PatchPlan:
     level: int
     read_px: int
     pad_value: int = 255
+    transform: object = None
 
     @classmethod
     def make(cls, slide_id: str, image_path: str, xy: np.ndarray, *, side_px: int, out_size: int,
-             downsamples: tuple[float, ...], pad_value: int = 255) -> "PatchPlan":
+             downsamples: tuple[float, ...], pad_value: int = 255, transform=None) -> "PatchPlan":
         level = choose_level(downsamples, side_px, out_size)
         read_px = max(int(round(side_px / downsamples[level])), 1)
-        return cls(slide_id, str(image_path), np.asarray(xy, dtype=np.float64), side_px, level, read_px, pad_value)
+        return cls(slide_id, str(image_path), np.asarray(xy, dtype=np.float64), side_px, level, read_px, pad_value,
+                   transform)
 
 
 def read_crops(image: "SlideImage", plan: PatchPlan, rows: slice) -> np.ndarray:
-    """The ``plan``'s crops of spots ``rows``: ``[B, read_px, read_px, 3]`` uint8."""
+    """The ``plan``'s crops of spots ``rows``: ``[B, read_px, read_px, 3]`` uint8 (its ``transform`` applied)."""
     half = plan.side_px / 2.0
     r = plan.read_px
-    return np.stack([image.read_region(int(round(x - half)), int(round(y - half)), r, r, level=plan.level)
-                     for x, y in plan.xy[rows]])
+    crops = np.stack([image.read_region(int(round(x - half)), int(round(y - half)), r, r, level=plan.level)
+                      for x, y in plan.xy[rows]])
+    return crops if plan.transform is None else plan.transform(crops)
 
 
 def to_input(crops: "torch.Tensor", out_size: int, interpolation: str = "bilinear") -> "torch.Tensor":

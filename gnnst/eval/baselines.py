@@ -10,7 +10,11 @@
   has to clear.
 
 All are fitted on every spot of the training slides (validation blocks included) with their
-normalised (unscaled) expression, and predict the held-out slides from their embeddings alone.
+normalised (unscaled) expression, and predict the held-out slides from their embeddings alone; the
+embeddings are the model's input of the fold (``features``: stain-normalised patches, per-slide
+standardisation), and with ``features.stain_augment`` each augmented view of a training spot is one
+more training row. :func:`baseline_validation_score` is their inner validation score (fitted without
+the validation blocks, scored on them), comparable with the model's ``val_pcc_ensemble``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from gnnst import keys
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
@@ -59,26 +64,56 @@ def neighbour_mean(x: np.ndarray, edge_index: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), x)
 
 
-def neighbour_features(g: "Data") -> np.ndarray:
-    """``[own embedding, mean embedding of its graph neighbours]`` of every spot, ``[N, 2D]``."""
-    x = g.x.numpy().astype(np.float32)
+def neighbour_features(g: "Data", x=None) -> np.ndarray:
+    """``[own embedding, mean embedding of its graph neighbours]`` of every spot, ``[N, 2D]`` (``x``: other
+    node features ``[N, D]`` than ``g.x``, e.g. an augmented view)."""
+    x = np.asarray(g.x if x is None else x, dtype=np.float32)
     return np.concatenate([x, neighbour_mean(x, g.edge_index.numpy())], axis=1)
 
 
-def fit_baseline(name: str, ts: "TrainingSet", test_slides: Sequence[str], seed: int) -> dict[str, np.ndarray]:
-    """Baseline ``name`` fitted on the training slides of ``ts``; ``{slide: [N_s, G]}`` normalised
-    expression predicted for ``test_slides``."""
-    train = ts.train_full
-    y_tr = np.concatenate([g.y.numpy() for g in train]).astype(np.float32)
-    test = {s: ts.graphs[s] for s in test_slides}
+def _features(name: str, g: "Data", *, views: bool) -> np.ndarray:
+    """Baseline ``name``'s input rows of graph ``g``: one per spot, or with ``views`` one per spot and view of
+    its ``x_views`` (training-only stain augmentation: each view is a training row), ``[V * N, F]``."""
+    xs = getattr(g, keys.DATA_X_VIEWS, None) if views else None
+    xs = [g.x] if xs is None else list(xs)
+    if name == "ridge":
+        return np.concatenate([np.asarray(x, dtype=np.float32) for x in xs])
+    if name == "ridge_neighbours":
+        return np.concatenate([neighbour_features(g, x) for x in xs])
+    raise GnnstError(f"config key 'eval.baselines': unknown baseline {name!r} (known: {', '.join(LABELS)})")
+
+
+def _fit_predict(name: str, train: Sequence["Data"], y_train: Sequence[np.ndarray], test: dict, seed: int) -> dict:
+    """Baseline ``name`` fitted on ``train`` graphs (``x`` the model's input, ``x_views`` used as extra
+    rows) with targets ``y_train`` (``[N_i, G]`` each); ``{slide: [N_s, G]}`` for the ``test`` graphs."""
+    views = [getattr(g, keys.DATA_X_VIEWS, None) for g in train]
+    y_tr = np.concatenate([np.tile(np.asarray(y, dtype=np.float32), (1 if v is None else len(v), 1))
+                           for y, v in zip(y_train, views)])
     if name == "mean":
         mu = y_tr.mean(0, dtype=np.float64).astype(np.float32)
         return {s: np.tile(mu, (g.num_nodes, 1)) for s, g in test.items()}
-    if name == "ridge":
-        feats = lambda g: g.x.numpy().astype(np.float32)  # noqa: E731
-    elif name == "ridge_neighbours":
-        feats = neighbour_features
-    else:
-        raise GnnstError(f"config key 'eval.baselines': unknown baseline {name!r} (known: {', '.join(LABELS)})")
-    x_tr = np.concatenate([feats(g) for g in train])
-    return ridge_baseline(x_tr, y_tr, {s: feats(g) for s, g in test.items()}, seed)
+    x_tr = np.concatenate([_features(name, g, views=True) for g in train])
+    return ridge_baseline(x_tr, y_tr, {s: _features(name, g, views=False) for s, g in test.items()}, seed)
+
+
+def fit_baseline(name: str, ts: "TrainingSet", test_slides: Sequence[str], seed: int) -> dict[str, np.ndarray]:
+    """Baseline ``name`` fitted on the training slides of ``ts`` (their model inputs, augmented views as
+    extra rows); ``{slide: [N_s, G]}`` normalised expression predicted for ``test_slides`` from their
+    model inputs (the fold's :class:`~gnnst.graph.features.FeatureState` applied, as for the model)."""
+    train = ts.train_full
+    return _fit_predict(name, train, [g.y.numpy() for g in train], {s: ts.inputs[s] for s in test_slides}, seed)
+
+
+def baseline_validation_score(name: str, ts: "TrainingSet", seed: int) -> float | None:
+    """The inner validation score of baseline ``name``: fitted on the training parts of ``ts`` (validation
+    blocks removed, as the model trains), scored on the validation blocks of the training slides with the
+    score that selects the model's epoch (:func:`gnnst.train.trainer.validation_score`); ``None`` for the
+    constant ``mean`` or without validation spots. Uses the training slides only."""
+    from gnnst.train.trainer import validation_score
+
+    if name == "mean" or sum(int(m.sum()) for m in ts.val_masks) < 2:
+        return None
+    y_train = [ts.scaler.inverse(g.y.numpy().astype(np.float32)) for g in ts.train]
+    pred = _fit_predict(name, ts.train, y_train, {i: g for i, g in enumerate(ts.val)}, seed)
+    return validation_score([g.y.numpy()[m] for g, m in zip(ts.val, ts.val_masks)],
+                            [pred[i][m] for i, m in enumerate(ts.val_masks)])

@@ -69,7 +69,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     from gnnst.data.encoders import resolve_device, set_cpu_threads
     from gnnst.data.manifest import load_manifest
     from gnnst.eval.splits import make_folds
-    from gnnst.graph.dataset import ensure_dataset, resolve_patch_size
+    from gnnst.graph.dataset import ensure_dataset, load_and_embed, resolve_patch_size
     from gnnst.graph.store import GraphDataset
     from gnnst.io import atomic_write_json
     from gnnst.metrics import MetricSet, summarise
@@ -85,7 +85,13 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
         raise GnnstError(f"config key 'model.name': unknown model {cfg.model.name!r} (known: {', '.join(list_models())})")
     main = current().is_main  # only the main process writes outputs
     source = loaded
+    restain = cfg.features.stain_norm != "none" or cfg.features.stain_augment > 0  # re-embeds the patches
     if source is None and cfg.data.graphs:
+        if restain:
+            key = "features.stain_norm" if cfg.features.stain_norm != "none" else "features.stain_augment"
+            raise GnnstError(f"config key '{key}': {getattr(cfg.features, key.split('.')[1])!r} re-embeds the "
+                             f"slides' patches, which needs their images: train from the raw slides (--config, "
+                             f"without --graphs {cfg.data.graphs})")
         source = GraphDataset(cfg.data.graphs)
         source.check_config(cfg)
     resolve_patch_size(cfg)  # the number itself is compared and recorded
@@ -99,6 +105,8 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     folds = select_folds(make_folds(patients, mode=cfg.eval.folds), cfg.eval.only_folds)
     if cfg.eval.select_on_heldout:
         log.warning("%s: for comparison with published numbers only, not a valid estimate", LEAKY)
+    if source is None and restain:  # the images are read per fold: the slides in memory, as before
+        source = load_and_embed(cfg, progress=progress)
     if source is None:
         source = ensure_dataset(cfg, progress=progress)
     if isinstance(source, GraphDataset):
@@ -171,7 +179,7 @@ def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet"
              device, progress: bool, main: bool, run_config: dict, out: Path) -> tuple[dict, dict]:
     """One fold: train, score the held-out slides through the fold's TrainedModel, fit the baselines,
     write the fold's files; returns ``(result, {method: FoldPredictions})``."""
-    from gnnst.eval.baselines import fit_baseline
+    from gnnst.eval.baselines import baseline_validation_score, fit_baseline
     from gnnst.io import atomic_write_json
     from gnnst.metrics import FoldPredictions, report_subsets, summarise
     from gnnst.predictor import EncoderInfo
@@ -185,7 +193,7 @@ def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet"
     subsets = report_subsets(ts.panel.genes, ts.panel.heg, ts.panel.hvg, _selection_expression(cfg, ts), ms)
     y_test = {s: ts.graphs[s].y.numpy().astype(np.float32) for s in fold.test_slides}
     preds: dict[str, dict] = {}
-    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets}
+    result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets, "features": ts.feature_norm.describe()}
     if MODEL in methods:
         ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(source.encoder),
                            resume=resume, device=device, progress=progress)
@@ -199,17 +207,19 @@ def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet"
                        "nodes_per_second": float(np.mean([f.nodes_per_second for f in ens.fits])),
                        "epochs_run": [len(f.history) for f in ens.fits]})
         result.update(_fold_reliability(ens.model, got, y_test))
-    seconds = {}
+    seconds, val_scores = {}, {}
     for b in methods:
         if b != MODEL:
             t0 = time.perf_counter()
             preds[b] = fit_baseline(b, ts, fold.test_slides, cfg.seed)
             seconds[b] = time.perf_counter() - t0
+            val_scores[b] = baseline_validation_score(b, ts, cfg.seed)  # inner validation, training slides only
     fps = {m: FoldPredictions(fold.name, list(ts.panel.genes), subsets, y_test, preds[m], fold.patient_disjoint)
            for m in methods}
     if MODEL in methods:
         result.update(_fold_block(fps[MODEL], per_gene=True))
-    result["baselines"] = {b: {**_fold_block(fps[b], per_gene=False), "seconds": seconds[b]} for b in seconds}
+    result["baselines"] = {b: {**_fold_block(fps[b], per_gene=False), "seconds": seconds[b], "val_pcc": val_scores[b]}
+                           for b in seconds}
     result["fold_seconds"] = time.perf_counter() - t_fold
     if main:
         _save_heldout(fdir / HELDOUT, fold, y_test, preds)

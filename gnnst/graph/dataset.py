@@ -284,7 +284,8 @@ def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_id
     affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide).
 
     ``embs``: slide id -> ``[N, D]`` embeddings to use as ``x`` instead of the source's (e.g. of
-    stain-normalised patches), stored in the dtype of the source's ``x``.
+    stain-normalised patches, :func:`gnnst.graph.features.fold_features`), stored in the dtype of the
+    source's ``x``.
     """
     import torch
 

@@ -136,10 +136,11 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
                       patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
                       graph=cfg.graph, batch_nodes=batch_nodes, num_hops=tc.num_hops, states=states,
-                      blend_alpha=alpha, fold=dict(fold), reliability=cfg.reliability, protocol=ts.protocol)
+                      blend_alpha=alpha, fold=dict(fold), reliability=cfg.reliability, protocol=ts.protocol,
+                      feature_norm=ts.feature_norm)
     tm.calibration = fit_calibration(val_members, val_y, modes, alpha, cfg.reliability.interval_level)
     rc = cfg.reliability
-    tm.ood_reference = OODReference.build([tm.features(g) for g in ts.train_full], k=rc.ood_k,
+    tm.ood_reference = OODReference.build([tm.features(ts.graphs[s]) for s in ts.train_slides], k=rc.ood_k,
                                           quantile=rc.ood_quantile, cap=rc.ood_reference, seed=cfg.seed)
     log.info("reliability: spread scale %s on %s validation values; OOD reference of %d of %d training spots "
              "(%.1f MB), threshold %.3f", "none (one member)" if tm.calibration is None else

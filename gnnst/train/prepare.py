@@ -18,11 +18,15 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from gnnst import keys
+
 if TYPE_CHECKING:
+    import torch
     from torch_geometric.data import Data
 
     from gnnst.config import Config
     from gnnst.data.expression import GenePanel
+    from gnnst.graph.features import FeatureState
     from gnnst.predictor import TargetScaler
 
 LEAKY = ("LEAKY (eval.select_on_heldout): gene panel and reported subsets chosen on all slides including "
@@ -63,6 +67,9 @@ def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
                num_nodes=int(k.sum()))
     if getattr(g, "y", None) is not None:
         out.y = g.y[k]
+    views = getattr(g, keys.DATA_X_VIEWS, None)
+    if views is not None:  # [V, N, D] -> [V, n, D]
+        setattr(out, keys.DATA_X_VIEWS, views[:, k])
     return out
 
 
@@ -94,13 +101,17 @@ class TrainingSet:
 
     Attributes:
         panel: the gene panel (columns of every ``y``).
-        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled).
+        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled), ``x``
+            the embeddings before :attr:`feature_norm` (what :meth:`TrainedModel.predict` takes).
         train_slides, test_slides: the slides.
-        train: training parts of the training slides, ``y`` standardised: the slides' graphs (shared with
-            ``val``) with ``node_mask`` marking the training spots (:func:`with_node_mask`).
-        val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised.
+        train: training parts of the training slides, ``y`` standardised, ``x`` the model's input (and
+            ``x_views`` with ``features.stain_augment``): the slides' graphs with ``node_mask`` marking the
+            training spots (:func:`with_node_mask`; shallow copies, so an epoch's views never reach ``val``).
+        val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised, ``x`` the model's input.
         val_masks: ``[N]`` bool per ``val`` graph.
         scaler: the standardisation (training spots only).
+        feature_norm: what turns a graph's ``x`` into the model's input (:class:`gnnst.graph.features.FeatureState`).
+        inputs: slide id -> :attr:`graphs` with ``x`` the model's input (unscaled ``y``).
         protocol: ``"honest"`` or :data:`LEAKY`.
     """
 
@@ -112,12 +123,14 @@ class TrainingSet:
     val: list
     val_masks: list[np.ndarray]
     scaler: "TargetScaler"
+    feature_norm: "FeatureState"
+    inputs: dict
     protocol: str = "honest"
 
     @property
     def train_full(self) -> list:
-        """The whole training slides (validation spots included), unscaled."""
-        return [self.graphs[s] for s in self.train_slides]
+        """The whole training slides (validation spots included), unscaled, ``x`` the model's input."""
+        return [self.inputs[s] for s in self.train_slides]
 
     @property
     def in_dim(self) -> int:
@@ -133,6 +146,7 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
     """
     from gnnst.data.expression import select_panel
     from gnnst.graph.dataset import make_graphs
+    from gnnst.graph.features import feature_state, fold_features
     from gnnst.predictor import TargetScaler
 
     train_slides, test_slides = list(train_slides), list(test_slides)
@@ -140,10 +154,19 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
     panel_slides = train_slides + test_slides if leaky else train_slides
     with source.timer("panel"):
         panel = select_panel([source.slide_counts(s) for s in panel_slides], cfg.expression)
-    graphs = make_graphs(source, cfg, panel, train_slides + test_slides)
-    train_full = [graphs[s] for s in train_slides]
+    ff = fold_features(cfg, source, train_slides, train_slides + test_slides)  # the slides' images only
+    graphs = make_graphs(source, cfg, panel, train_slides + test_slides,
+                         embs=ff.embs if ff.stain_reference is not None else None)  # else: the source's own x
+    features = feature_state(cfg.features, [ff.embs[s] for s in train_slides], ff.stain_reference)
+    inputs = {}
+    for s, g in graphs.items():
+        if s in ff.views:
+            g = copy.copy(g)
+            setattr(g, keys.DATA_X_VIEWS, _views_tensor(ff.views[s], g.x.dtype))
+        inputs[s] = features.graph_inputs(g)
+    train_full = [inputs[s] for s in train_slides]
     if leaky:
-        val_graphs = [graphs[s] for s in test_slides]
+        val_graphs = [_without_views(inputs[s]) for s in test_slides]
         val_masks = [np.ones(g.num_nodes, dtype=bool) for g in val_graphs]
         scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_full]))
         train = [scaled(g, scaler) for g in train_full]
@@ -151,7 +174,23 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
     else:
         val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
         scaler = TargetScaler.fit(np.concatenate([g.y.numpy()[~m] for g, m in zip(train_full, val_masks)]))
-        val = [scaled(g, scaler) for g in train_full]  # one standardised y per slide, shared by both
-        train = [with_node_mask(g, ~m) for g, m in zip(val, val_masks)]
+        full = [scaled(g, scaler) for g in train_full]  # one standardised y per slide, shared by both
+        val = [_without_views(g) for g in full]
+        train = [with_node_mask(g, ~m) for g, m in zip(full, val_masks)]
     return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
-                       train=train, val=val, val_masks=val_masks, scaler=scaler, protocol=LEAKY if leaky else "honest")
+                       train=train, val=val, val_masks=val_masks, scaler=scaler, feature_norm=features, inputs=inputs,
+                       protocol=LEAKY if leaky else "honest")
+
+
+def _views_tensor(views: np.ndarray, dtype) -> "torch.Tensor":
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(views, dtype=np.float32)).to(dtype)
+
+
+def _without_views(g: "Data") -> "Data":
+    """``g`` without ``x_views`` (validation and prediction see view 0 only); a shallow copy."""
+    d = copy.copy(g)
+    if getattr(d, keys.DATA_X_VIEWS, None) is not None:
+        del d[keys.DATA_X_VIEWS]
+    return d

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from gnnst import keys
+
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
@@ -160,6 +162,7 @@ def fit(
 
     from gnnst.io import atomic_torch_save
     from gnnst.predictor import halo_hops, image_side, predict_graphs
+    from gnnst.train.views import set_views
 
     tc = cfg.train
     device = torch.device(device or "cpu")
@@ -177,6 +180,7 @@ def fit(
     autocast = amp_dtype(device) if tc.amp else None
     # float16 needs loss scaling (whose overflow check reads back every step); bfloat16 does not
     scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
+    views = any(getattr(g, keys.DATA_X_VIEWS, None) is not None for g in train_graphs)
     loader = make_loader(train_graphs, cfg, device, num_hops=halo_hops(model, tc.num_hops), shuffle=True, seed=cfg.seed)
     val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val_graphs, val_masks)]
     has_val = sum(len(v) for v in val_y) > 1
@@ -201,6 +205,9 @@ def fit(
             break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same randomness
         loader.set_epoch(epoch)
+        set_views(train_graphs, epoch, cfg.seed)  # x: one stain-augmented view per spot (features.stain_augment)
+        if views and hasattr(loader, "refresh_x"):  # the epoch's x, materialised on the host, to the device
+            loader.refresh_x(train_graphs)
         groups = loader.batches_of_parts()
         if ddp:  # every rank gets the same number of batches (DDP needs matching steps)
             per_rank = -(-len(groups) // world)
@@ -209,6 +216,7 @@ def fit(
         total, steps = train_epoch(net, model, loader, groups, opt, scaler, device=device, autocast=autocast,
                                    lr=lambda i: tc.lr * lr_factor(epoch + i / max(len(groups), 1), tc.warmup_epochs,
                                                                   tc.epochs))
+        set_views(train_graphs, None, cfg.seed)  # back to view 0: validation and after_fit see no augmentation
         nodes_seen += sum(len(c) for grp in groups for _, c in grp)
         rec = {"epoch": epoch, "loss": float(total) / max(steps, 1)}  # the epoch's one read-back of the loss
         if has_val:

@@ -34,12 +34,13 @@ def _slide(seed: int, n: int = 64):
 
 
 def test_ridge_neighbours_sees_what_ridge_cannot():
+    from gnnst.graph.features import FeatureState
     from gnnst.metrics import pearson_per_gene
     from gnnst.train.prepare import TrainingSet
 
     graphs = {"A": _slide(0), "B": _slide(1), "T": _slide(2)}
     ts = TrainingSet(panel=None, graphs=graphs, train_slides=["A", "B"], test_slides=["T"], train=[], val=[],
-                     val_masks=[], scaler=None)
+                     val_masks=[], scaler=None, feature_norm=FeatureState(), inputs=graphs)
     y = graphs["T"].y.numpy()
     plain = fit_baseline("ridge", ts, ["T"], seed=0)["T"]
     nb = fit_baseline("ridge_neighbours", ts, ["T"], seed=0)["T"]

@@ -67,19 +67,27 @@ def test_unshuffled_batches_cover_every_node_once():
     assert device_bytes([g]) > g.x.numel() * 4
 
 
-def test_fit_with_device_sampler_equals_host_sampler(tmp_path):
+@pytest.mark.parametrize("views", [False, True])
+def test_fit_with_device_sampler_equals_host_sampler(tmp_path, views):
     """The same losses, validation scores and weights: the device path changes where batches are cut, not what
-    is learned."""
+    is learned; with feature views (``x_views``) each epoch's x is materialised before it goes to the device."""
     from gnnst.config import load_config
     from gnnst.models import create_model
     from gnnst.train.prepare import carve_validation, with_node_mask
     from gnnst.train.trainer import fit
 
+    from gnnst import keys
+
     graphs = [_slide(150, 0), _slide(120, 1)]
     masks = carve_validation(graphs, 0.2, 0)
-    train = [with_node_mask(g, ~m) for g, m in zip(graphs, masks)]
     results = {}
     for sampler in ("host", "device"):
+        train = [with_node_mask(g, ~m) for g, m in zip(graphs, masks)]
+        if views:  # view 0 = x, views 1-2 other embeddings
+            gen = torch.Generator().manual_seed(7)
+            for g in train:
+                setattr(g, keys.DATA_X_VIEWS, torch.stack([g.x, torch.randn(g.x.shape, generator=gen),
+                                                           torch.randn(g.x.shape, generator=gen)]))
         cfg = load_config(None, ["train.epochs=3", "train.batch_nodes=40", "model.hidden=16", "model.proj_dim=8",
                                  "model.heads=2", f"train.sampler={sampler}", "train.num_threads=1"])
         torch.manual_seed(0)

@@ -1,0 +1,290 @@
+"""What the model sees of a slide: its patch embeddings after the slide-shift corrections of the
+``features`` config (:class:`gnnst.config.FeaturesConfig`), the same for training, held-out and new slides.
+
+Two steps, each reading only the slide's own images (never its expression):
+
+1. stain normalisation of the patches before the encoder (``features.stain_norm``,
+   :mod:`gnnst.data.stain`): the slide's stain estimated on its own pixels, mapped to a reference estimated
+   on the training slides' pixels (:func:`fold_features`; the reference is kept in :class:`FeatureState`);
+2. per-slide standardisation of the embeddings (``features.slide_norm``, :class:`SlideNorm`): each dimension
+   minus the slide's own mean, over its own sd; a slide of fewer than ``features.min_spots`` spots gets the
+   training slides' statistics instead, with a warning.
+
+Training only (``features.stain_augment``): ``V - 1`` HED-jittered embeddings per spot of each training
+slide, cached like every embedding and kept as ``x_views`` ``[V, N, D]`` beside ``x`` (view 0 = ``x``),
+each view standardised by its own statistics; the trainer draws one view per spot per epoch
+(:mod:`gnnst.train.views`). Nothing of it is recorded for prediction.
+
+:class:`FeatureState` is what a :class:`~gnnst.predictor.TrainedModel` records of this (which
+normalisations, the stain reference, the training statistics), and :meth:`FeatureState.inputs` is the
+one function that turns a slide graph's ``x`` into the model's input.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from gnnst import keys
+from gnnst.errors import GnnstError
+
+if TYPE_CHECKING:
+    import torch
+    from anndata import AnnData
+    from torch_geometric.data import Data
+
+    from gnnst.config import Config, FeaturesConfig
+    from gnnst.data.stain import StainNormalizer, StainStats
+
+log = logging.getLogger("gnnst")
+
+SD_FLOOR = 1e-3  # an embedding dimension's sd is at least this (a constant dimension stays 0, not inf)
+
+
+@dataclass
+class SlideNorm:
+    """Per-slide standardisation of patch embeddings (``features.slide_norm: standardize``).
+
+    Attributes:
+        min_spots: fewest spots whose own statistics are used.
+        mean, std: ``[D]`` float32, the training spots' statistics (pooled over the training slides), the
+            fallback for a slide of fewer than ``min_spots`` spots.
+    """
+
+    min_spots: int
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, xs: Sequence[np.ndarray], min_spots: int) -> "SlideNorm":
+        """From the training slides' embeddings (each ``[N_i, D]``; float64 accumulation)."""
+        x = np.concatenate([np.asarray(v, dtype=np.float64) for v in xs])
+        return cls(min_spots=int(min_spots), mean=x.mean(0).astype(np.float32),
+                   std=np.maximum(x.std(0), SD_FLOOR).astype(np.float32))
+
+    def apply(self, x: np.ndarray, *, slide: str = "slide", warn: bool = True) -> np.ndarray:
+        """``x`` ``[N, D]`` standardised per dimension by its own statistics (by the training ones when
+        ``N < min_spots``, with a warning naming ``slide``); float32."""
+        x = np.asarray(x, dtype=np.float32)
+        if len(x) >= self.min_spots:
+            mean, std = x.mean(0, dtype=np.float64), np.maximum(x.std(0, dtype=np.float64), SD_FLOOR)
+        else:
+            if warn:
+                log.warning("%s: %d spots, fewer than features.min_spots=%d: its embeddings are standardised with "
+                            "the training slides' statistics, not its own", slide, len(x), self.min_spots)
+            mean, std = self.mean, self.std
+        return ((x - mean) / std).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"min_spots": self.min_spots, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SlideNorm":
+        return cls(min_spots=int(d["min_spots"]), mean=np.asarray(d["mean"], dtype=np.float32),
+                   std=np.asarray(d["std"], dtype=np.float32))
+
+
+@dataclass
+class FeatureState:
+    """The feature normalisation a model was trained with and that prediction applies.
+
+    Attributes:
+        slide_norm: :class:`SlideNorm` (``standardize``) or ``None`` (``none``).
+        stain_norm: ``none``, ``macenko`` or ``reinhard``.
+        stain_reference: the reference stain (estimated on the training slides' pixels) when ``stain_norm``
+            is not ``none``.
+        stain_sample_spots: spots per slide whose patches estimate its stain.
+    """
+
+    slide_norm: SlideNorm | None = None
+    stain_norm: str = "none"
+    stain_reference: "StainStats | None" = None
+    stain_sample_spots: int = 256
+
+    def describe(self) -> str:
+        return f"slide_norm={'standardize' if self.slide_norm else 'none'}, stain_norm={self.stain_norm}"
+
+    def to_dict(self) -> dict:
+        return {"slide_norm": None if self.slide_norm is None else self.slide_norm.to_dict(),
+                "stain_norm": self.stain_norm,
+                "stain_reference": None if self.stain_reference is None else self.stain_reference.to_dict(),
+                "stain_sample_spots": int(self.stain_sample_spots)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FeatureState":
+        """Inverse of :meth:`to_dict`; ``None`` (a model file from before issue 15) = no normalisation."""
+        from gnnst.data.stain import StainStats
+
+        if d is None:
+            return cls()
+        st = cls(slide_norm=None if d.get("slide_norm") is None else SlideNorm.from_dict(d["slide_norm"]),
+                 stain_norm=str(d.get("stain_norm", "none")),
+                 stain_reference=None if d.get("stain_reference") is None else StainStats.from_dict(d["stain_reference"]),
+                 stain_sample_spots=int(d.get("stain_sample_spots", 256)))
+        st.check()
+        return st
+
+    def check(self) -> None:
+        if (self.stain_norm == "none") != (self.stain_reference is None):
+            raise GnnstError(f"features: stain_norm '{self.stain_norm}' and its stain reference disagree")
+        if self.stain_reference is not None and self.stain_reference.method != self.stain_norm:
+            raise GnnstError(f"features: stain_norm '{self.stain_norm}' with a '{self.stain_reference.method}' reference")
+
+    # ------------------------------------------------------------------ the model's input
+    def inputs(self, x, *, slide: str = "slide", warn: bool = True) -> np.ndarray:
+        """The model's input ``[N, D]`` float32 for a slide's embeddings ``x`` ``[N, D]`` (array or tensor;
+        already stain-normalised when :attr:`stain_norm` is on, :meth:`stain_transform`)."""
+        x = x.float().cpu().numpy() if hasattr(x, "cpu") else np.asarray(x, dtype=np.float32)
+        return x if self.slide_norm is None else self.slide_norm.apply(x, slide=slide, warn=warn)
+
+    def graph_inputs(self, g: "Data", *, warn: bool = True) -> "Data":
+        """A shallow copy of ``g`` whose ``x`` (and ``x_views``, each view on its own) is the model's input,
+        in ``g.x``'s dtype; ``g`` itself is unchanged."""
+        import torch
+
+        d = copy.copy(g)
+        if self.slide_norm is None:
+            return d
+        slide = f"slide '{getattr(g, keys.DATA_SLIDE, None) or 'slide'}'"
+        dt = g.x.dtype
+        d.x = torch.from_numpy(self.inputs(g.x, slide=slide, warn=warn)).to(dt)
+        views = getattr(g, keys.DATA_X_VIEWS, None)
+        if views is not None:
+            setattr(d, keys.DATA_X_VIEWS, torch.stack([d.x] + [
+                torch.from_numpy(self.inputs(v, slide=slide, warn=False)).to(dt) for v in views[1:]]))
+        return d
+
+    def stain_transform(self, adata: "AnnData", *, size_um: float, pad_value: int = 255, image=None
+                        ) -> "StainNormalizer | None":
+        """The map of ``adata``'s slide (its own pixels) to :attr:`stain_reference`, or ``None`` when stain
+        normalisation is off."""
+        if self.stain_norm == "none":
+            return None
+        from gnnst.data.stain import StainNormalizer
+
+        return StainNormalizer(slide_stain(adata, self.stain_norm, size_um=size_um, n_spots=self.stain_sample_spots,
+                                           pad_value=pad_value, image=image), self.stain_reference)
+
+
+# ---------------------------------------------------------------------------------------- per fold
+_PIXELS: dict = {}  # per process: (image, spots, patch) -> sampled pixels of a slide (a reference pools them)
+_ENCODERS: dict = {}  # per process: the encoder that re-embeds transformed patches
+
+
+def _slide_name(adata: "AnnData") -> str:
+    return str(adata.obs[keys.SLIDE_ID].iloc[0])
+
+
+def slide_pixels(adata: "AnnData", *, size_um: float, n_spots: int, pad_value: int = 255, image=None) -> np.ndarray:
+    """:func:`gnnst.data.stain.sample_pixels` of a slide, kept per process (a fold's reference and the
+    slide's own stain read the same pixels)."""
+    from gnnst.data.stain import sample_pixels
+
+    key = (adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH], _slide_name(adata), adata.n_obs,
+           float(np.asarray(adata.obsm[keys.SPATIAL]).sum()), float(size_um), int(n_spots), int(pad_value))
+    if key not in _PIXELS:
+        _PIXELS[key] = sample_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image)
+    return _PIXELS[key]
+
+
+def slide_stain(adata: "AnnData", method: str, *, size_um: float, n_spots: int, pad_value: int = 255,
+                image=None) -> "StainStats":
+    """The stain of one slide, estimated on its own pixels."""
+    from gnnst.data.stain import estimate
+
+    px = slide_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image)
+    return estimate(method, px, where=f"slide '{_slide_name(adata)}'")
+
+
+def stain_reference(adatas: Sequence["AnnData"], method: str, *, size_um: float, n_spots: int,
+                    pad_value: int = 255) -> "StainStats":
+    """The reference stain: estimated on the pooled pixels of ``adatas`` (the training slides)."""
+    from gnnst.data.stain import estimate
+
+    px = np.concatenate([slide_pixels(a, size_um=size_um, n_spots=n_spots, pad_value=pad_value) for a in adatas])
+    return estimate(method, px, where=f"training slides {', '.join(_slide_name(a) for a in adatas)}")
+
+
+@dataclass
+class FoldFeatures:
+    """A fit's embeddings before :class:`SlideNorm` (see :func:`fold_features`).
+
+    Attributes:
+        embs: slide id -> ``[N, D]`` (stain-normalised to the fold's reference when on).
+        views: training slide id -> ``[V, N, D]`` (view 0 = ``embs``) when ``features.stain_augment`` > 0.
+        stain_reference: the fold's reference stain, or ``None``.
+    """
+
+    embs: dict
+    views: dict = field(default_factory=dict)
+    stain_reference: "StainStats | None" = None
+
+
+def _embed(cfg: "Config", loaded, slides: Sequence[str], transforms: Sequence) -> list[np.ndarray]:
+    """Embeddings of ``slides`` with their patches transformed, from the cache or the encoder (built once
+    per process, on ``encoder.device``, the first time a fit needs it)."""
+    from gnnst.data.embeddings import embed_slides
+    from gnnst.data.encoders import create_encoder, default_batch_size, default_num_workers, resolve_device
+    from gnnst.data.manifest import cache_root
+
+    entries = {e.slide_id: e for e in loaded.entries}
+    image_ids = [entries[s].files["image"].sha256 if "image" in entries[s].files else None for s in slides]
+    cache_dir = cache_root(cfg.data.cache_dir) / "embeddings"
+    enc_cfg = cfg.encoder
+    key = (enc_cfg.name, enc_cfg.checkpoint, repr(enc_cfg.timm_kwargs), enc_cfg.device, enc_cfg.precision)
+    device = resolve_device(enc_cfg.device)
+    if key not in _ENCODERS:  # built once per process (embed_slides reads the cache first)
+        _ENCODERS.clear()
+        _ENCODERS[key] = create_encoder(enc_cfg.name, checkpoint=enc_cfg.checkpoint,
+                                        timm_kwargs=enc_cfg.timm_kwargs).to(device, enc_cfg.precision)
+    encoder = _ENCODERS[key]
+    return embed_slides([loaded.adatas[s] for s in slides], encoder, size_um=cfg.patch.size_um,
+                        batch_size=enc_cfg.batch_size or default_batch_size(device),
+                        num_workers=enc_cfg.num_workers if enc_cfg.num_workers is not None else
+                        default_num_workers(device), pad_value=cfg.patch.pad_value, device=device,
+                        cache_dir=cache_dir, image_ids=image_ids, transforms=transforms, progress=False)
+
+
+def fold_features(cfg: "Config", loaded, train_slides: Sequence[str], slides: Sequence[str]) -> FoldFeatures:
+    """The embeddings of ``slides`` for a fit on ``train_slides`` (:class:`FoldFeatures`): the encoder's own
+    (``loaded.embs``) or, with ``features.stain_norm``, those of patches mapped to the reference of the
+    training slides' pixels; with ``features.stain_augment``, the training slides' augmented views.
+    Everything is cached; only the slides' images are read."""
+    fc = cfg.features
+    size, n_spots, pad = cfg.patch.size_um, fc.stain_sample_spots, cfg.patch.pad_value
+    slides, train_slides = list(slides), list(train_slides)
+    ref, normalizers = None, {s: None for s in slides}
+    embs = {s: loaded.embs[s] for s in slides}
+    if fc.stain_norm != "none":
+        ref = stain_reference([loaded.adatas[s] for s in train_slides], fc.stain_norm, size_um=size, n_spots=n_spots,
+                              pad_value=pad)
+        state = FeatureState(stain_norm=fc.stain_norm, stain_reference=ref, stain_sample_spots=n_spots)
+        normalizers = {s: state.stain_transform(loaded.adatas[s], size_um=size, pad_value=pad) for s in slides}
+        log.info("stain normalisation (%s) to the reference of %s", fc.stain_norm, ", ".join(train_slides))
+        embs = dict(zip(slides, _embed(cfg, loaded, slides, [normalizers[s] for s in slides])))
+    views = {}
+    if fc.stain_augment > 0:
+        from gnnst.data.stain import HEDJitter
+
+        jobs = [(s, v) for s in train_slides for v in range(1, fc.stain_augment + 1)]
+        tf = [HEDJitter.draw(fc.stain_augment_sigma, fc.stain_augment_bias, (cfg.seed, s, v), before=normalizers[s])
+              for s, v in jobs]
+        log.info("stain augmentation: %d HED-jittered view(s) of %d training slide(s)", fc.stain_augment,
+                 len(train_slides))
+        got = _embed(cfg, loaded, [s for s, _ in jobs], tf)
+        for s in train_slides:
+            views[s] = np.stack([embs[s]] + [e for (t, _), e in zip(jobs, got) if t == s])
+    return FoldFeatures(embs=embs, views=views, stain_reference=ref)
+
+
+def feature_state(cfg: "FeaturesConfig", train_x: Sequence[np.ndarray], stain_ref: "StainStats | None"
+                  ) -> FeatureState:
+    """The :class:`FeatureState` of a fit: ``train_x`` the training slides' embeddings (view 0)."""
+    st = FeatureState(slide_norm=SlideNorm.fit(train_x, cfg.min_spots) if cfg.slide_norm == "standardize" else None,
+                      stain_norm=cfg.stain_norm, stain_reference=stain_ref, stain_sample_spots=cfg.stain_sample_spots)
+    st.check()
+    return st

@@ -1,0 +1,109 @@
+"""Per-slide standardisation of embeddings (gnnst.graph.features) and its record in the TrainedModel."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from gnnst.errors import GnnstError
+
+
+def test_slide_norm_uses_the_slides_own_statistics():
+    from gnnst.graph.features import SlideNorm
+
+    rng = np.random.default_rng(0)
+    train = [rng.normal(0, 1, (80, 4)), rng.normal(1, 2, (60, 4))]
+    norm = SlideNorm.fit(train, min_spots=50)
+    shifted = rng.normal(5, 3, (70, 4)).astype(np.float32)
+    out = norm.apply(shifted, slide="slide 'X'")
+    np.testing.assert_allclose(out.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(out.std(0), 1, atol=1e-4)
+    # a colour-shifted copy of a slide (its embeddings moved and scaled per dimension) becomes the same input
+    np.testing.assert_allclose(norm.apply(shifted * 1.7 - 4.0), out, atol=1e-4)
+
+
+def test_a_small_slide_falls_back_to_the_training_statistics_with_a_warning(caplog):
+    from gnnst.graph.features import SlideNorm
+
+    rng = np.random.default_rng(1)
+    train = [rng.normal(2, 3, (200, 3))]
+    norm = SlideNorm.fit(train, min_spots=50)
+    small = rng.normal(0, 1, (10, 3)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="gnnst"):
+        out = norm.apply(small, slide="slide 'tiny'")
+    assert "slide 'tiny': 10 spots, fewer than features.min_spots=50" in caplog.text
+    np.testing.assert_allclose(out, (small - norm.mean) / norm.std, rtol=1e-5)
+
+
+def test_feature_state_round_trip_and_checks():
+    from gnnst.data.stain import StainStats
+    from gnnst.graph.features import FeatureState, SlideNorm
+
+    ref = StainStats("macenko", np.eye(3)[:, :2], np.array([1.0, 2.0]), 500)
+    st = FeatureState(slide_norm=SlideNorm(50, np.zeros(4, np.float32), np.ones(4, np.float32)),
+                      stain_norm="macenko", stain_reference=ref)
+    back = FeatureState.from_dict(st.to_dict())
+    assert back.stain_norm == "macenko" and back.stain_reference.identity == ref.identity
+    np.testing.assert_array_equal(back.slide_norm.std, st.slide_norm.std)
+    assert FeatureState.from_dict(None).describe() == "slide_norm=none, stain_norm=none"  # an older model file
+    with pytest.raises(GnnstError, match="stain_norm 'reinhard' with a 'macenko' reference"):
+        FeatureState.from_dict({**st.to_dict(), "stain_norm": "reinhard"})
+    with pytest.raises(GnnstError, match="stain_norm 'macenko' and its stain reference disagree"):
+        FeatureState.from_dict({**st.to_dict(), "stain_reference": None})
+
+
+def test_trained_model_records_and_applies_the_normalisation(tmp_path):
+    from gnnst.graph.features import FeatureState, SlideNorm
+    from gnnst.predictor import TrainedModel
+    from test_predictor import D, _toy_graph, make_model
+
+    tm = make_model(members=1, alpha=1.0)
+    g = _toy_graph(60)
+    tm.feature_norm = FeatureState(slide_norm=SlideNorm(20, np.zeros(D, np.float32), np.ones(D, np.float32)))
+    back = TrainedModel.load(tm.save(tmp_path / "m.pt"))
+    assert back.feature_norm.slide_norm is not None and back.feature_norm.slide_norm.min_spots == 20
+    shifted = g.clone()
+    shifted.x = g.x * 2.5 + 3.0  # the slide's embeddings shifted and scaled per dimension
+    np.testing.assert_allclose(back.features(shifted), back.features(g), atol=1e-4)
+    p, q = back.predict(g).expression, back.predict(shifted).expression
+    np.testing.assert_allclose(p, q, atol=1e-3)
+    from gnnst.reliability import OODReference  # OOD scores compare the normalised features, through features()
+
+    back.ood_reference = OODReference.build([back.features(_toy_graph(40, seed=s)) for s in (1, 2)], k=3,
+                                            quantile=0.95, cap=100, seed=0)
+    np.testing.assert_allclose(back.predict(shifted).ood_score, back.predict(g).ood_score, atol=1e-3)
+    plain = make_model(members=1, alpha=1.0)  # without normalisation the shift moves the predictions
+    assert np.abs(plain.predict(g).expression - plain.predict(shifted).expression).mean() > 10 * np.abs(p - q).mean()
+    wrong = FeatureState(slide_norm=SlideNorm(20, np.zeros(D + 1, np.float32), np.ones(D + 1, np.float32)))
+    tm.feature_norm = wrong
+    with pytest.raises(GnnstError, match="'feature_norm.slide_norm' has statistics of width"):
+        tm.save(tmp_path / "bad.pt")
+
+
+def test_prediction_never_reads_augmented_views():
+    from gnnst import keys
+    from test_predictor import _toy_graph, make_model
+
+    tm = make_model(members=1)
+    g = _toy_graph(40)
+    with_views = g.clone()
+    setattr(with_views, keys.DATA_X_VIEWS, torch.stack([g.x, g.x + 10.0, g.x * -3.0]))  # [V, N, D]
+    np.testing.assert_array_equal(tm.predict(g).expression, tm.predict(with_views).expression)
+    assert "x_views" not in str(sorted(tm.to_dict()))
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("features.min_spots=1", "features.min_spots': expected an integer >= 2"),
+    ("features.stain_augment=-1", "features.stain_augment': expected an integer in [0, 32]"),
+    ("features.stain_norm=vahadane", "features.stain_norm': expected one of 'none', 'macenko', 'reinhard'"),
+    ("features.slide_norm=zscore", "features.slide_norm': expected one of 'none', 'standardize'"),
+    ("features.stain_augment_sigma=1.5", "features.stain_augment_sigma': expected a number in [0, 1)"),
+])
+def test_features_config_ranges(override, msg):
+    from gnnst.config import load_config
+
+    with pytest.raises(GnnstError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
