@@ -365,7 +365,7 @@ def format_shift(r: dict) -> str:
     lines += ["", "**Patient-disjoint fold only** (B4 on her2st-6: patient B, trained on patient C's five slides):", "",
               "| model | features | inner validation PCC (this fold) | " + " | ".join(
                   ms.label(c) for c in ["pcc_heg_per_slide", "pcc_hvg_per_slide", "pcc_all_per_slide"]) + " |",
-              "|---" * 5 + "|"]
+              "|---" * 6 + "|"]
     pd_folds = [f["name"] for f in r["folds"] if f.get("patient_disjoint")]
     for fam, st, k in order:
         row = rows[f"{fam}_{st}_{k}"]
@@ -392,8 +392,9 @@ def shift_notes(r: dict) -> str:
         "(fitted on the training parts, scored on the same validation blocks of the training slides); held-out "
         "slides play no part in it.",
         "- Combination: per family, the corrections whose mean inner validation beat `none`, run together when "
-        "there are two or more (" + "; ".join(f"{fam}: {', '.join(b) or 'none beat it'}"
-                                              for fam, b in r["combinations"].items()) + ").",
+        "there are two or more (" + ("; ".join(f"{fam}: {', '.join(b) or 'none beat it'}"
+                                               for fam, b in r["combinations"].items())
+                                     or "not chosen: the settings' runs are unfinished") + ").",
         "- Definitions (from `metrics.json`): " + "; ".join(
             f"{v['label']}: {v['definition']}" for k, v in defs.get("metrics", {}).items()
             if k in ("pcc_heg_per_slide", "pcc_heg_pooled")) + ".",
