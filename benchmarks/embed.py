@@ -122,7 +122,7 @@ def cut_child(manifest: str, data_root: str, workers: int, resize: bool) -> dict
     from gnnst.data.images import probe_image
     from gnnst.data.manifest import load_manifest
     from gnnst.data.patches import PatchPlan, PatchStream, patch_side_px
-    from gnnst.data.readers import read_slide
+    from gnnst.data.slides import read_slide
 
     m = load_manifest(manifest)
     plans = []
@@ -150,7 +150,7 @@ def bf16_drift(device: str, data_root: str | None, slides: list[str]) -> dict:
     from gnnst.data.embeddings import embed_slides
     from gnnst.data.encoders import create_encoder, resolve_device
     from gnnst.data.manifest import load_manifest
-    from gnnst.data.readers import read_slide
+    from gnnst.data.slides import read_slide
 
     dev = resolve_device(device)
     cfg = load_config(REPO / "configs" / "her2st.yaml", [f"data.slides=[{','.join(slides)}]"]

@@ -99,7 +99,7 @@ def test_nullable_string_columns_and_index_write_and_read_back(tmp_path, dtype):
 def test_everything_gnnst_writes_survives_nullable_strings(tmp_path, tiny_run, dtype):  # noqa: F811
     """Reader output, a train run's predictions, per-slide and concatenated exports."""
     from gnnst.data.manifest import load_manifest
-    from gnnst.data.readers import read_slide
+    from gnnst.data.slides import read_slide
     from gnnst.export.anndata import concat_slides, slide_from_run
 
     m = load_manifest(tiny_run["manifest"])

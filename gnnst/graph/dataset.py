@@ -208,7 +208,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     from gnnst.data.embeddings import Timer, cache_path, embed_slides, load_cached
     from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device, set_cpu_threads
     from gnnst.data.manifest import cache_root, load_manifest
-    from gnnst.data.readers import read_slide
+    from gnnst.data.slides import read_slide
     from gnnst.graph.edges import check_spot_counts
     from gnnst.data.sharding import Shard, assign, barrier, process_group
 

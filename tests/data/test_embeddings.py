@@ -25,7 +25,7 @@ def lite0():
 @pytest.fixture
 def slides(tiny_dataset):
     from gnnst.data.manifest import load_manifest
-    from gnnst.data.readers import read_slide
+    from gnnst.data.slides import read_slide
 
     m = load_manifest(tiny_dataset["manifest"])
     return [read_slide(m, e, data_root=tiny_dataset["root"], cache_dir=tiny_dataset["cache"], download=False)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:zarr v3 autosharding")
 from gnnst_testdata import write_spatialdata_store  # noqa: E402
 from gnnst.data.images import open_image  # noqa: E402
 from gnnst.data.manifest import folder_sha256, load_manifest  # noqa: E402
-from gnnst.data.readers import read_slide  # noqa: E402
+from gnnst.data.slides import read_slide  # noqa: E402
 from gnnst.data.readers.spatialdata import read_spatialdata  # noqa: E402
 from gnnst.errors import GnnstError  # noqa: E402
 

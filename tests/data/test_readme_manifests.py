@@ -18,7 +18,7 @@ from PIL import Image
 
 from gnnst_testdata import REPO, write_legacy_slide, write_spatialdata_store
 from gnnst.data.manifest import load_manifest
-from gnnst.data.readers import read_slide
+from gnnst.data.slides import read_slide
 from gnnst.io import atomic_write_h5ad
 
 from test_readers_spaceranger import KEPT, make_outs

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from gnnst_testdata import write_legacy_slide, write_manifest
 from gnnst.data.manifest import load_manifest
-from gnnst.data.readers import read_slide
+from gnnst.data.slides import read_slide
 from gnnst.data.readers.legacy_st import mpp_from_pitch, read_legacy_st
 from gnnst.errors import GnnstError
 from gnnst.io import atomic_write_h5ad

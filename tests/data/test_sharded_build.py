@@ -97,7 +97,7 @@ def test_two_ranks_build_what_one_process_builds_and_a_dead_rank_is_redone(tiny_
     from gnnst.data.embeddings import embed_slides
     from gnnst.data.encoders import create_encoder
     from gnnst.data.manifest import load_manifest
-    from gnnst.data.readers import read_slide
+    from gnnst.data.slides import read_slide
 
     m = load_manifest(ds["manifest"])
     adatas = [read_slide(m, e, data_root=ds["root"], cache_dir=ds["cache"], download=False) for e in m.select(None)]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from gnnst import keys
 from gnnst.data.manifest import folder_sha256, load_manifest, resolve_files
-from gnnst.data.readers import read_slide
+from gnnst.data.slides import read_slide
 from gnnst.data.validate import image_coordinates
 from gnnst.errors import GnnstError
 
