@@ -183,3 +183,13 @@ def he_like_image(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray
         img[m] = np.array([95, 60, 140]) + rng.normal(0, 12, 3)
     img += rng.normal(0, 5, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def untimed(x):
+    """``x`` (a metrics.json value) without its timings (``*second*`` keys: durations, rates), for comparing
+    two runs' figures."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if "second" not in k}
+    if isinstance(x, list):
+        return [untimed(v) for v in x]
+    return x

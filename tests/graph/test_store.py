@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from gnnst.errors import GnnstError
+from gnnst_testdata import untimed
 from gnnst_tinyrun import TINY_RUN, tiny_dataset
 
 
@@ -125,17 +126,9 @@ def test_train_from_graphs_without_raw_slides_gives_the_metrics_of_raw_slides(bu
         moved.rename(built["root"])
     a = json.loads((tmp_path / "raw" / "metrics.json").read_text())
     b = json.loads((tmp_path / "g" / "metrics.json").read_text())
-    assert a["folds"] and _untimed(a["folds"]) == _untimed(b["folds"])
+    assert a["folds"] and untimed(a["folds"]) == untimed(b["folds"])
     assert "pcc_heg_per_slide" in json.dumps(a["folds"])
 
-
-def _untimed(x):
-    """``x`` without its timings (``*second*`` keys: durations, rates)."""
-    if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if "second" not in k}
-    if isinstance(x, list):
-        return [_untimed(v) for v in x]
-    return x
 
 
 def test_a_run_config_that_contradicts_the_folder_is_refused(built):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from gnnst_testdata import untimed
+
 from gnnst.graph.edges import edge_features, spatial_edges
 
 
@@ -111,7 +113,7 @@ def test_folds_mode_two_cpu_processes_give_the_metrics_of_one(tmp_path):
     mp.spawn(_folds_worker, args=(2, _free_port(), [*run, "--out", str(tmp_path / "two")]), nprocs=2, join=True)
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
     for key in ("summary", "folds"):
-        assert _untimed(a[key]) == _untimed(b[key]), key
+        assert untimed(a[key]) == untimed(b[key]), key
     assert len(a["folds"][0]["val_pcc_members"]) == 3
     fold = "folds/patient_P3"
     s1, s2 = (torch.load(tmp_path / r / fold / "model.pt", weights_only=True)["states"] for r in ("one", "two"))
@@ -121,11 +123,3 @@ def test_folds_mode_two_cpu_processes_give_the_metrics_of_one(tmp_path):
             assert torch.equal(x[k], y[k]), k
     # each member trained once, by one rank: member1's checkpoints were written by rank 1
     assert all((tmp_path / "two" / fold / f"member{i}" / "last.pt").is_file() for i in range(3))
-
-
-def _untimed(x):
-    if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if "second" not in k}
-    if isinstance(x, list):
-        return [_untimed(v) for v in x]
-    return x
