@@ -1,12 +1,17 @@
 """Benchmark: building the her2st-6 graphs, cold (empty embedding cache) and warm, split into stages,
 against the encoder's compute floor measured in the same run.
 
-    python benchmarks/build_graphs.py [--repeats 3] [--data-root DIR] [--no-write]
+    python benchmarks/build_graphs.py [--repeats 3] [--data-root DIR] [--baseline REV] [--no-write]
 
 Every build runs in a fresh child process (imports and model loading included, as a user's command
 would pay them); the table gives medians over ``--repeats`` runs and writes its section of
 ``benchmarks/RESULTS.md``. The compute floor is the encoder's FLOPs for all patches divided by the
 float32 matrix-multiply rate of this machine, measured here with the same thread count.
+
+``--baseline REV`` also times cold builds of the code at git revision ``REV`` (checked out into a
+temporary worktree, run as ``python -m gnnst build-graphs`` with that tree first on ``PYTHONPATH``),
+interleaved with this checkout's cold builds so both see the same machine load; the table then gives
+the ratio of the two medians.
 """
 
 from __future__ import annotations
@@ -80,17 +85,56 @@ def compute_floor(num_patches: int, threads: int) -> dict:
             "matmul_gflops_per_s": rate / 1e9, "floor_seconds": total / rate}
 
 
-def run_build_benchmark(repeats: int = 3, data_root: str | None = None) -> dict:
-    """Cold builds (fresh cache each), warm builds, and a warm rebuild with only ``graph.k`` changed."""
+def _baseline_cold(tree: str, out: str, cache: str, data_root: str | None) -> dict:
+    """One cold build by the code in ``tree`` (a fresh ``python -m gnnst`` process): its stage times
+    from the build's log line, and the process's wall time."""
+    import ast
     import os
+    import re
+    import subprocess
 
-    cold, warm, rebuild = [], [], []
+    env = dict(os.environ, PYTHONPATH=tree)
+    if data_root:
+        env["GNNST_DATA_ROOT"] = data_root
+    cmd = [sys.executable, "-m", "gnnst", "build-graphs", "--config", f"{tree}/configs/her2st.yaml", "--out", out,
+           "--cache-dir", cache]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"baseline build failed ({' '.join(cmd)}):\n{p.stderr[-2000:]}")
+    m = re.search(r"built \d+ graphs \(\d+ nodes\) in [\d.]+ s: (\{.*\})", p.stderr)
+    t = ast.literal_eval(m.group(1)) if m else {}
+    t["process"] = wall
+    return t
+
+
+def run_build_benchmark(repeats: int = 3, data_root: str | None = None, baseline: str | None = None) -> dict:
+    """Cold builds (fresh cache each), warm builds, and a warm rebuild with only ``graph.k`` changed;
+    with ``baseline``, cold builds of that revision interleaved with them."""
+    import os
+    import subprocess
+
+    cold, warm, rebuild, base = [], [], [], []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="gnnst-bench-") as tmp:
-        for i in range(repeats):
-            cache = f"{tmp}/cache{i}"
-            cold.append(_in_child(f"{tmp}/cold{i}", cache, [], data_root))
-            warm.append(_in_child(f"{tmp}/warm{i}", cache, [], data_root))
-            rebuild.append(_in_child(f"{tmp}/k8_{i}", cache, ["graph.k=8"], data_root))
+        tree = f"{tmp}/baseline"
+        if baseline:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", tree, baseline], check=True,
+                           capture_output=True)
+            rev = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+        try:
+            for i in range(repeats):
+                cache = f"{tmp}/cache{i}"
+                if baseline:
+                    base.append(_baseline_cold(tree, f"{tmp}/base{i}", f"{tmp}/bcache{i}", data_root))
+                cold.append(_in_child(f"{tmp}/cold{i}", cache, [], data_root))
+                warm.append(_in_child(f"{tmp}/warm{i}", cache, [], data_root))
+                rebuild.append(_in_child(f"{tmp}/k8_{i}", cache, ["graph.k=8"], data_root))
+        finally:
+            if baseline:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", tree], capture_output=True)
     threads = len(os.sched_getaffinity(0))
     floor = compute_floor(cold[0]["nodes"], threads)
 
@@ -101,7 +145,12 @@ def run_build_benchmark(repeats: int = 3, data_root: str | None = None) -> dict:
            "cold": {k: med(cold, k) for k in (*STAGES, "process", "peak_rss_mb")},
            "warm": {k: med(warm, k) for k in (*STAGES, "process", "peak_rss_mb")},
            "rebuild_k8": {k: med(rebuild, k) for k in ("total", "process", "encode")},
-           "nodes": cold[0]["nodes"], "cold_totals": [r["total"] for r in cold]}
+           "nodes": cold[0]["nodes"], "cold_totals": [r["total"] for r in cold],
+           "load": [list(load_before), list(os.getloadavg())]}
+    if baseline:
+        out["baseline"] = {"rev": rev, "totals": [r.get("total", 0.0) for r in base],
+                           "processes": [r["process"] for r in base],
+                           "cold": {k: med(base, k) for k in {k for r in base for k in r}}}
     out["encode_fraction_of_floor"] = floor["floor_seconds"] / max(out["cold"]["encode"], 1e-9)
     return out
 
@@ -115,6 +164,23 @@ def format_table(r: dict) -> str:
         f"| whole process (imports, model load, build) | {c['process']:.2f} | {w['process']:.2f} |",
         f"| peak RSS (MB) | {c['peak_rss_mb']:.0f} | {w['peak_rss_mb']:.0f} |",
     ]
+    b = r.get("baseline")
+    if b:
+        bc = b["cold"]
+        rows += [
+            "",
+            f"**Against commit {b['rev']}** (cold builds of that code, interleaved with the ones above, same machine):",
+            "",
+            "| cold build | this checkout (s) | " + b["rev"] + " (s) | ratio |",
+            "|---|---|---|---|",
+            f"| total (in the build) | {c['total']:.2f} | {bc.get('total', float('nan')):.2f} | "
+            f"{c['total'] / max(bc.get('total', float('nan')), 1e-9):.2f}x |",
+            f"| whole process | {c['process']:.2f} | {bc['process']:.2f} | {c['process'] / bc['process']:.2f}x |",
+            "",
+            f"- {b['rev']} stages (s, medians): " + ", ".join(f"{k} {v:.2f}" for k, v in bc.items()
+                                                            if k not in ("total", "process")) + "; totals: "
+            + ", ".join(f"{t:.1f}" for t in b["totals"]) + " s.",
+        ]
     rows += [
         "",
         f"- {r['nodes']} spots; medians over {r['repeats']} runs, each in a fresh process; cold totals: "
@@ -134,6 +200,9 @@ def format_table(r: dict) -> str:
         "the gene `panel` is chosen in a thread while the patches are encoded (`alongside_wait`: what the "
         "build then still waited for it). `total` is the wall time of the build.",
     ]
+    if "load" in r:
+        rows.append("- Load average (1/5/15 min) before " + ", ".join(f"{x:.1f}" for x in r["load"][0]) + ", after "
+                    + ", ".join(f"{x:.1f}" for x in r["load"][1]) + ".")
     return "\n".join(rows)
 
 
@@ -143,8 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     p.add_argument("--note", default="", help="a remark to record with the table (e.g. a shared machine)")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also time cold builds of this git revision, interleaved, and give the ratio")
     args = p.parse_args(argv)
-    r = run_build_benchmark(args.repeats, args.data_root)
+    r = run_build_benchmark(args.repeats, args.data_root, args.baseline)
     table = format_table(r)
     print(machine_info())
     print(table)

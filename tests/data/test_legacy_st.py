@@ -83,3 +83,45 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "S1.tsv.gz").unlink()
     with pytest.raises(GnnstError, match="file not found: .*S1.tsv.gz"):
         _read(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["plain", "quoted", "no_id_label", "na_marker", "blank_last_line"])
+def test_counts_fast_parse_equals_pandas(tmp_path, variant, monkeypatch):
+    """The numpy fast path and the pandas reading give the same table (ids, genes, values), and a
+    table the fast path cannot parse (an NA marker) is read by pandas."""
+    from gnnst.data.readers import legacy_st
+
+    rng = np.random.default_rng(0)
+    values = rng.poisson(2.0, size=(5, 4)).astype(float)
+    ids, genes = [f"{i}x{i + 1}" for i in range(5)], ["A", "B", "ERBB2", "ERBB2"]
+    q = (lambda s: f'"{s}"') if variant == "quoted" else str
+    head = ([] if variant == "no_id_label" else [q("")]) + [q(g) for g in genes]
+    rows = [[q(i)] + [f"{v:g}" for v in r] for i, r in zip(ids, values)]
+    if variant == "na_marker":
+        rows[2][3] = "NA"
+        values[2, 2] = np.nan
+    text = "\n".join("\t".join(r) for r in [head] + rows) + ("\n\n" if variant == "blank_last_line" else "\n")
+    p = tmp_path / "c.tsv.gz"
+    p.write_bytes(gzip.compress(text.encode()))
+    fast = legacy_st._read_counts_numeric(p)
+    assert (fast is None) == (variant == "na_marker")
+    got = legacy_st._read_counts(p)
+    monkeypatch.setattr(legacy_st, "_read_counts_numeric", lambda path: None)
+    ref = legacy_st._read_counts(p)
+    for t in (got, ref):
+        assert list(t.index) == ids and list(t.columns) == genes
+        np.testing.assert_array_equal(t.to_numpy(np.float64), values)
+
+
+def test_counts_short_row_reads_as_pandas_does(tmp_path):
+    """A row with fewer values than genes is left to pandas (missing values NaN, flagged later by
+    canonicalise); a row with more is an error naming the file."""
+    from gnnst.data.readers.legacy_st import _read_counts
+
+    p = tmp_path / "c.tsv"
+    p.write_text("\tA\tB\n1x1\t1\t2\n1x2\t3\n")
+    t = _read_counts(p)
+    np.testing.assert_array_equal(t.to_numpy(), [[1.0, 2.0], [3.0, np.nan]])
+    p.write_text("\tA\tB\n1x1\t1\t2\n1x2\t3\t4\t5\n")
+    with pytest.raises(GnnstError, match=r"c.tsv: cannot be read as a tab-separated table"):
+        _read_counts(p)
