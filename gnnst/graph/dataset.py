@@ -247,10 +247,9 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     batch_size = cfg.encoder.batch_size or default_batch_size(device)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # on CUDA the encoder is built and warmed up while the slides are read (the device set-up
-        # releases the GIL); on CPU both are Python-bound, and the encoder then ran slower (built in
-        # another thread, or after the slides' tables had churned the heap), so it is built first, in
-        # this thread (2-core CPU, her2st-6 cold build, 3 runs each: 22.7-24.5 s against 27.1-32.5 s
-        # threaded and 23.9-30.6 s built after the reading)
+        # releases the GIL); on CPU both are Python-bound and contend for the GIL (read 5.6 s and
+        # model load 5.9 s side by side on 2 cores, 2.9 s and 2.3 s one after the other), so it is
+        # built first, in this thread
         loading = (pool.submit(_load_encoder, cfg, device, batch_size) if device.type == "cuda"
                    else _Ran(_load_encoder, cfg, device, batch_size))
         adatas = {}
