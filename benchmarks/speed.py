@@ -1,7 +1,8 @@
 """Benchmark: speed and memory of the three things a user runs on her2st-6 — building the graphs,
 training (cross-validation), and predicting an unseen slide — each in its own child process.
 
-    python benchmarks/speed.py [--cache-dir /tmp/gcache] [--build-repeats 3] [--predict-repeats 3] [--no-write]
+    python benchmarks/speed.py [--cache-dir /tmp/gcache] [--build-repeats 3] [--predict-repeats 3]
+                               [--baseline REV] [--no-write]
 
 1. Graph building, cold (empty cache in a temporary folder) and warm, split into decode, crop, encode
    and graph: the measurement of ``benchmarks/build_graphs.py`` (:func:`run_build_benchmark`), reused.
@@ -11,6 +12,10 @@ training (cross-validation), and predicting an unseen slide — each in its own 
 3. Unseen-slide inference end to end: ``gnnst.cli.main(["predict", ...])`` with the B4 fold's
    checkpoint (B4 was held out of its training) on B4's H&E image and spot table, a fresh cache
    folder each time so the patches are encoded; spots per second; median over repeats.
+
+``--baseline REV`` runs the same training command and the cold builds with the code of git revision
+``REV`` too (a temporary worktree first on ``PYTHONPATH``), right after this checkout's, so a
+regression shows as a ratio measured on the same machine in the same command.
 
 Peak memory of each part is the child's ``ru_maxrss`` (``os.wait4``). Targets on this 2-core machine:
 cold build <= 30 s, one fold <= 60 s, inference >= 50 spots/s. Prints its table and writes the section
@@ -42,7 +47,8 @@ def _run(cmd: list[str], **kw) -> tuple[int, float, float, str, float]:
     """Run ``cmd``; (exit code, wall seconds, peak RSS in MB of the child as the kernel counted it, stdout,
     CPU seconds of the child, user + system: less sensitive than wall time to other jobs on the machine)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, **kw)
+    kw.setdefault("cwd", REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **kw)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -50,12 +56,14 @@ def _run(cmd: list[str], **kw) -> tuple[int, float, float, str, float]:
 
 
 # ------------------------------------------------------------------------------------ training
-def bench_train(cache_dir: str, workdir: Path, folds: list[str] | None) -> dict:
-    out = workdir / "train"
+def bench_train(cache_dir: str, workdir: Path, folds: list[str] | None, tree: str | None = None) -> dict:
+    """One ``gnnst train`` run; ``tree``: run the code of that checkout instead (the baseline)."""
+    out = workdir / ("train" if tree is None else "train_baseline")
     cmd = [sys.executable, "-m", "gnnst", "train", "--config", "configs/her2st.yaml", "--cache-dir", cache_dir,
            "--out", str(out), "--quiet", "eval.final_model=false"] + (
         [f"eval.only_folds=[{','.join(folds)}]"] if folds else [])
-    code, wall, rss, _, cpu = _run(cmd, stderr=subprocess.DEVNULL)
+    kw = {} if tree is None else {"cwd": tree, "env": dict(os.environ, PYTHONPATH=tree)}
+    code, wall, rss, _, cpu = _run(cmd, stderr=subprocess.DEVNULL, **kw)
     if code != 0:
         raise RuntimeError(f"gnnst train failed with status {code}: {' '.join(cmd)}")
     m = json.loads((out / "metrics.json").read_text())
@@ -165,6 +173,20 @@ def format_report(r: dict) -> str:
         f"{', '.join(f'{v:.1f}' for v in r['loadavg_after'])}: the machine is shared with other developers' jobs, "
         "so these times may be inflated.",
     ]
+    tb = r.get("train_baseline")
+    if tb:
+        fb = statistics.median(tb["fold_seconds"])
+        notes.append(
+            f"- Against commit {tb['rev']} (the same `gnnst train` command with that code, run right after, same "
+            f"cache): fold median {fold_med:.1f} s against {fb:.1f} s ({fold_med / fb:.2f}x), whole run "
+            f"{t['wall_seconds']:.0f} s against {tb['wall_seconds']:.0f} s ({t['wall_seconds'] / tb['wall_seconds']:.2f}x), "
+            f"CPU {t['cpu_seconds']:.0f} s against {tb['cpu_seconds']:.0f} s, peak RSS {t['peak_rss_mb']:.0f} MB against "
+            f"{tb['peak_rss_mb']:.0f} MB; its PCC HEG per slide {tb['pcc_heg_per_slide']:.3f}.")
+    bb = b.get("baseline")
+    if bb:
+        notes.append(
+            f"- Cold build against commit {bb['rev']} (interleaved; `build_graphs` section for the stages): "
+            f"{c['total']:.1f} s against {bb['cold'].get('total', float('nan')):.1f} s in the build.")
     if max(r["loadavg_before"][0], r["loadavg_after"][0]) > 1.5 * r["cores"]:  # 1-minute load averages
         notes.append(
             f"- The machine was oversubscribed during this run (load above {1.5 * r['cores']:.0f} on {r['cores']} cores), "
@@ -184,6 +206,8 @@ def main(argv=None) -> int:
                         "none given = all six)")
     p.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     p.add_argument("--note", default="", help="a remark recorded with the table")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also train and cold-build with this git revision's code, for the ratios")
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child-predict":
         _predict_child(sys.argv[2:])
         return 0
@@ -207,10 +231,21 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         print("training (gnnst train, defaults) ...", flush=True)
         r["train"] = bench_train(args.cache_dir, tmp, args.train_folds or None)
+        if args.baseline:
+            tree = str(tmp / "baseline")
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", tree, args.baseline], check=True,
+                           capture_output=True)
+            try:
+                print(f"training with the code at {args.baseline} ...", flush=True)
+                r["train_baseline"] = bench_train(args.cache_dir, tmp, args.train_folds or None, tree=tree)
+                r["train_baseline"]["rev"] = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+                                                            check=True, capture_output=True, text=True).stdout.strip()
+            finally:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", tree], capture_output=True)
         print("unseen-slide inference ...", flush=True)
         r["predict"] = bench_predict(r["train"]["checkpoint"], tmp, args.predict_repeats)
         print("graph building (cold and warm) ...", flush=True)
-        r["build"] = run_build_benchmark(args.build_repeats)
+        r["build"] = run_build_benchmark(args.build_repeats, baseline=args.baseline)
     r["loadavg_after"] = os.getloadavg()
     text = format_report(r)
     if args.note:
