@@ -62,7 +62,9 @@ def bench_train(cache_dir: str, workdir: Path, folds: list[str] | None, tree: st
     cmd = [sys.executable, "-m", "gnnst", "train", "--config", "configs/her2st.yaml", "--cache-dir", cache_dir,
            "--out", str(out), "--quiet", "eval.final_model=false"] + (
         [f"eval.only_folds=[{','.join(folds)}]"] if folds else [])
-    kw = {} if tree is None else {"cwd": tree, "env": dict(os.environ, PYTHONPATH=tree)}
+    # another checkout looks for the data beside itself: name the developers' copy unless the user did
+    env = {"GNNST_DATA_ROOT": str(DATA), **os.environ}
+    kw = {"env": env} if tree is None else {"cwd": tree, "env": dict(env, PYTHONPATH=tree)}
     code, wall, rss, _, cpu = _run(cmd, stderr=subprocess.DEVNULL, **kw)
     if code != 0:
         raise RuntimeError(f"gnnst train failed with status {code}: {' '.join(cmd)}")
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
         print("unseen-slide inference ...", flush=True)
         r["predict"] = bench_predict(r["train"]["checkpoint"], tmp, args.predict_repeats)
         print("graph building (cold and warm) ...", flush=True)
-        r["build"] = run_build_benchmark(args.build_repeats, baseline=args.baseline)
+        r["build"] = run_build_benchmark(args.build_repeats, str(DATA), baseline=args.baseline)
     r["loadavg_after"] = os.getloadavg()
     text = format_report(r)
     if args.note:
