@@ -194,7 +194,7 @@ def _read_counts_numeric(path: Path) -> tuple[list[str], list[str], np.ndarray] 
     if not path.is_file():
         raise GnnstError(f"file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix not in _OPENERS and suffix in (".zip", ".zst", ".tar"):
+    if suffix in (".zip", ".zst", ".tar"):  # archives pandas opens: left to it
         return None
     try:
         raw = path.read_bytes()
