@@ -402,14 +402,20 @@ def shift_notes(r: dict) -> str:
         f"included where that fold computed them); tasks ran {r['jobs']} at a time with {r['threads_per_job']} "
         "torch thread(s) each.",
     ]
-    if r["unfinished"]:
-        out.append("- Not finished within the run's time budget (rows left out): " + ", ".join(r["unfinished"])
-                   + ". `--suite shift --resume` completes them.")
+    unfinished = ("(rows left out): " + ", ".join(r["unfinished"]) + ". `--suite shift --resume` completes them."
+                  if r["unfinished"] else None)
+    return "\n".join(out + _run_notes(r, unfinished))
+
+
+def _run_notes(r: dict, unfinished: str | None) -> list[str]:
+    """The closing notes of a table: what did not finish (``unfinished``: the rest of that sentence), what
+    earlier invocations computed, how long this one took."""
+    out = [f"- Not finished within the run's time budget {unfinished}"] if unfinished else []
     if r["reused"]:
-        out.append(f"- {r['reused']} of the (run, fold) results were computed by earlier invocations and reused "
-                   "(`--resume`).")
+        out.append(f"- {r['reused']} of the (run, fold) results were computed by earlier invocations of this "
+                   "script and reused (`--resume`).")
     out.append(f"- This invocation: {r['seconds'] / 60:.1f} min on this machine.")
-    return "\n".join(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -491,15 +497,10 @@ def notes(r: dict) -> str:
                    f"`eval.select_on_heldout=true`, {lk['protocol']}. PCC per slide (top HEG) "
                    f"{_f(lk['pcc_heg_per_slide'])} vs {_f(h['pcc_heg_per_slide'])} honest "
                    f"({lk['pcc_heg_per_slide'] - h['pcc_heg_per_slide']:+.3f}).")
-    if r["unfinished"]:
-        out.append("- Not finished within the run's time budget (rows left out; folds done of "
-                   f"{len(r['folds'])}): " + ", ".join(f"{METHODS[m][0]} ({k})" for m, k in r["unfinished"].items())
-                   + ". `--resume` completes them.")
-    if r["reused"]:
-        out.append(f"- {r['reused']} of the (run, fold) results were computed by earlier invocations of this "
-                   "script and reused (`--resume`).")
-    out.append(f"- This invocation: {r['seconds'] / 60:.1f} min on this machine.")
-    return "\n".join(out)
+    unfinished = (f"(rows left out; folds done of {len(r['folds'])}): "
+                  + ", ".join(f"{METHODS[m][0]} ({k})" for m, k in r["unfinished"].items())
+                  + ". `--resume` completes them." if r["unfinished"] else None)
+    return "\n".join(out + _run_notes(r, unfinished))
 
 
 def main(argv=None) -> int:

@@ -179,7 +179,7 @@ def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
 IMAGE_ROLES = ("image", "zarr", "outs")  # manifest roles whose checksum covers a slide's image (a file or a folder)
 
 
-def _image_checksum(entry) -> str | None:
+def image_checksum(entry) -> str | None:
     """The manifest's sha256 of the file or folder holding the slide's image (the embedding cache's image
     id; without one the cache falls back to path, size and modification time)."""
     for role in IMAGE_ROLES:
@@ -269,7 +269,7 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
         timer.totals["model_load"] += seconds
         workers = cfg.encoder.num_workers if cfg.encoder.num_workers is not None else default_num_workers(device)
         slides = [adatas[e.slide_id] for e in entries]
-        image_ids = [_image_checksum(e) for e in entries]
+        image_ids = [image_checksum(e) for e in entries]
         owner = assign([a.n_obs for a in slides], shard.world)
         mine = [i for i in range(len(entries)) if owner[i] == shard.rank]
         log.info("embedding %d slide(s) with %s on %s (%s, batch %d, %d worker(s))%s", len(mine), encoder.name,

@@ -228,22 +228,23 @@ def _embed(cfg: "Config", loaded, slides: Sequence[str], transforms: Sequence) -
     """Embeddings of ``slides`` with their patches transformed, from the cache or the encoder (built once
     per process, on ``encoder.device``, the first time a fit needs it)."""
     from gnnst.data.embeddings import embed_slides
-    from gnnst.data.encoders import create_encoder, default_batch_size, default_num_workers, resolve_device
+    from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device
     from gnnst.data.manifest import cache_root
+    from gnnst.graph.dataset import _load_encoder, image_checksum
 
     entries = {e.slide_id: e for e in loaded.entries}
-    image_ids = [entries[s].files["image"].sha256 if "image" in entries[s].files else None for s in slides]
+    image_ids = [image_checksum(entries[s]) for s in slides]  # the same image identity as the build's cache
     cache_dir = cache_root(cfg.data.cache_dir) / "embeddings"
     enc_cfg = cfg.encoder
     key = (enc_cfg.name, enc_cfg.checkpoint, repr(enc_cfg.timm_kwargs), enc_cfg.device, enc_cfg.precision)
     device = resolve_device(enc_cfg.device)
+    batch_size = enc_cfg.batch_size or default_batch_size(device)
     if key not in _ENCODERS:  # built once per process (embed_slides reads the cache first)
         _ENCODERS.clear()
-        _ENCODERS[key] = create_encoder(enc_cfg.name, checkpoint=enc_cfg.checkpoint,
-                                        timm_kwargs=enc_cfg.timm_kwargs).to(device, enc_cfg.precision)
+        _ENCODERS[key] = _load_encoder(cfg, device, batch_size)[0]
     encoder = _ENCODERS[key]
     return embed_slides([loaded.adatas[s] for s in slides], encoder, size_um=cfg.patch.size_um,
-                        batch_size=enc_cfg.batch_size or default_batch_size(device),
+                        batch_size=batch_size,
                         num_workers=enc_cfg.num_workers if enc_cfg.num_workers is not None else
                         default_num_workers(device), pad_value=cfg.patch.pad_value, device=device,
                         cache_dir=cache_dir, image_ids=image_ids, transforms=transforms, progress=False)
