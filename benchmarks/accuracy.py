@@ -72,11 +72,23 @@ RUN_ORDER = (BASELINES, "gnnst_full_e1", "bleep", "mclstexp", "gnnst_leaky_e1", 
 
 # --suite shift (issue 15): setting -> (label, features overrides); each for gnnst (ens 1) and the ridge baselines
 SHIFT = {
-    "none": ("none", []),
-    "standardize": ("slide standardisation", ["features.slide_norm=standardize"]),
-    "macenko": ("stain normalisation (Macenko)", ["features.stain_norm=macenko"]),
-    "augment": ("stain augmentation (2 HED views)", ["features.stain_augment=2"]),
+    "none": ("none", {}),
+    "standardize": ("slide standardisation", {"slide_norm": "standardize"}),
+    "macenko": ("stain normalisation (Macenko)", {"stain_norm": "macenko"}),
+    "augment": ("stain augmentation (2 HED views)", {"stain_augment": 2}),
 }
+_OFF = {"slide_norm": "none", "stain_norm": "none", "stain_augment": 0}  # every correction off
+
+
+def shift_features(*settings: str) -> list[str]:
+    """The ``features`` overrides of one or several :data:`SHIFT` settings together; every key is set, so
+    the rows do not depend on the shipped defaults (``features.stain_norm`` is ``macenko`` by default)."""
+    merged = dict(_OFF)
+    for st in settings:
+        merged.update(SHIFT[st][1])
+    return [f"features.{k}={v}" for k, v in merged.items()]
+
+
 SHIFT_FAMILIES = {  # family -> (own overrides, trains the model, rows it gives: (row key, label))
     "gnnst": (["eval.baselines=[]", "train.ensemble=1"], True, [("model", "gnnst (ens 1)")]),
     "ridge": (["eval.baselines=[ridge, ridge_neighbours]"], False,
@@ -298,7 +310,7 @@ def run_shift(cache_dir: str | None, only_folds: list[str] | None, overrides: li
     corrections whose inner validation beat ``none`` (run only when that is two or more of them)."""
     t_all = time.perf_counter()
     _start(cache_dir, overrides, jobs)
-    specs = {shift_run(fam, st): shift_spec(fam, feats) for fam in SHIFT_FAMILIES for st, (_, feats) in SHIFT.items()}
+    specs = {shift_run(fam, st): shift_spec(fam, shift_features(st)) for fam in SHIFT_FAMILIES for st in SHIFT}
     # fold by fold, gnnst first: a run cut short by the budget compares every row on the same folds
     metrics, folds, n_reused, n_computed = run_tasks(specs, only_folds, jobs, workdir, t_all, budget_min,
                                                      fold_major=list(specs))
@@ -321,7 +333,7 @@ def run_shift(cache_dir: str | None, only_folds: list[str] | None, overrides: li
         better = [st for st in SHIFT if st != "none" and _family_val(rows[(fam, st)], fam) > ref]
         combos[fam] = better
         if len(better) >= 2:
-            spec = shift_spec(fam, [o for st in better for o in SHIFT[st][1]])
+            spec = shift_spec(fam, shift_features(*better))
             m2, *_, c2 = run_tasks({shift_run(fam, "best"): spec}, only_folds, jobs, workdir, t_all, budget_min)
             n_computed += c2
             if m2:

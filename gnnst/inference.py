@@ -27,6 +27,7 @@ import numpy as np
 from gnnst import keys
 from gnnst.errors import GnnstError
 from gnnst.data.encoders import CPU_BATCH_SIZE
+from gnnst.data.slides import spots_anndata  # noqa: F401 (part of this module's API: gnnst.tl, scripts)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -164,22 +165,6 @@ def _stain_transform(model: "TrainedModel", a: "AnnData", *, image=None):
         log.info("slide '%s': stain normalisation (%s) to the model's reference, estimated on %d tissue pixels of "
                  "its own patches", a.obs[keys.SLIDE_ID].iloc[0], model.feature_norm.stain_norm, tf.source.n_pixels)
     return tf
-
-
-def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, mpp: float,
-                  image: str | Path, image_scalef: float = 1.0) -> "AnnData":
-    """Canonical AnnData of spots without expression: ``obsm['spatial']``, ``obs['slide_id']``, ``uns['gnnst']``
-    (``image_scalef``: pixels of ``image`` per full-resolution pixel)."""
-    import anndata as ad
-    import pandas as pd
-    import scipy.sparse as sp
-
-    a = ad.AnnData(X=sp.csr_matrix((len(barcodes), 0), dtype=np.float32),
-                   obs=pd.DataFrame(index=pd.Index(barcodes, name=keys.BARCODE)))
-    a.obsm[keys.SPATIAL] = np.asarray(pixel_xy, dtype=np.float64)
-    a.obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * len(barcodes))
-    a.uns[keys.UNS_GNNST] = {keys.MPP: float(mpp), keys.IMAGE_PATH: str(image), keys.IMAGE_SCALEF: float(image_scalef)}
-    return a
 
 
 def predict_grid(

@@ -8,8 +8,17 @@ the manifest's resolved files, so this step lives in a module of its own.
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from gnnst import keys
 from gnnst.errors import GnnstError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anndata import AnnData
 
 
 def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str | None = None,
@@ -22,7 +31,6 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
     it logs the image read and the patch side in its pixels, and warns when that side is under
     :data:`MIN_PATCH_PX`.
     """
-    from gnnst import keys
     from gnnst.data.manifest import resolve_files
     from gnnst.data.readers import get_reader, image_size, log_patch_size
     from gnnst.data.validate import image_coordinates
@@ -54,3 +62,19 @@ def read_slide(manifest, slide, *, data_root: str | None = None, cache_dir: str 
     if patch_size_um is not None:
         log_patch_size(adata, patch_size_um, manifest_path=manifest.path, size=(w, h))
     return adata
+
+
+def spots_anndata(pixel_xy: np.ndarray, barcodes: list[str], *, slide_id: str, mpp: float,
+                  image: "str | Path", image_scalef: float = 1.0) -> "AnnData":
+    """Canonical AnnData of spots without expression: ``obsm['spatial']``, ``obs['slide_id']``, ``uns['gnnst']``
+    (``image_scalef``: pixels of ``image`` per full-resolution pixel)."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    a = ad.AnnData(X=sp.csr_matrix((len(barcodes), 0), dtype=np.float32),
+                   obs=pd.DataFrame(index=pd.Index(barcodes, name=keys.BARCODE)))
+    a.obsm[keys.SPATIAL] = np.asarray(pixel_xy, dtype=np.float64)
+    a.obs[keys.SLIDE_ID] = pd.Categorical([slide_id] * len(barcodes))
+    a.uns[keys.UNS_GNNST] = {keys.MPP: float(mpp), keys.IMAGE_PATH: str(image), keys.IMAGE_SCALEF: float(image_scalef)}
+    return a

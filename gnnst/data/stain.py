@@ -54,6 +54,10 @@ MIN_TISSUE_PIXELS = 100  # fewer tissue pixels than this cannot estimate a stain
 SAMPLE_SIDE = 32  # a sampled crop contributes at most SAMPLE_SIDE x SAMPLE_SIDE pixels (strided)
 
 
+class TooLittleTissue(GnnstError):
+    """Too few tissue pixels to estimate a stain (:data:`MIN_TISSUE_PIXELS`)."""
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -121,7 +125,7 @@ def estimate(method: str, rgb: np.ndarray, *, where: str = "pixels") -> StainSta
     rgb = np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)
     tissue = rgb[tissue_mask(rgb)]
     if len(tissue) < MIN_TISSUE_PIXELS:
-        raise GnnstError(f"{where}: {len(tissue)} tissue pixels (OD >= {OD_TISSUE} in every channel) of "
+        raise TooLittleTissue(f"{where}: {len(tissue)} tissue pixels (OD >= {OD_TISSUE} in every channel) of "
                          f"{len(rgb)}, fewer than {MIN_TISSUE_PIXELS}: its stain cannot be estimated "
                          f"(features.stain_norm={method})")
     if method == "reinhard":

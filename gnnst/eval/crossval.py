@@ -69,7 +69,7 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     from gnnst.data.encoders import resolve_device, set_cpu_threads
     from gnnst.data.manifest import load_manifest
     from gnnst.eval.splits import make_folds
-    from gnnst.graph.dataset import ensure_dataset, load_and_embed, resolve_patch_size
+    from gnnst.graph.dataset import ensure_dataset, resolve_patch_size
     from gnnst.graph.store import GraphDataset
     from gnnst.io import atomic_write_json
     from gnnst.metrics import MetricSet, summarise
@@ -86,14 +86,12 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     main = current().is_main  # only the main process writes outputs
     source = loaded
     restain = cfg.features.stain_norm != "none" or cfg.features.stain_augment > 0  # re-embeds the patches
-    if source is None and cfg.data.graphs:
-        if restain:
-            key = "features.stain_norm" if cfg.features.stain_norm != "none" else "features.stain_augment"
-            raise GnnstError(f"config key '{key}': {getattr(cfg.features, key.split('.')[1])!r} re-embeds the "
-                             f"slides' patches, which needs their images: train from the raw slides (--config, "
-                             f"without --graphs {cfg.data.graphs})")
+    if source is None and cfg.data.graphs:  # stain normalisation / augmentation read the recorded images
         source = GraphDataset(cfg.data.graphs)
         source.check_config(cfg)
+        if restain:
+            for s in source.slide_ids:
+                source.image_slide(s)  # each image still there (one line naming the first that is not): before any work
     resolve_patch_size(cfg)  # the number itself is compared and recorded
     device = resolve_device(cfg.train.device)
     resolve_batch_nodes(cfg, device)  # likewise
@@ -105,8 +103,6 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     folds = select_folds(make_folds(patients, mode=cfg.eval.folds), cfg.eval.only_folds)
     if cfg.eval.select_on_heldout:
         log.warning("%s: for comparison with published numbers only, not a valid estimate", LEAKY)
-    if source is None and restain:  # the images are read per fold: the slides in memory, as before
-        source = load_and_embed(cfg, progress=progress)
     if source is None:
         source = ensure_dataset(cfg, progress=progress)
     if isinstance(source, GraphDataset):

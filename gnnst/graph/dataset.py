@@ -23,7 +23,8 @@ import numpy as np
 
 from gnnst import keys
 from gnnst.errors import GnnstError
-from gnnst.graph.store import COUNTS, DATASET_JSON, GraphDataset, SlideSource, SpotInfo  # noqa: F401 (re-exported)
+from gnnst.graph.store import (COUNTS, DATASET_JSON, IMAGE_ROLES, GraphDataset, SlideSource,  # noqa: F401 (re-exported)
+                               SpotInfo)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -128,6 +129,12 @@ class LoadedSlides(SlideSource):
         data.patient_id = self.patients()[slide_id]
         return data
 
+    def image_slide(self, slide_id: str) -> "AnnData":
+        return self.adatas[slide_id]
+
+    def image_id(self, slide_id: str) -> str | None:
+        return image_checksum(next(e for e in self.entries if e.slide_id == slide_id))
+
     def spots(self, slide_id: str) -> SpotInfo:
         a = self.adatas[slide_id]
         meta = a.uns[keys.UNS_GNNST]
@@ -138,25 +145,6 @@ class LoadedSlides(SlideSource):
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-class _Ran:
-    """A call run at once, in this thread, with a future's ``result``/``exception`` (its error is
-    raised when the result is asked for, so a slide's error can still be reported first)."""
-
-    def __init__(self, fn: Callable, *args):
-        try:
-            self._result, self._error = fn(*args), None
-        except Exception as e:  # noqa: BLE001 - re-raised by result()
-            self._result, self._error = None, e
-
-    def result(self):
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def exception(self):
-        return self._error
 
 
 def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
@@ -176,7 +164,6 @@ def _load_encoder(cfg: "Config", device, batch_size: int) -> tuple:
     return encoder, time.perf_counter() - t0
 
 
-IMAGE_ROLES = ("image", "zarr", "outs")  # manifest roles whose checksum covers a slide's image (a file or a folder)
 
 
 def image_checksum(entry) -> str | None:
@@ -206,8 +193,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
     """Read and check every slide of ``cfg.data`` (nothing is written before this succeeds), then
     embed their patches (cached in ``<cache>/embeddings`` unless ``use_cache`` is false).
 
-    On CUDA the encoder is built and warmed up in a thread while the slides are read (on CPU before
-    them, in this thread; a slide's error is still the one reported), and
+    On CUDA the encoder is built and warmed up in a thread while the slides are read (on CPU after
+    them, in this thread; either way a slide's error is the one reported), and
     ``alongside(adatas)`` (slide id -> AnnData; e.g. choosing the gene panel) runs in a thread while the
     patches are embedded when the encoder leaves cores free (on CUDA, or fewer torch threads than
     cores), else after; its result is ``LoadedSlides.alongside``. Stage times therefore overlap.
@@ -249,9 +236,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
         # on CUDA the encoder is built and warmed up while the slides are read (the device set-up
         # releases the GIL); on CPU both are Python-bound and contend for the GIL (read 5.6 s and
         # model load 5.9 s side by side on 2 cores, 2.9 s and 2.3 s one after the other), so it is
-        # built first, in this thread
-        loading = (pool.submit(_load_encoder, cfg, device, batch_size) if device.type == "cuda"
-                   else _Ran(_load_encoder, cfg, device, batch_size))
+        # built after them, in this thread: a slide's error then comes before any model is loaded
+        loading = pool.submit(_load_encoder, cfg, device, batch_size) if device.type == "cuda" else None
         adatas = {}
         try:
             for e in tqdm(entries, desc="read slides", unit="slide", disable=not progress, leave=False):
@@ -262,10 +248,14 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
             check_spot_counts({f"slide '{s}'": a.n_obs for s, a in adatas.items()},
                               [(f"graph.k={cfg.graph.k}", cfg.graph.k)] if graph_ks is None else graph_ks)
         except BaseException:  # the slide's error is the one to report
-            loading.exception()  # waits for the encoder thread; its own error, if any, comes second
+            if loading is not None:
+                loading.exception()  # waits for the encoder thread; its own error, if any, comes second
             raise
-        with timer("model_wait"):
-            encoder, seconds = loading.result()  # nothing is written before both succeed
+        if loading is not None:
+            with timer("model_wait"):
+                encoder, seconds = loading.result()  # nothing is written before both succeed
+        else:
+            encoder, seconds = _load_encoder(cfg, device, batch_size)
         timer.totals["model_load"] += seconds
         workers = cfg.encoder.num_workers if cfg.encoder.num_workers is not None else default_num_workers(device)
         slides = [adatas[e.slide_id] for e in entries]

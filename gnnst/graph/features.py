@@ -161,13 +161,19 @@ class FeatureState:
     def stain_transform(self, adata: "AnnData", *, size_um: float, pad_value: int = 255, image=None
                         ) -> "StainNormalizer | None":
         """The map of ``adata``'s slide (its own pixels) to :attr:`stain_reference`, or ``None`` when stain
-        normalisation is off."""
+        normalisation is off, or when the slide's sampled patches hold too little tissue to estimate its
+        stain (its patches then keep their colours, with a warning naming the slide)."""
         if self.stain_norm == "none":
             return None
-        from gnnst.data.stain import StainNormalizer
+        from gnnst.data.stain import StainNormalizer, TooLittleTissue
 
-        return StainNormalizer(slide_stain(adata, self.stain_norm, size_um=size_um, n_spots=self.stain_sample_spots,
-                                           pad_value=pad_value, image=image), self.stain_reference)
+        try:
+            own = slide_stain(adata, self.stain_norm, size_um=size_um, n_spots=self.stain_sample_spots,
+                              pad_value=pad_value, image=image)
+        except TooLittleTissue as e:
+            log.warning("%s; its patches are not stain-normalised", e)
+            return None
+        return StainNormalizer(own, self.stain_reference)
 
 
 # ---------------------------------------------------------------------------------------- per fold
@@ -224,16 +230,16 @@ class FoldFeatures:
     stain_reference: "StainStats | None" = None
 
 
-def _embed(cfg: "Config", loaded, slides: Sequence[str], transforms: Sequence) -> list[np.ndarray]:
-    """Embeddings of ``slides`` with their patches transformed, from the cache or the encoder (built once
-    per process, on ``encoder.device``, the first time a fit needs it)."""
+def _embed(cfg: "Config", source, slides: Sequence[str], transforms: Sequence, size_um: float) -> list[np.ndarray]:
+    """Embeddings of ``slides`` (of ``source``, a :class:`~gnnst.graph.store.SlideSource`) with their
+    patches transformed, from the cache or the encoder (built once per process, on ``encoder.device``, the
+    first time a fit needs it)."""
     from gnnst.data.embeddings import embed_slides
     from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device
     from gnnst.data.manifest import cache_root
-    from gnnst.graph.dataset import _load_encoder, image_checksum
+    from gnnst.graph.dataset import _load_encoder
 
-    entries = {e.slide_id: e for e in loaded.entries}
-    image_ids = [image_checksum(entries[s]) for s in slides]  # the same image identity as the build's cache
+    image_ids = [source.image_id(s) for s in slides]  # the same image identity as the build's cache
     cache_dir = cache_root(cfg.data.cache_dir) / "embeddings"
     enc_cfg = cfg.encoder
     key = (enc_cfg.name, enc_cfg.checkpoint, repr(enc_cfg.timm_kwargs), enc_cfg.device, enc_cfg.precision)
@@ -243,30 +249,36 @@ def _embed(cfg: "Config", loaded, slides: Sequence[str], transforms: Sequence) -
         _ENCODERS.clear()
         _ENCODERS[key] = _load_encoder(cfg, device, batch_size)[0]
     encoder = _ENCODERS[key]
-    return embed_slides([loaded.adatas[s] for s in slides], encoder, size_um=cfg.patch.size_um,
+    return embed_slides([source.image_slide(s) for s in slides], encoder, size_um=size_um,
                         batch_size=batch_size,
                         num_workers=enc_cfg.num_workers if enc_cfg.num_workers is not None else
                         default_num_workers(device), pad_value=cfg.patch.pad_value, device=device,
                         cache_dir=cache_dir, image_ids=image_ids, transforms=transforms, progress=False)
 
 
-def fold_features(cfg: "Config", loaded, train_slides: Sequence[str], slides: Sequence[str]) -> FoldFeatures:
+def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Sequence[str]) -> FoldFeatures:
     """The embeddings of ``slides`` for a fit on ``train_slides`` (:class:`FoldFeatures`): the encoder's own
-    (``loaded.embs``) or, with ``features.stain_norm``, those of patches mapped to the reference of the
-    training slides' pixels; with ``features.stain_augment``, the training slides' augmented views.
-    Everything is cached; only the slides' images are read."""
+    (``source.embs``; ``source`` a :class:`~gnnst.graph.store.SlideSource`: slides in memory or a graph
+    folder) or, with ``features.stain_norm``, those of patches mapped to the reference of the training
+    slides' pixels; with ``features.stain_augment``, the training slides' augmented views. Everything is
+    cached; only the slides' images are read (:meth:`~gnnst.graph.store.SlideSource.image_slide`)."""
+    from gnnst.data.encoders import default_patch_um
+
     fc = cfg.features
-    size, n_spots, pad = cfg.patch.size_um, fc.stain_sample_spots, cfg.patch.pad_value
+    size = cfg.patch.size_um if cfg.patch.size_um is not None else default_patch_um(cfg.encoder.name)
+    n_spots, pad = fc.stain_sample_spots, cfg.patch.pad_value
     slides, train_slides = list(slides), list(train_slides)
     ref, normalizers = None, {s: None for s in slides}
-    embs = {s: loaded.embs[s] for s in slides}
+    embs = {s: source.embs[s] for s in slides}
+    if fc.stain_norm != "none" or fc.stain_augment > 0:
+        images = {s: source.image_slide(s) for s in slides}  # checks every image is at hand, before any work
     if fc.stain_norm != "none":
-        ref = stain_reference([loaded.adatas[s] for s in train_slides], fc.stain_norm, size_um=size, n_spots=n_spots,
+        ref = stain_reference([images[s] for s in train_slides], fc.stain_norm, size_um=size, n_spots=n_spots,
                               pad_value=pad)
         state = FeatureState(stain_norm=fc.stain_norm, stain_reference=ref, stain_sample_spots=n_spots)
-        normalizers = {s: state.stain_transform(loaded.adatas[s], size_um=size, pad_value=pad) for s in slides}
+        normalizers = {s: state.stain_transform(images[s], size_um=size, pad_value=pad) for s in slides}
         log.info("stain normalisation (%s) to the reference of %s", fc.stain_norm, ", ".join(train_slides))
-        embs = dict(zip(slides, _embed(cfg, loaded, slides, [normalizers[s] for s in slides])))
+        embs = dict(zip(slides, _embed(cfg, source, slides, [normalizers[s] for s in slides], size)))
     views = {}
     if fc.stain_augment > 0:
         from gnnst.data.stain import HEDJitter
@@ -276,7 +288,7 @@ def fold_features(cfg: "Config", loaded, train_slides: Sequence[str], slides: Se
               for s, v in jobs]
         log.info("stain augmentation: %d HED-jittered view(s) of %d training slide(s)", fc.stain_augment,
                  len(train_slides))
-        got = _embed(cfg, loaded, [s for s, _ in jobs], tf)
+        got = _embed(cfg, source, [s for s, _ in jobs], tf, size)
         for s in train_slides:
             views[s] = np.stack([embs[s]] + [e for (t, _), e in zip(jobs, got) if t == s])
     return FoldFeatures(embs=embs, views=views, stain_reference=ref)

@@ -42,6 +42,7 @@ import numpy as np
 from gnnst.errors import GnnstError
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from torch_geometric.data import Data
 
     from gnnst.config import Config, GraphConfig
@@ -52,6 +53,7 @@ log = logging.getLogger("gnnst")
 DATASET_JSON = "dataset.json"
 FORMAT = 2  # dataset.json "format": 2 = raw counts of the candidate genes in every slide (issue 13)
 COUNTS = "counts"  # Data attribute: {'genes', 'data' [nnz], 'indices' [nnz], 'indptr' [N+1], 'totals' [N]}
+IMAGE_ROLES = ("image", "zarr", "outs")  # manifest roles whose checksum covers a slide's image (a file or a folder)
 CACHE_SLIDES = 16  # slides GraphDataset keeps loaded (memory-mapped; their barcodes in memory)
 # keys of a run's config that the graph folder fixes (how x and the stored counts were made); a
 # `--graphs` run takes them from the folder's config.yaml, and a value that differs is an error
@@ -85,8 +87,9 @@ class SlideSource:
     Subclasses provide ``slide_ids`` (in order), :meth:`patients`, ``embs`` (slide id -> ``[N, D]`` float32
     embeddings), ``encoder`` (the patch encoder's
     record: name, identity, input_size, dim, precision, ...), ``timer`` (a
-    :class:`gnnst.data.embeddings.Timer`), and per slide :meth:`slide_counts`, :meth:`slide_graph` and
-    :meth:`spots`.
+    :class:`gnnst.data.embeddings.Timer`), and per slide :meth:`slide_counts`, :meth:`slide_graph`,
+    :meth:`spots`, and for re-embedding its patches (stain normalisation and augmentation,
+    :func:`gnnst.graph.features.fold_features`) :meth:`image_slide` and :meth:`image_id`.
     """
 
     slide_ids: list[str]
@@ -106,6 +109,16 @@ class SlideSource:
         raise NotImplementedError
 
     def spots(self, slide_id: str) -> SpotInfo:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def image_slide(self, slide_id: str) -> "AnnData":  # pragma: no cover - abstract
+        """The slide's spots on its image, without expression (``obsm['spatial']``, ``obs['slide_id']``,
+        ``uns['gnnst']`` with the image path and µm per pixel): what patches are cut from."""
+        raise NotImplementedError
+
+    def image_id(self, slide_id: str) -> str | None:  # pragma: no cover - abstract
+        """The checksum that names the slide's image in the embedding cache (``None``: path, size and
+        modification time name it)."""
         raise NotImplementedError
 
 
@@ -289,6 +302,37 @@ class GraphDataset(SlideSource):
         d, v = self[slide_id], self.info["slides"][slide_id]
         return SpotInfo(barcodes=list(d.barcodes), pixel=d.pixel.numpy().astype(np.float64), mpp=float(v["mpp"]),
                         image_path=v.get("image_path"), image_scalef=float(v.get("image_scalef", 1.0)))
+
+    def image_slide(self, slide_id: str) -> "AnnData":
+        """The slide's spots on the image recorded at the build (``dataset.json``), which must still be
+        there, unchanged in size (a one-line error names the slide, the file and the key that needs it)."""
+        from gnnst.data.slides import spots_anndata
+
+        info, why = self.spots(slide_id), None
+        rec = self._image_record(slide_id)
+        path = info.image_path
+        if not path:
+            why = "no image recorded"
+        elif not Path(path).exists():
+            why = f"its image {path} (recorded in {self.root / DATASET_JSON}) is not there"
+        elif rec is not None and Path(rec["path"]) == Path(path).resolve() and Path(path).is_file() \
+                and Path(path).stat().st_size != rec["bytes"]:
+            why = f"its image {path} changed since the graphs were built ({rec['bytes']} bytes then)"
+        if why:
+            raise GnnstError(f"{self.root}: slide '{slide_id}': {why}; stain normalisation and augmentation "
+                             "(features.stain_norm, features.stain_augment) re-embed the slide's patches from it: "
+                             "set features.stain_norm=none and features.stain_augment=0, or rebuild the graphs")
+        return spots_anndata(info.pixel, info.barcodes, slide_id=slide_id, mpp=info.mpp, image=path,
+                             image_scalef=info.image_scalef)
+
+    def image_id(self, slide_id: str) -> str | None:
+        rec = self._image_record(slide_id)
+        return None if rec is None else rec.get("sha256")
+
+    def _image_record(self, slide_id: str) -> dict | None:
+        """The build's record (path, sha256, bytes) of the file or folder holding the slide's image."""
+        sources = self.info["slides"][slide_id].get("sources", {})
+        return next((sources[r] for r in IMAGE_ROLES if r in sources), None)
 
     # --- a run's config against the folder
     def config_base(self) -> dict:

@@ -50,6 +50,28 @@ def test_too_little_tissue_is_a_one_line_error():
         S.estimate("vahadane", _image())
 
 
+def test_a_slide_with_too_little_tissue_keeps_its_colours_with_a_warning(tmp_path, caplog):
+    """The default normalises the stain: a slide whose sampled patches are nearly all background (a few
+    spots on glass) is predicted on its own colours, with a warning naming it, not refused."""
+    import logging
+
+    from PIL import Image
+
+    from gnnst.data.slides import spots_anndata
+    from gnnst.graph.features import FeatureState
+
+    Image.fromarray(np.full((200, 240, 3), 247, np.uint8)).save(tmp_path / "glass.png")
+    a = spots_anndata(np.array([[60.0, 60.0], [150.0, 120.0]]), ["a", "b"], slide_id="W", mpp=1.0,
+                      image=tmp_path / "glass.png")
+    st = FeatureState(stain_norm="macenko", stain_reference=S.estimate("macenko", _image()))
+    with caplog.at_level(logging.WARNING, logger="gnnst"):
+        assert st.stain_transform(a, size_um=40) is None
+    assert "slide 'W'" in caplog.text and "not stain-normalised" in caplog.text
+    tissue = spots_anndata(np.array([[60.0, 48.0]]), ["t"], slide_id="T", mpp=1.0, image=tmp_path / "he.png")
+    Image.fromarray(_image()).save(tmp_path / "he.png")
+    assert st.stain_transform(tissue, size_um=40) is not None  # with tissue: mapped to the reference
+
+
 def test_hed_jitter_identity_and_determinism():
     img = _image()
     assert np.abs(S.HEDJitter([1, 1, 1], [0, 0, 0])(img).astype(int) - img).max() <= 1

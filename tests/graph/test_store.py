@@ -109,26 +109,65 @@ def test_fold_from_graph_folder_equals_fold_from_raw_slides(built, k):
         np.testing.assert_array_equal(a, b)
 
 
-def test_train_from_graphs_without_raw_slides_gives_the_metrics_of_raw_slides(built, tmp_path):
-    """Rename the raw data after building: `gnnst train --graphs` still trains, to the same metrics as
-    cross-validation over the slides read in memory."""
+@pytest.mark.parametrize("stain_norm", ["none", "macenko"])
+def test_train_from_graphs_without_raw_slides_gives_the_metrics_of_raw_slides(built, tmp_path, stain_norm):
+    """Move the raw data away after building: `gnnst train --graphs` still trains, to the same metrics as
+    cross-validation over the slides read in memory. Without stain normalisation nothing of the raw slides
+    is read; with it (the default) only their images are, which stay."""
     from gnnst.cli import main
     from gnnst.eval.crossval import run_crossval
 
-    over = [*TINY_RUN, *built["extra"], "eval.figures=false", "eval.final_model=false", "eval.only_folds=[S3]"]
-    run_crossval(_cfg(built, *built["extra"], "eval.figures=false", "eval.final_model=false",
-                      "eval.only_folds=[S3]"), tmp_path / "raw", loaded=built["loaded"], progress=False)
-    moved = built["root"].with_name("moved")
-    built["root"].rename(moved)
+    run = ["eval.figures=false", "eval.final_model=false", "eval.only_folds=[S3]", f"features.stain_norm={stain_norm}"]
+    run_crossval(_cfg(built, *built["extra"], *run), tmp_path / "raw", loaded=built["loaded"], progress=False)
+    root, moved = built["root"], built["root"].with_name("moved")
+    keep = [] if stain_norm == "none" else sorted(root.glob("*_HE.jpg"))  # the images the stain is read from
+    root.rename(moved)
+    root.mkdir()
+    for f in keep:
+        (moved / f.name).rename(f)
     try:
-        assert main(["train", "--graphs", str(built["graphs"]), "--out", str(tmp_path / "g"), "--quiet", *over]) == 0
+        assert main(["train", "--graphs", str(built["graphs"]), "--out", str(tmp_path / "g"), "--quiet",
+                     *TINY_RUN, *built["extra"], *run]) == 0
     finally:
-        moved.rename(built["root"])
+        for f in keep:
+            f.rename(moved / f.name)
+        root.rmdir()
+        moved.rename(root)
     a = json.loads((tmp_path / "raw" / "metrics.json").read_text())
     b = json.loads((tmp_path / "g" / "metrics.json").read_text())
     assert a["folds"] and untimed(a["folds"]) == untimed(b["folds"])
     assert "pcc_heg_per_slide" in json.dumps(a["folds"])
 
+
+def test_stain_normalised_folds_from_the_folder_equal_those_of_raw_slides(built):
+    from gnnst.graph.store import GraphDataset
+    from gnnst.train.prepare import prepare_training
+
+    cfg = _cfg(built, *built["extra"], "features.stain_norm=macenko")
+    raw = prepare_training(cfg, built["loaded"], ["S1", "S2"], ["S3"])
+    folder = prepare_training(cfg, GraphDataset(built["graphs"]), ["S1", "S2"], ["S3"])
+    assert folder.feature_norm.to_dict() == raw.feature_norm.to_dict()  # the same reference stain
+    plain = prepare_training(_cfg(built, *built["extra"], "features.stain_norm=none"), built["loaded"], ["S1", "S2"],
+                             ["S3"])
+    for s in ("S1", "S2", "S3"):
+        assert torch.equal(folder.inputs[s].x, raw.inputs[s].x), s
+        assert not torch.allclose(folder.inputs[s].x.float(), plain.inputs[s].x.float()), s  # re-embedded
+
+
+def test_a_missing_image_is_named_before_any_work_when_the_stain_is_normalised(built, tmp_path, capsys):
+    from gnnst.cli import main
+
+    image = built["root"] / "S2_HE.jpg"
+    image.rename(image.with_suffix(".moved"))
+    try:
+        rc = main(["train", "--graphs", str(built["graphs"]), "--out", str(tmp_path / "g"), "--quiet", *TINY_RUN,
+                   *built["extra"], "features.stain_norm=macenko"])
+    finally:
+        image.with_suffix(".moved").rename(image)
+    err = capsys.readouterr().err
+    assert rc != 0 and "slide 'S2': its image" in err and "S2_HE.jpg" in err and "features.stain_norm=none" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "g").exists()  # nothing written
 
 
 def test_a_run_config_that_contradicts_the_folder_is_refused(built):
