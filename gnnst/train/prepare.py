@@ -213,14 +213,28 @@ def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slide
         train = [scaled(g, scaler, targets) for g in train_full]
         val = [scaled(g, scaler, targets) for g in val_graphs]
     else:
-        val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
-        scaler = fit_scaler(train_full, [~m for m in val_masks], targets)
-        full = [scaled(g, scaler, targets) for g in train_full]  # one standardised y per slide, shared by both
-        val = [_without_views(g) for g in full]
-        train = [with_node_mask(g, ~m) for g, m in zip(full, val_masks)]
+        val_masks, scaler, train, val = honest_targets(train_full, cfg, targets)
     return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
                        train=train, val=val, val_masks=val_masks, scaler=scaler, feature_norm=features, inputs=inputs,
                        protocol=LEAKY if leaky else "honest")
+
+
+def honest_targets(train_full: Sequence["Data"], cfg: "Config", targets: "TargetFolder | None" = None
+                   ) -> tuple[list[np.ndarray], "TargetScaler", list, list]:
+    """The honest protocol's targets of the whole training slides ``train_full`` (normalised ``y`` ``[N, G]``):
+    validation blocks carved from them (:func:`carve_validation`), the scaler fitted on the other spots
+    (:func:`fit_scaler`), and one standardised ``y`` per slide (:func:`scaled`, held in ``targets``) shared by
+    the training part (:func:`with_node_mask`) and the validation graph.
+
+    Returns ``(val_masks, scaler, train, val)``: ``[N]`` bool per slide, the scaler, the training graphs and
+    the validation graphs (without ``x_views``).
+    """
+    val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+    scaler = fit_scaler(train_full, [~m for m in val_masks], targets)
+    full = [scaled(g, scaler, targets) for g in train_full]  # one standardised y per slide, shared by both
+    val = [_without_views(g) for g in full]
+    train = [with_node_mask(g, ~m) for g, m in zip(full, val_masks)]
+    return val_masks, scaler, train, val
 
 
 def _views_tensor(views: np.ndarray, dtype) -> "torch.Tensor":
