@@ -306,6 +306,7 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     r["targets_seconds"] = time.perf_counter() - t0
     r["targets_peak_rss_mb"] = _status_mb("VmHWM")
     r["targets_anon_growth_mb"] = _rss_anon_mb() - anon0
+    r["targets_rss_anon_mb"], r["targets_rss_file_mb"] = _rss_anon_mb(), _status_mb("RssFile")
     r["rss_with_slide_mb"] = _status_mb("VmRSS")
     r["slide_arrays_mb"] = slides * spots * (EMB_DIM * 2 + 2 * NUM_GENES * 2) / 2**20  # x and both y, on disk
     r.update(train_epochs(train, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
@@ -367,15 +368,17 @@ def format_table(results: list[dict]) -> str:
 
 def format_targets(results: list[dict]) -> str:
     """The cohort rows' target figures: the fold's two ``y`` copies on disk, the seconds to make them, the
-    anonymous memory they added and the process's peak RSS while they were made (file pages included)."""
+    anonymous memory they added and the process's peak RSS while they were made (file pages included), its
+    anonymous and file-backed resident memory after (file pages: the graph files' counts and ``x``, the
+    targets' files, reclaimable page cache), and the epoch's figures."""
     lines = ["| cohort | sampler | targets on disk (MB) | targets made in (s) | anonymous RSS added (MB) | "
-             "peak RSS while made (MB) | RSS after (MB) | epoch peak above that (MB) | process peak RSS (MB) |",
-             "|---" * 9 + "|"]
+             "peak RSS while made (MB) | RSS after: anonymous + file pages (MB) | epoch peak above that (MB) | "
+             "anonymous RSS at the epoch's end (MB) | process peak RSS (MB) |", "|---" * 10 + "|"]
     for r in results:
         lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} ({r['targets_in']}) | {r['sampler']} | "
                      f"{r['targets_file_mb']:.0f} | {r['targets_seconds']:.1f} | {r['targets_anon_growth_mb']:.0f} | "
-                     f"{r['targets_peak_rss_mb']:.0f} | {r['rss_with_slide_mb']:.0f} | "
-                     f"{r['epoch_peak_above_slide_mb']:.0f} | {r['child_maxrss_mb']:.0f} |")
+                     f"{r['targets_peak_rss_mb']:.0f} | {r['targets_rss_anon_mb']:.0f} + {r['targets_rss_file_mb']:.0f} | "
+                     f"{r['epoch_peak_above_slide_mb']:.0f} | {r['rss_anon_end_mb']:.0f} | {r['child_maxrss_mb']:.0f} |")
     return "\n".join(lines)
 
 
