@@ -222,43 +222,94 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
     return r
 
 
-def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
-                 threads: int | None, folder: str, seed: int = 0) -> dict:
-    """A HEST-1k-shaped cohort: ``slides`` synthetic slides of ``spots`` spots each, written as graph files and
-    read back memory-mapped (``torch.load(mmap=True)``, as :class:`gnnst.graph.store.GraphDataset` reads them),
-    then one epoch over all of them. ``x`` is float16 on disk and paged in as batches touch it."""
+def write_cohort(root: Path, slides: int, spots: int, seed: int = 0) -> None:
+    """A graph folder (:class:`gnnst.graph.store.GraphDataset`'s format) of ``slides`` synthetic slides of
+    ``spots`` spots: ``x`` float16 (``graph.storage: float16``) random embeddings, a 100 µm grid with its k=6
+    graph, and raw counts (Poisson, mean 0.3) of a ``NUM_GENES`` panel plus each spot's total; files already
+    there are kept (a rerun reuses them)."""
     import numpy as np
+    import scipy.sparse as sp
     import torch
     from torch_geometric.data import Data
 
+    from gnnst.data.expression import SlideCounts
     from gnnst.graph.edges import graph_from_pos
+    from gnnst.graph.store import COUNTS, DATASET_JSON, FORMAT, counts_to_data
 
-    if threads:
-        torch.set_num_threads(threads)
-    root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
     side = int(np.ceil(np.sqrt(spots)))
     pos = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:spots] * 100.0)  # Visium pitch
     sg = graph_from_pos(pos.astype(np.float64), k=K, radius_um=None)
+    genes = [f"G{j}" for j in range(NUM_GENES)]
+    rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
+    info = {}
     for i in range(slides):
-        path = root / f"s{i}.pt"
-        if not path.is_file():
-            torch.save(Data(x=torch.randn(spots, EMB_DIM, generator=gen).half(), pos=torch.from_numpy(pos.astype(np.float32)),
-                            edge_index=torch.from_numpy(sg.edge_index), edge_attr=torch.from_numpy(sg.edge_attr),
-                            num_nodes=spots), path)
+        sid, path = f"s{i}", root / f"s{i}.pt"
+        info[sid] = {"file": path.name, "nodes": spots, "patient_id": sid, "mpp": 1.0}
+        if path.is_file():
+            continue
+        m = sp.csr_matrix(rng.poisson(0.3, size=(spots, NUM_GENES)).astype(np.float32))
+        counts = SlideCounts(slide_id=sid, genes=genes, counts=m,
+                             totals=np.asarray(m.sum(1)).ravel().astype(np.float32) + 100.0)  # + genes off the panel
+        d = Data(x=torch.randn(spots, EMB_DIM, generator=gen).half(), pos=torch.from_numpy(pos.astype(np.float32)),
+                 pixel=torch.from_numpy(pos.astype(np.float64)), edge_index=torch.from_numpy(sg.edge_index),
+                 edge_attr=torch.from_numpy(sg.edge_attr), num_nodes=spots)
+        d.slide_id, d.patient_id, d.mpp = sid, sid, 1.0
+        d[COUNTS] = counts_to_data(counts)
+        torch.save(d, path)
+    panel = {"genes": genes, "heg": genes, "hvg": genes, "source_slides": list(info)}
+    (root / DATASET_JSON).write_text(json.dumps({
+        "format": FORMAT, "panel": panel, "encoder": {"name": "synthetic"}, "embedding_dim": EMB_DIM,
+        "graph": {"k": K, "radius_um": None, "storage": "float16"}, "candidate_fraction": 0.0,
+        "num_genes": NUM_GENES, "slides": info, "total_nodes": slides * spots}))
+
+
+def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
+                 threads: int | None, folder: str, seed: int = 0, targets_in: str = "file") -> dict:
+    """A HEST-1k-shaped cohort: ``slides`` synthetic slides of ``spots`` spots each, written as a graph folder
+    (:func:`write_cohort`) and read back as training reads one: :class:`gnnst.graph.store.GraphDataset`
+    (``x`` memory-mapped, float16), the fold's targets made by the library's own path
+    (:func:`gnnst.graph.dataset.make_graphs` from the stored counts into a
+    :class:`~gnnst.graph.targets.TargetFolder`, then :func:`gnnst.train.prepare.honest_targets`: validation
+    blocks, scaler, standardised copy), then one epoch over the training parts. The panel choice and the
+    feature normalisation of :func:`~gnnst.train.prepare.prepare_training` are not part of it.
+    ``targets_in="memory"``: the same targets held in memory instead (``targets=None``), for comparison."""
+    import torch
+
+    from gnnst.config import Config
+    from gnnst.graph.dataset import make_graphs
+    from gnnst.graph.store import GraphDataset
+    from gnnst.graph.targets import TargetFolder
+    from gnnst.train.prepare import honest_targets
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = Path(folder)
+    t0 = time.perf_counter()
+    write_cohort(root, slides, spots, seed)
     r = {"cohort_slides": slides, "n": slides * spots, "write_seconds": time.perf_counter() - t0,
          "threads": torch.get_num_threads(), "rss_start_mb": _status_mb("VmRSS"), "dtype": "float16 (mmap)",
          "storage": "float16"}
-    graphs = []
-    for i in range(slides):
-        d = torch.load(root / f"s{i}.pt", weights_only=False, mmap=True)
-        d.y = torch.randn(spots, NUM_GENES, generator=gen)  # targets are made in memory per fold
-        graphs.append(d)
+    cfg = Config()
+    cfg.graph.storage = "float16"
+    _reset_peak()
+    anon0 = _rss_anon_mb()
+    t0 = time.perf_counter()
+    ds = GraphDataset(root)
+    with TargetFolder() as folder:
+        targets = folder if targets_in == "file" else None
+        graphs = make_graphs(ds, cfg, ds.panel, targets=targets)
+        _, _, train, _ = honest_targets(list(graphs.values()), cfg, targets)
+        r["targets_file_mb"] = folder.bytes / 2**20
+        r["targets_in"] = targets_in
+    r["targets_seconds"] = time.perf_counter() - t0
+    r["targets_peak_rss_mb"] = _status_mb("VmHWM")
+    r["targets_anon_growth_mb"] = _rss_anon_mb() - anon0
+    r["targets_rss_anon_mb"], r["targets_rss_file_mb"] = _rss_anon_mb(), _status_mb("RssFile")
     r["rss_with_slide_mb"] = _status_mb("VmRSS")
-    r["slide_arrays_mb"] = slides * spots * (EMB_DIM * 2 + NUM_GENES * 4) / 2**20
-    r.update(train_epochs(graphs, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
+    r["slide_arrays_mb"] = slides * spots * (EMB_DIM * 2 + 2 * NUM_GENES * 2) / 2**20  # x and both y, on disk
+    r.update(train_epochs(train, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
                           seed=seed))
     return r
 
@@ -315,17 +366,36 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_targets(results: list[dict]) -> str:
+    """The cohort rows' target figures: the fold's two ``y`` copies on disk, the seconds to make them, the
+    anonymous memory they added and the process's peak RSS while they were made (file pages included), its
+    anonymous and file-backed resident memory after (file pages: the graph files' counts and ``x``, the
+    targets' files, reclaimable page cache), and the epoch's figures."""
+    lines = ["| cohort | sampler | targets on disk (MB) | targets made in (s) | anonymous RSS added (MB) | "
+             "peak RSS while made (MB) | RSS after: anonymous + file pages (MB) | epoch peak above that (MB) | "
+             "anonymous RSS at the epoch's end (MB) | process peak RSS (MB) |", "|---" * 10 + "|"]
+    for r in results:
+        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} ({r['targets_in']}) | {r['sampler']} | "
+                     f"{r['targets_file_mb']:.0f} | {r['targets_seconds']:.1f} | {r['targets_anon_growth_mb']:.0f} | "
+                     f"{r['targets_peak_rss_mb']:.0f} | {r['targets_rss_anon_mb']:.0f} + {r['targets_rss_file_mb']:.0f} | "
+                     f"{r['epoch_peak_above_slide_mb']:.0f} | {r['rss_anon_end_mb']:.0f} | {r['child_maxrss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains")
     p.add_argument("--samplers", nargs="+", default=None, choices=["host", "device"],
                    help="train.sampler values to run, each in its own child (default: host and device)")
-    p.add_argument("--sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--sizes", nargs="*", type=int, default=[10_000, 100_000, 1_000_000],
+                   help="single-slide sizes in spots (none: only the cohort)")
     p.add_argument("--cohort", nargs=2, type=int, default=None, metavar=("SLIDES", "SPOTS"),
                    help="also a cohort of SLIDES slides x SPOTS spots read memory-mapped from graph files "
                         "(HEST-1k-shaped: 1000 2000)")
     p.add_argument("--cohort-dir", default=None, help="where the cohort's graph files are written (default: a "
                                                       "temporary folder, removed afterwards)")
+    p.add_argument("--cohort-targets", default="file", choices=["file", "memory"],
+                   help="the cohort's fold targets file-backed (the library's way) or held in memory (for comparison)")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="epochs per size (default: 3 below 100k spots, else 1)")
     p.add_argument("--max-step-batches", type=int, default=400,
@@ -345,7 +415,8 @@ def main(argv=None) -> int:
         return 0
     if args.child_cohort is not None:
         print(json.dumps(cohort_child(*args.child_cohort, args.sampler, args.device, args.epochs or 1,
-                                      args.max_step_batches, args.threads, args.cohort_dir)), flush=True)
+                                      args.max_step_batches, args.threads, args.cohort_dir,
+                                      targets_in=args.cohort_targets)), flush=True)
         return 0
 
     import shutil
@@ -371,7 +442,8 @@ def main(argv=None) -> int:
             for sampler in samplers:
                 print(f"cohort {args.cohort[0]} x {args.cohort[1]}, sampler {sampler}: ...", flush=True)
                 results.append(run_child(["--child-cohort", *map(str, args.cohort), "--sampler", sampler,
-                                          "--cohort-dir", folder, "--epochs", "1", *common], f"cohort {sampler}"))
+                                          "--cohort-dir", folder, "--epochs", "1", "--cohort-targets",
+                                          args.cohort_targets, *common], f"cohort {sampler}"))
                 print(format_table(results[-1:]).splitlines()[-1], flush=True)
         finally:
             if args.cohort_dir is None:
@@ -387,8 +459,9 @@ def main(argv=None) -> int:
         "to all batches, while the tiles and the device sampler's whole-epoch halo plan were timed in full.",
         "- `vs host`: epoch time over that of `train.sampler: host` at the same size in the same command. "
         "`epoch peak above slide`: the epoch's peak RSS minus the RSS before the loader was made. Cohort rows: "
-        "the slides are graph files read back memory-mapped (as `GraphDataset` reads them): `x` is paged in from "
-        "disk; the targets are in memory, as a fold holds them.",
+        "the slides are a graph folder read by `GraphDataset` (`x` float16, memory-mapped, paged in from disk); "
+        "the fold's targets are made from the stored counts by the library's path (`make_graphs` into a "
+        "`TargetFolder`, `honest_targets`): both `y` copies file-backed in `$TMPDIR`, paged like `x`.",
         f"- Load average (1/5/15 min) before {', '.join(f'{v:.1f}' for v in load_before)}, after "
         f"{', '.join(f'{v:.1f}' for v in load_after)}: the machine is shared, so wall times may be inflated.",
     ]
@@ -398,6 +471,8 @@ def main(argv=None) -> int:
     if args.note:
         notes.append(f"- Note: {args.note}")
     text = format_table(results) + "\n\n" + "\n".join(notes)
+    if any("targets_file_mb" in r for r in results):
+        text += "\n\n" + format_targets([r for r in results if "targets_file_mb" in r])
     print(machine_info())
     print(text)
     if not args.no_write:

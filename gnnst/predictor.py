@@ -27,7 +27,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -67,6 +67,43 @@ class TargetScaler:
         """From the training spots' expression ``[N, G]`` (accumulated in float64: y may be float16)."""
         return cls(mean=y_train.mean(0, dtype=np.float64).astype(np.float32),
                    std=np.maximum(y_train.std(0, dtype=np.float64), 1e-3).astype(np.float32))
+
+    @classmethod
+    def fit_parts(cls, parts: Callable[[], Iterable[np.ndarray]], chunk_rows: int = 65536) -> "TargetScaler":
+        """:meth:`fit` on the rows of several arrays without concatenating them: equal, bit for bit, to
+        ``fit(np.concatenate(list(parts())))`` (checked by ``tests/test_predictor.py``), in memory bounded by
+        ``chunk_rows`` rows of float64 (two passes, as numpy's ``std`` makes them).
+
+        Args:
+            parts: called twice (once per pass), each time giving the ``[N_i, G]`` arrays in order.
+            chunk_rows: rows accumulated per numpy call.
+
+        Numpy sums a C-ordered array over axis 0 row after row (the inner loop runs over the columns), so
+        the running ``[G]`` float64 sum carried into the next chunk as its first row gives the same additions
+        in the same order as one call on the whole array.
+        """
+        def running(acc, rows):  # acc [G] float64 or None; rows [n, G] float64
+            return np.add.reduce(rows if acc is None else np.concatenate([acc[None], rows]), axis=0)
+
+        def chunks():
+            for y in parts():
+                for a in range(0, len(y), chunk_rows):
+                    yield np.asarray(y[a:a + chunk_rows], dtype=np.float64)
+
+        acc, n = None, 0
+        for rows in chunks():
+            if len(rows):
+                acc, n = running(acc, rows), n + len(rows)
+        if acc is None:  # no rows: what fit gives (nan, with numpy's warning)
+            return cls.fit(np.concatenate(list(parts())))
+        mean = np.true_divide(acc, n)
+        acc = None
+        for rows in chunks():
+            if len(rows):
+                d = np.subtract(rows, mean)
+                acc = running(acc, np.square(d, out=d))
+        std = np.sqrt(np.true_divide(acc, n))
+        return cls(mean=mean.astype(np.float32), std=np.maximum(std, 1e-3).astype(np.float32))
 
     def transform(self, y):
         return (y - self.mean) / self.std

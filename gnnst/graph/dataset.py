@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from gnnst.config import Config, GraphConfig
     from gnnst.data.expression import GenePanel, SlideCounts
+    from gnnst.graph.targets import TargetFolder
 
 log = logging.getLogger("gnnst")
 
@@ -294,13 +295,15 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
 
 
 def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_ids: Sequence[str] | None = None,
-                embs: dict | None = None) -> dict:
-    """Slide id -> ``Data`` with ``y`` = the normalised expression of ``panel`` (per spot, so no slide
-    affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide).
+                embs: dict | None = None, targets: "TargetFolder | None" = None) -> dict:
+    """Slide id -> ``Data`` with ``y`` ``[N, G]`` = the normalised expression of ``panel`` (per spot, so no
+    slide affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide).
 
     ``embs``: slide id -> ``[N, D]`` embeddings to use as ``x`` instead of the source's (e.g. of
     stain-normalised patches, :func:`gnnst.graph.features.fold_features`), stored in the dtype of the
     source's ``x``.
+    ``targets``: hold each ``y`` file-backed there (:class:`gnnst.graph.targets.TargetFolder`; the same
+    values), so that only one slide's ``y`` is in memory at a time; ``None``: in memory.
     """
     import torch
 
@@ -317,7 +320,8 @@ def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_id
         np_dt = np.float16 if data.x.dtype == torch.float16 else np.float32
         if embs is not None and s in embs:
             data.x = torch.from_numpy(np.ascontiguousarray(embs[s], dtype=np_dt))
-        data.y = torch.from_numpy(np.ascontiguousarray(y, dtype=np_dt))
+        y = np.ascontiguousarray(y, dtype=np_dt)
+        data.y = torch.from_numpy(y) if targets is None else targets.hold(y)
         graphs[s] = data
     return graphs
 

@@ -17,10 +17,11 @@ all of it, so training never reads the raw slides again:
 
 :class:`GraphDataset` reads it lazily: a slide is loaded when it is asked for, with its tensors
 memory-mapped (``torch.load(mmap=True)``), so a cohort need not fit in memory; only what a batch
-touches is read. Per fold, training holds in memory the fold's targets (``y``: spots x panel genes x 4
-bytes, twice: measured and standardised), the graphs' edges and the gene-panel choice's dense matrix
-(spots of the training slides x genes detected somewhere, float32, while the panel is chosen); ``x``
-(spots x embedding width x 2 or 4 bytes) stays on disk, in the page cache.
+touches is read. Per fold, training holds in memory the graphs' edges and the gene-panel choice's dense
+matrix (spots of the training slides x genes detected somewhere, float32, while the panel is chosen);
+``x`` (spots x embedding width x 2 or 4 bytes) stays on disk, in the page cache, and so do the fold's
+targets (``y``: spots x panel genes x 2 or 4 bytes, twice: measured and standardised), written to
+fold-private files in ``$TMPDIR`` and memory-mapped (:class:`gnnst.graph.targets.TargetFolder`).
 
 Training reads slides through :class:`SlideSource`, which both this folder and slides read and embedded
 in memory (:class:`gnnst.graph.dataset.LoadedSlides`) implement, so a fold's panel, targets, scaling and

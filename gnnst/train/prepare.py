@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gnnst.config import Config
     from gnnst.data.expression import GenePanel
     from gnnst.graph.features import FeatureState
+    from gnnst.graph.targets import TargetFolder
     from gnnst.predictor import TargetScaler
 
 LEAKY = ("LEAKY (eval.select_on_heldout): gene panel and reported subsets chosen on all slides including "
@@ -84,15 +85,39 @@ def with_node_mask(g: "Data", keep: np.ndarray) -> "Data":
     return d
 
 
-def scaled(g: "Data", scaler: "TargetScaler") -> "Data":
-    """``g`` with ``y`` standardised by ``scaler``; shares x, pos and the edges with ``g`` (a clone would
-    double a large slide); the storage dtype of ``y`` is kept."""
+def scaled(g: "Data", scaler: "TargetScaler", targets: "TargetFolder | None" = None) -> "Data":
+    """``g`` with ``y`` ``[N, G]`` standardised by ``scaler``; shares x, pos and the edges with ``g`` (a clone
+    would double a large slide); the storage dtype of ``y`` is kept. ``targets``: the new ``y`` is held
+    file-backed there, and ``g.y``'s pages, if held there, are released once read (a pass over a cohort keeps
+    one slide resident); ``None``: in memory."""
     import torch
 
     d = copy.copy(g)
     y = g.y.numpy()
-    d.y = torch.from_numpy(scaler.transform(y).astype(y.dtype))
+    z = scaler.transform(y).astype(y.dtype)
+    if targets is None:
+        d.y = torch.from_numpy(z)
+    else:
+        d.y = targets.hold(z)
+        targets.release(g.y)
     return d
+
+
+def fit_scaler(graphs: Sequence["Data"], masks: Sequence[np.ndarray] | None = None,
+               targets: "TargetFolder | None" = None) -> "TargetScaler":
+    """The standardisation of the ``y`` ``[N_i, G]`` of ``graphs`` (rows ``masks[i]`` ``[N_i]`` bool of each,
+    default all): :meth:`TargetScaler.fit` of their rows concatenated, bit for bit, without concatenating
+    them (:meth:`TargetScaler.fit_parts`); with ``targets``, each slide's pages are released once read."""
+    from gnnst.predictor import TargetScaler
+
+    def parts():
+        for i, g in enumerate(graphs):
+            y = g.y.numpy()
+            yield y if masks is None else y[masks[i]]
+            if targets is not None:
+                targets.release(g.y)
+
+    return TargetScaler.fit_parts(parts)
 
 
 @dataclass
@@ -101,7 +126,8 @@ class TrainingSet:
 
     Attributes:
         panel: the gene panel (columns of every ``y``).
-        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled), ``x``
+        graphs: slide id -> graph of every training and test slide, normalised expression (unscaled; every
+            ``y`` here and below is file-backed, :class:`gnnst.graph.targets.TargetFolder`), ``x``
             the embeddings before :attr:`feature_norm` (what :meth:`TrainedModel.predict` takes).
         train_slides, test_slides: the slides.
         train: training parts of the training slides, ``y`` standardised, ``x`` the model's input (and
@@ -143,11 +169,16 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
 
     ``source``: the slides (:class:`gnnst.graph.store.SlideSource`: a graph folder, or slides read and
     embedded in memory); the panel, targets and scaling are the same from either.
+
+    Every ``y`` of the result (normalised and standardised, ``[N, G]`` per slide) is file-backed in a
+    fold-private :class:`gnnst.graph.targets.TargetFolder` (``$TMPDIR``), so the fold's targets are paged by
+    the operating system like a graph folder's ``x`` instead of growing with the cohort in RAM; their values
+    are those of in-memory arrays, bit for bit.
     """
     from gnnst.data.expression import select_panel
     from gnnst.graph.dataset import make_graphs
-    from gnnst.graph.features import feature_state, fold_features
-    from gnnst.predictor import TargetScaler
+    from gnnst.graph.features import fold_features
+    from gnnst.graph.targets import TargetFolder
 
     train_slides, test_slides = list(train_slides), list(test_slides)
     leaky = select_on_heldout and bool(test_slides)
@@ -155,8 +186,18 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
     with source.timer("panel"):
         panel = select_panel([source.slide_counts(s) for s in panel_slides], cfg.expression)
     ff = fold_features(cfg, source, train_slides, train_slides + test_slides)  # the slides' images only
-    graphs = make_graphs(source, cfg, panel, train_slides + test_slides,
-                         embs=ff.embs if ff.stain_reference is not None else None)  # else: the source's own x
+    with TargetFolder() as targets:  # y and its standardised copy file-backed: not in RAM per cohort
+        graphs = make_graphs(source, cfg, panel, train_slides + test_slides, targets=targets,
+                             embs=ff.embs if ff.stain_reference is not None else None)  # else: the source's own x
+        return _fit_inputs(cfg, panel, graphs, ff, train_slides, test_slides, leaky, targets)
+
+
+def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slides: list[str], test_slides: list[str],
+                leaky: bool, targets: "TargetFolder") -> TrainingSet:
+    """:func:`prepare_training` once the fold's graphs are made: the model inputs, validation blocks and the
+    standardised targets (held in ``targets``)."""
+    from gnnst.graph.features import feature_state
+
     features = feature_state(cfg.features, [ff.embs[s] for s in train_slides], ff.stain_reference)
     inputs = {}
     for s, g in graphs.items():
@@ -168,18 +209,32 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
     if leaky:
         val_graphs = [_without_views(inputs[s]) for s in test_slides]
         val_masks = [np.ones(g.num_nodes, dtype=bool) for g in val_graphs]
-        scaler = TargetScaler.fit(np.concatenate([g.y.numpy() for g in train_full]))
-        train = [scaled(g, scaler) for g in train_full]
-        val = [scaled(g, scaler) for g in val_graphs]
+        scaler = fit_scaler(train_full, targets=targets)
+        train = [scaled(g, scaler, targets) for g in train_full]
+        val = [scaled(g, scaler, targets) for g in val_graphs]
     else:
-        val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
-        scaler = TargetScaler.fit(np.concatenate([g.y.numpy()[~m] for g, m in zip(train_full, val_masks)]))
-        full = [scaled(g, scaler) for g in train_full]  # one standardised y per slide, shared by both
-        val = [_without_views(g) for g in full]
-        train = [with_node_mask(g, ~m) for g, m in zip(full, val_masks)]
+        val_masks, scaler, train, val = honest_targets(train_full, cfg, targets)
     return TrainingSet(panel=panel, graphs=graphs, train_slides=train_slides, test_slides=test_slides,
                        train=train, val=val, val_masks=val_masks, scaler=scaler, feature_norm=features, inputs=inputs,
                        protocol=LEAKY if leaky else "honest")
+
+
+def honest_targets(train_full: Sequence["Data"], cfg: "Config", targets: "TargetFolder | None" = None
+                   ) -> tuple[list[np.ndarray], "TargetScaler", list, list]:
+    """The honest protocol's targets of the whole training slides ``train_full`` (normalised ``y`` ``[N, G]``):
+    validation blocks carved from them (:func:`carve_validation`), the scaler fitted on the other spots
+    (:func:`fit_scaler`), and one standardised ``y`` per slide (:func:`scaled`, held in ``targets``) shared by
+    the training part (:func:`with_node_mask`) and the validation graph.
+
+    Returns ``(val_masks, scaler, train, val)``: ``[N]`` bool per slide, the scaler, the training graphs and
+    the validation graphs (without ``x_views``).
+    """
+    val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+    scaler = fit_scaler(train_full, [~m for m in val_masks], targets)
+    full = [scaled(g, scaler, targets) for g in train_full]  # one standardised y per slide, shared by both
+    val = [_without_views(g) for g in full]
+    train = [with_node_mask(g, ~m) for g, m in zip(full, val_masks)]
+    return val_masks, scaler, train, val
 
 
 def _views_tensor(views: np.ndarray, dtype) -> "torch.Tensor":

@@ -1,5 +1,6 @@
 """Build once, train many: a fold from the graph folder equals the fold from the raw slides."""
 
+import copy
 import json
 
 import numpy as np
@@ -204,3 +205,57 @@ def test_train_config_builds_the_folder_once_and_reuses_it(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="gnnst"):
         again = ensure_dataset(cfg, progress=False)
     assert again.root == first.root and "reusing" in caplog.text
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_file_backed_targets_give_batches_the_targets_of_in_memory_ones(built, storage):
+    """The fold's targets are file-backed (prepare_training), yet the scaler and every batch's ``y`` equal,
+    bit for bit, those of the in-memory arrays made as before (one concatenated fit, a standardised copy)."""
+    from gnnst.graph.dataset import make_graphs
+    from gnnst.graph.sampler import SubgraphLoader
+    from gnnst.predictor import TargetScaler
+    from gnnst.train.prepare import prepare_training
+
+    cfg = _cfg(built, *built["extra"], f"graph.storage={storage}")
+    ts = prepare_training(cfg, built["loaded"], ["S1", "S2"], ["S3"])
+    mem = make_graphs(built["loaded"], cfg, ts.panel, ["S1", "S2", "S3"])  # in memory, as before
+    ys = [mem[s].y.numpy() for s in ts.train_slides]
+    ref = TargetScaler.fit(np.concatenate([y[~m] for y, m in zip(ys, ts.val_masks)]))
+    np.testing.assert_array_equal(ts.scaler.mean, ref.mean)
+    np.testing.assert_array_equal(ts.scaler.std, ref.std)
+    for s in ("S1", "S2", "S3"):
+        assert torch.equal(ts.graphs[s].y, mem[s].y) and ts.graphs[s].y.dtype == getattr(torch, storage)
+    old = [copy.copy(g) for g in ts.train]  # the same training parts (node_mask), y made as before
+    for g, y in zip(old, ys):
+        g.y = torch.from_numpy(ref.transform(y).astype(y.dtype))  # the standardised copy made before
+    new_loader, old_loader = (SubgraphLoader(gs, batch_nodes=16, num_hops=2, shuffle=True, seed=3) for gs in (ts.train, old))
+    n = 0
+    for a, b in zip(new_loader, old_loader):
+        assert a.y.dtype == torch.float32 and torch.equal(a.y, b.y)
+        n += 1
+    assert n == len(old_loader) > 1
+    for g, v in zip(ts.train, ts.val):
+        assert v.y is g.y  # one standardised array per slide, shared by the training part and validation
+
+
+def test_prepare_training_leaves_its_targets_file_backed_and_no_files(built, tmp_path, monkeypatch):
+    """Every y of a fold is a mapping of an unlinked file in the fold's folder (not process memory), and the
+    folder is gone once the fold is made."""
+    import sys
+
+    from gnnst.train.prepare import prepare_training
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    ts = prepare_training(_cfg(built, *built["extra"]), built["loaded"], ["S1", "S2"], ["S3"])
+    assert list(tmp_path.iterdir()) == []
+    maps = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+    assert all(line.rstrip().endswith("(deleted)") for line in maps)
+    mapped = {int(line.split()[0].split("-")[0], 16) for line in maps}
+    for g in [*ts.graphs.values(), *ts.train]:
+        page = g.y.data_ptr() // 4096 * 4096
+        assert page in mapped, "y is not file-backed"
