@@ -2,7 +2,9 @@
 
 A training run needs, per slide, what a fold needs to choose its gene panel honestly and to train:
 the raw counts of the candidate genes, the embeddings ``x``, positions and the graph. The folder holds
-all of it, so training never reads the raw slides again:
+all of it, so training never reads the raw counts or spot tables again (stain normalisation and
+augmentation, :mod:`gnnst.graph.features`, re-embed patches from the slides' images, at the paths
+``dataset.json`` records: :meth:`GraphDataset.image_slide`):
 
 - ``<slide_id>.pt``: a ``torch_geometric.data.Data`` (attributes in :mod:`gnnst.keys`): ``x``, ``y`` (the
   folder's own panel, chosen on every slide: for looking at the graphs, never used by training),
