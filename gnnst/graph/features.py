@@ -230,16 +230,16 @@ class FoldFeatures:
     stain_reference: "StainStats | None" = None
 
 
-def _embed(cfg: "Config", source, slides: Sequence[str], transforms: Sequence, size_um: float) -> list[np.ndarray]:
-    """Embeddings of ``slides`` (of ``source``, a :class:`~gnnst.graph.store.SlideSource`) with their
-    patches transformed, from the cache or the encoder (built once per process, on ``encoder.device``, the
-    first time a fit needs it)."""
+def _embed(cfg: "Config", images: Sequence["AnnData"], image_ids: Sequence[str | None], transforms: Sequence,
+           size_um: float) -> list[np.ndarray]:
+    """Embeddings of the slides ``images`` (:meth:`~gnnst.graph.store.SlideSource.image_slide`, named in the
+    cache by ``image_ids``) with their patches transformed, from the cache or the encoder (built once per
+    process, on ``encoder.device``, the first time a fit needs it)."""
     from gnnst.data.embeddings import embed_slides
     from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device
     from gnnst.data.manifest import cache_root
     from gnnst.graph.dataset import _load_encoder
 
-    image_ids = [source.image_id(s) for s in slides]  # the same image identity as the build's cache
     cache_dir = cache_root(cfg.data.cache_dir) / "embeddings"
     enc_cfg = cfg.encoder
     key = (enc_cfg.name, enc_cfg.checkpoint, repr(enc_cfg.timm_kwargs), enc_cfg.device, enc_cfg.precision)
@@ -249,7 +249,7 @@ def _embed(cfg: "Config", source, slides: Sequence[str], transforms: Sequence, s
         _ENCODERS.clear()
         _ENCODERS[key] = _load_encoder(cfg, device, batch_size)[0]
     encoder = _ENCODERS[key]
-    return embed_slides([source.image_slide(s) for s in slides], encoder, size_um=size_um,
+    return embed_slides(list(images), encoder, size_um=size_um,
                         batch_size=batch_size,
                         num_workers=enc_cfg.num_workers if enc_cfg.num_workers is not None else
                         default_num_workers(device), pad_value=cfg.patch.pad_value, device=device,
@@ -272,13 +272,15 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
     embs = {s: source.embs[s] for s in slides}
     if fc.stain_norm != "none" or fc.stain_augment > 0:
         images = {s: source.image_slide(s) for s in slides}  # checks every image is at hand, before any work
+        ids = {s: source.image_id(s) for s in slides}  # the same image identity as the build's cache
     if fc.stain_norm != "none":
         ref = stain_reference([images[s] for s in train_slides], fc.stain_norm, size_um=size, n_spots=n_spots,
                               pad_value=pad)
         state = FeatureState(stain_norm=fc.stain_norm, stain_reference=ref, stain_sample_spots=n_spots)
         normalizers = {s: state.stain_transform(images[s], size_um=size, pad_value=pad) for s in slides}
         log.info("stain normalisation (%s) to the reference of %s", fc.stain_norm, ", ".join(train_slides))
-        embs = dict(zip(slides, _embed(cfg, source, slides, [normalizers[s] for s in slides], size)))
+        embs = dict(zip(slides, _embed(cfg, [images[s] for s in slides], [ids[s] for s in slides],
+                                       [normalizers[s] for s in slides], size)))
     views = {}
     if fc.stain_augment > 0:
         from gnnst.data.stain import HEDJitter
@@ -288,7 +290,7 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
               for s, v in jobs]
         log.info("stain augmentation: %d HED-jittered view(s) of %d training slide(s)", fc.stain_augment,
                  len(train_slides))
-        got = _embed(cfg, source, [s for s, _ in jobs], tf, size)
+        got = _embed(cfg, [images[s] for s, _ in jobs], [ids[s] for s, _ in jobs], tf, size)
         for s in train_slides:
             views[s] = np.stack([embs[s]] + [e for (t, _), e in zip(jobs, got) if t == s])
     return FoldFeatures(embs=embs, views=views, stain_reference=ref)
