@@ -201,7 +201,7 @@ def format_table(r: dict) -> str:
         f"reached {100 * r['encode_fraction_of_floor']:.0f}% of it (depthwise convolutions, the "
         "TF-'same' padding copies and the activations are memory-bound, far from the matmul rate; the batch "
         "norms are folded into the convolutions, see `gnnst.data.encoders.fold_batchnorm`).",
-        "- Stages overlap: on CUDA the encoder is built in a thread while the slides are `read` (on CPU before them, in the main thread: both are Python-bound there) (`model_wait`: what "
+        "- Stages overlap: on CUDA the encoder is built in a thread while the slides are `read` (on CPU after them, in the main thread: both are Python-bound there) (`model_wait`: what "
         "the build then still waited for it); `decode` runs in a background thread (or the patch workers, "
         "`encoder.num_workers`) while the encoder runs, `patch_wait` is what the encoder waited for patches; "
         "the gene `panel` is chosen in a thread while the patches are encoded (`alongside_wait`: what the "

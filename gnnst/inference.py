@@ -27,7 +27,7 @@ import numpy as np
 from gnnst import keys
 from gnnst.errors import GnnstError
 from gnnst.data.encoders import CPU_BATCH_SIZE
-from gnnst.data.slides import spots_anndata  # noqa: F401 (part of this module's API: gnnst.tl, scripts)
+from gnnst.data.slides import spots_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData
