@@ -273,6 +273,10 @@ class TrainConfig(_Section):
     # one model per rank, results gathered by rank 0; "ddp" trains each model on every rank with its
     # gradients all-reduced (for one model too large for one device)
     distributed: typing.Literal["folds", "ddp"] = "folds"
+    # seconds between two writes of a member's resume checkpoint (last.pt: weights and optimiser, ~3x the
+    # model's size) and of best.pt; the last epoch is always written; 0 = every epoch. A resumed run
+    # replays the epochs after the checkpoint and ends equal to an uninterrupted one
+    checkpoint_every_s: float = num(60.0, ge=0)
 
 
 BASELINES = ("mean", "ridge", "ridge_neighbours")  # allowed values of EvalConfig.baselines (gnnst.eval.baselines)
@@ -368,6 +372,8 @@ RESULT_NEUTRAL: dict[str, str] = {
                           "depend on its batch, up to float rounding)",
     "encoder.num_threads": "CPU threads of the encoder (equal up to float rounding)",
     "train.num_threads": "CPU threads of training (equal up to float rounding)",
+    "train.checkpoint_every_s": "how often resume checkpoints are written (a resumed run replays the epochs "
+                                "after its checkpoint with the same per-epoch seeds)",
     "num_workers": "reserved for data-loading processes (nothing reads it yet)",
     "eval.figures": "whether figures are drawn after training",
     "eval.only_folds": "which folds run now: each fold is trained and scored the same way whatever the others "

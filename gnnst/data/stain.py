@@ -62,14 +62,21 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_OD = -np.log((np.arange(256, dtype=np.float64) + 1.0) / IO)  # the optical density of each uint8 level
+
+
 def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
-    """Optical density ``-log((I + 1) / IO)`` of ``uint8`` RGB ``[..., 3]`` (float64, same shape)."""
-    return -np.log((rgb.astype(np.float64) + 1.0) / IO)
+    """Optical density ``-log((I + 1) / IO)`` of ``uint8`` RGB ``[..., 3]`` (float64, same shape; looked up)."""
+    return _OD[np.asarray(rgb, dtype=np.uint8)]
 
 
 def od_to_rgb(od: np.ndarray) -> np.ndarray:
     """Inverse of :func:`rgb_to_od`, clipped to ``uint8``."""
-    return np.clip(IO * np.exp(-od) - 1.0, 0, 255).round().astype(np.uint8)
+    v = np.exp(-od)
+    v *= IO
+    v -= 1.0
+    np.clip(v, 0, 255, out=v)
+    return np.rint(v, out=v).astype(np.uint8)  # in place: the values of clip(IO * exp(-od) - 1).round()
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
@@ -158,6 +165,11 @@ class StainNormalizer:
         if source.method != target.method:
             raise GnnstError(f"stain statistics of '{source.method}' cannot be mapped to a '{target.method}' reference")
         self.source, self.target = source, target
+        if source.method == "macenko":
+            # OD -> concentrations (least squares: the pseudo-inverse of the source's stain vectors), scaled
+            # to the reference's maxima, re-coloured with its vectors: one [3, 3] map of the OD
+            scale = np.diag(np.asarray(target.b, dtype=np.float64) / np.asarray(source.b, dtype=np.float64))
+            self._od_map = (np.asarray(target.a, dtype=np.float64) @ scale @ np.linalg.pinv(source.a)).T
 
     @property
     def identity(self) -> str:
@@ -171,9 +183,7 @@ class StainNormalizer:
 
             lab = (_lab(rgb) - self.source.a) / self.source.b * self.target.b + self.target.a
             return np.clip(lab2rgb(lab) * 255.0, 0, 255).round().astype(np.uint8).reshape(shape)
-        conc = np.linalg.lstsq(self.source.a, rgb_to_od(rgb).T, rcond=None)[0]  # [2, P]
-        conc *= (self.target.b / self.source.b)[:, None]
-        return od_to_rgb((self.target.a @ conc).T).reshape(shape)
+        return od_to_rgb(rgb_to_od(rgb) @ self._od_map).reshape(shape)
 
 
 class HEDJitter:

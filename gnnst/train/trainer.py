@@ -1,5 +1,5 @@
 """The training loop of every model: AdamW, warm-up + cosine schedule, early stopping on a validation split
-carved from the training slides, a checkpoint every epoch, exact resume, mixed precision on CUDA and, with
+carved from the training slides, checkpoints every ``train.checkpoint_every_s`` seconds and after the last epoch, exact resume, mixed precision on CUDA and, with
 ``train.distributed: ddp`` under torchrun, DDP.
 
 A step is bound by the device, not the host, where the device allows (:func:`make_loader`): on CUDA the
@@ -148,8 +148,11 @@ def fit(
         train_graphs: training part of each training slide (validation spots removed).
         val_graphs: the full training slides; ``val_masks`` ``[N]`` mark their validation spots, scored
             from the image side only (their expression is never an input).
-        ckpt_dir: ``last.pt`` (every epoch, for ``resume``) and ``best.pt`` are written here.
-        resume: continue from ``ckpt_dir/last.pt`` when it exists; the result equals an uninterrupted run.
+        ckpt_dir: ``last.pt`` (for ``resume``: weights, optimiser, history) and ``best.pt`` (the best
+            epoch's weights) are written here every ``train.checkpoint_every_s`` seconds and after the
+            last epoch (``best.pt`` first, so ``last.pt`` never names a best epoch that is not on disk).
+        resume: continue from ``ckpt_dir/last.pt`` when it exists: the epochs after it are replayed with
+            the same per-epoch seeds, so the result equals an uninterrupted run.
 
     The validation score is :func:`validation_score` of the model's default ``predict`` on the
     validation spots, after ``model.after_fit(train_graphs)`` (e.g. a retrieval bank of the training
@@ -188,6 +191,7 @@ def fit(
                              shuffle=False) if has_val else None
 
     start, best, best_epoch, history, bad = 0, -math.inf, -1, [], 0
+    best_state, best_saved = None, -1  # the best epoch's weights; the epoch whose weights best.pt holds
     last = ckpt_dir / "last.pt" if ckpt_dir else None
     if resume and last is not None and last.is_file():
         try:
@@ -197,7 +201,9 @@ def fit(
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start, best, best_epoch, history, bad = st["epoch"] + 1, st["best"], st["best_epoch"], st["history"], st["bad"]
+        best_state, best_saved = _resume_best(ckpt_dir / "best.pt", best_epoch, start, device)
         log.info("resumed from %s at epoch %d", last, start)
+    saved_at = time.perf_counter()
     t0, nodes_seen = time.perf_counter(), 0
     bar = tqdm(range(start, tc.epochs), desc="train", unit="epoch", disable=not progress or rank != 0, leave=False)
     for epoch in bar:
@@ -230,26 +236,51 @@ def fit(
             score = -rec["loss"]
         if score > best:
             best, best_epoch, bad = score, epoch, 0
-            if writes and ckpt_dir is not None:
-                atomic_torch_save({"model": model.state_dict(), "epoch": epoch}, ckpt_dir / "best.pt")
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{rec.get('val_pcc', float('nan')):.3f}")
-        if writes and last is not None:
+        ends = epoch == tc.epochs - 1 or bad >= tc.patience
+        if writes and last is not None and (ends or time.perf_counter() - saved_at >= tc.checkpoint_every_s):
+            if best_state is not None and best_saved != best_epoch:
+                atomic_torch_save({"model": best_state, "epoch": best_epoch}, ckpt_dir / "best.pt")
+                best_saved = best_epoch
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                                "best": best, "best_epoch": best_epoch, "history": history, "bad": bad}, last)
+            saved_at = time.perf_counter()
     seconds = time.perf_counter() - t0
-    if best_epoch >= 0:
-        if "best_state" in locals():
-            model.load_state_dict(best_state)
-        elif ckpt_dir is not None and (ckpt_dir / "best.pt").is_file():
-            model.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=False)["model"])
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     model.after_fit(train_graphs, batch_nodes=batch_nodes)
     return FitResult(best_epoch=best_epoch, best_score=float(best), history=history, seconds=seconds,
                      nodes_per_second=nodes_seen / max(seconds, 1e-9))
+
+
+def _resume_best(path: Path, best_epoch: int, start: int, device) -> tuple[dict | None, int]:
+    """The best epoch's weights from ``best.pt`` on resume (``best_epoch`` from ``last.pt``; ``start``: the
+    first epoch to run): ``(state, its epoch)``, or ``(None, -1)`` when there is no best epoch yet. A
+    ``best.pt`` newer than ``last.pt`` (a run stopped between the two writes) is left to the replay,
+    which reaches that epoch again; it is taken only if its own epoch is gone."""
+    import torch
+
+    if best_epoch < 0:
+        return None, -1
+    if not path.is_file():
+        raise GnnstError(f"{path}: missing, but {path.parent / 'last.pt'} names epoch {best_epoch} as the best "
+                         f"(resume with the member's folder as written, or start it again without --resume)")
+    try:
+        st = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise GnnstError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
+    if st["epoch"] != best_epoch and st["epoch"] < start:
+        raise GnnstError(f"{path}: holds epoch {st['epoch']}, but {path.parent / 'last.pt'} names epoch "
+                         f"{best_epoch} as the best (files of different runs?)")
+    if st["epoch"] != best_epoch:
+        log.warning("%s holds epoch %d, newer than last.pt (stopped between the two writes); using it as the "
+                    "best weights until the replay passes that epoch", path, st["epoch"])
+    return st["model"], int(st["epoch"])
 
 
 def train_epoch(net, model: "ExpressionModel", loader, groups: list, opt, scaler, *, device, autocast=None,

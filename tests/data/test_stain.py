@@ -42,6 +42,21 @@ def test_a_slide_mapped_to_its_own_stain_is_nearly_unchanged():
     assert np.abs(S.StainNormalizer(st, st)(img).astype(int) - img).mean() < 1.0
 
 
+def test_macenko_map_is_the_least_squares_concentrations_recoloured():
+    """The normaliser's one [3, 3] map of the OD equals Macenko's steps written out: concentrations by least
+    squares on the source's stain vectors, scaled to the reference's maxima, re-coloured with its vectors."""
+    src = S.estimate("macenko", _image(SHIFTED, scale=(1.4, 0.7)).reshape(-1, 3))
+    ref = S.estimate("macenko", _image().reshape(-1, 3))
+    rgb = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)  # every colour, not only tissue
+    od = -np.log((rgb.reshape(-1, 3).astype(np.float64) + 1.0) / S.IO)
+    conc = np.linalg.lstsq(src.a, od.T, rcond=None)[0] * (ref.b / src.b)[:, None]
+    want = np.clip(S.IO * np.exp(-(ref.a @ conc).T) - 1.0, 0, 255).round().astype(np.uint8).reshape(rgb.shape)
+    got = S.StainNormalizer(src, ref)(rgb)
+    diff = np.abs(got.astype(int) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4  # float rounding may move a value at .5 by one level
+    assert not np.array_equal(got, rgb)
+
+
 def test_too_little_tissue_is_a_one_line_error():
     white = np.full((50, 3), 250, np.uint8)
     with pytest.raises(GnnstError, match="slide 'W'.*tissue pixels.*cannot be estimated"):

@@ -141,30 +141,38 @@ def test_crossval_scores_through_the_saved_fold_model(three_patients):
     np.testing.assert_allclose(got.members.mean(0), got.expression, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_reproduces_uninterrupted_run(three_patients, monkeypatch):
+@pytest.mark.parametrize("every_s, cut_at", [
+    ("0", 8),  # checkpoints every epoch; 3 epochs x 2 members per fold: second fold, first member, mid-training
+    ("3600", 3),  # as by default on a short fit: only after a member's last epoch; fold 2's member 1 starts over
+])
+def test_resume_reproduces_uninterrupted_run(three_patients, monkeypatch, every_s, cut_at):
     ds = three_patients
     assert _train(ds, ds["tmp"] / "full") == 0
     full = json.loads((ds["tmp"] / "full" / "metrics.json").read_text())
 
     import gnnst.io
 
-    real_save, calls = gnnst.io.atomic_torch_save, {"n": 0}
+    real_save, calls = gnnst.io.atomic_torch_save, {"n": 0, "epochs": []}
 
     def interrupt_after_some_epochs(obj, path):
         real_save(obj, path)
         if str(path).endswith("last.pt"):
             calls["n"] += 1
-            if calls["n"] == 8:  # 3 epochs x 2 members per fold: second fold, first member, mid-training
+            calls["epochs"].append(obj["epoch"])
+            if calls["n"] == cut_at:
                 raise KeyboardInterrupt
 
+    cut = ds["tmp"] / f"cut{every_s}"
     monkeypatch.setattr(gnnst.io, "atomic_torch_save", interrupt_after_some_epochs)
-    assert _train(ds, ds["tmp"] / "cut") == 130
-    assert not (ds["tmp"] / "cut" / "metrics.json").exists()
+    assert _train(ds, cut, f"train.checkpoint_every_s={every_s}") == 130
+    assert calls["epochs"] == (([0, 1, 2] * 3)[:cut_at] if every_s == "0" else [2] * cut_at)  # when last.pt was written
+    assert not (cut / "metrics.json").exists()
     monkeypatch.setattr(gnnst.io, "atomic_torch_save", real_save)
-    assert _train(ds, ds["tmp"] / "cut", "--resume") == 0
-    resumed = json.loads((ds["tmp"] / "cut" / "metrics.json").read_text())
+    assert _train(ds, cut, "--resume") == 0  # the interval is result-neutral: the default may resume
+    resumed = json.loads((cut / "metrics.json").read_text())
     assert resumed["summary"] == full["summary"]
     assert [f["val_pcc_members"] for f in resumed["folds"]] == [f["val_pcc_members"] for f in full["folds"]]
+    assert [f["best_epochs"] for f in resumed["folds"]] == [f["best_epochs"] for f in full["folds"]]
 
 
 @pytest.mark.parametrize("case, pattern", [
