@@ -1,6 +1,6 @@
 """The training loop of every model: AdamW, warm-up + cosine schedule, early stopping on a validation split
-carved from the training slides, checkpoints every ``train.checkpoint_every_s`` seconds and after the last epoch, exact resume, mixed precision on CUDA and, with
-``train.distributed: ddp`` under torchrun, DDP.
+carved from the training slides, checkpoints every ``train.checkpoint_every_s`` seconds and after the last
+epoch, exact resume, mixed precision on CUDA and, with ``train.distributed: ddp`` under torchrun, DDP.
 
 A step is bound by the device, not the host, where the device allows (:func:`make_loader`): on CUDA the
 slides stay on the device and each epoch's halo subgraphs are cut there at once
