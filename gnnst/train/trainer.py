@@ -75,11 +75,12 @@ def amp_dtype(device) -> "torch.dtype | None":
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def make_loader(graphs: Sequence["Data"], cfg: "Config", device, *, num_hops: int, shuffle: bool, seed: int = 0):
+def make_loader(graphs: Sequence["Data"], cfg: "Config", device, *, num_hops: int, shuffle: bool, seed: int = 0,
+                centre_masks: Sequence[np.ndarray] | None = None):
     """The sampler of ``train.sampler`` for ``graphs``: :class:`~gnnst.graph.sampler.SubgraphLoader` (host)
     or :class:`~gnnst.graph.device_sampler.DeviceSubgraphLoader` (slides on ``device``); ``auto`` takes the
     device one on CUDA when the slides fit in :data:`DEVICE_MEMORY_SHARE` of its free memory. Both give
-    the same batches."""
+    the same batches. ``centre_masks``: ``[N]`` bool per graph, the only nodes batches are centred on."""
     import torch
 
     from gnnst.graph.device_sampler import DeviceSubgraphLoader, device_bytes
@@ -99,8 +100,9 @@ def make_loader(graphs: Sequence["Data"], cfg: "Config", device, *, num_hops: in
                          "batches are cut on the host", need / 1e9, free / 1e9)
     if kind == "device":
         return DeviceSubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed,
-                                    device=device)
-    return SubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed)
+                                    device=device, centre_masks=centre_masks)
+    return SubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed,
+                          centre_masks=centre_masks)
 
 
 def batches(loader, groups: list, device) -> "Iterator[Data]":
@@ -187,8 +189,9 @@ def fit(
     loader = make_loader(train_graphs, cfg, device, num_hops=halo_hops(model, tc.num_hops), shuffle=True, seed=cfg.seed)
     val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val_graphs, val_masks)]
     has_val = sum(len(v) for v in val_y) > 1
+    # each epoch's score predicts the validation spots only (centres; the rest of the slides as their halo)
     val_loader = make_loader(image_side(val_graphs), cfg, device, num_hops=halo_hops(model, tc.num_hops),
-                             shuffle=False) if has_val else None
+                             shuffle=False, centre_masks=val_masks) if has_val else None
 
     start, best, best_epoch, history, bad = 0, -math.inf, -1, [], 0
     best_state, best_saved = None, -1  # the best epoch's weights; the epoch whose weights best.pt holds
