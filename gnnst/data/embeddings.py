@@ -197,6 +197,7 @@ def embed_slides(
     timer: Timer | None = None,
     progress: bool = True,
     transforms: Sequence | None = None,
+    cache_crops: bool = False,
 ) -> list[np.ndarray]:
     """Embeddings ``[N_i, D]`` float32 of the patches around each slide's spots, in the order given.
 
@@ -218,6 +219,8 @@ def embed_slides(
             encoder waiting for patches) and ``encode``.
         transforms: per slide, ``None`` or a transform of its ``uint8`` crops (stain normalisation or
             augmentation, :mod:`gnnst.data.stain`), keyed in the cache by its ``identity``.
+        cache_crops: keep whole-image slides' raw crops in this process (:data:`gnnst.data.patches.CROPS`)
+            for a later call that cuts them again (e.g. the next fold's normalisation); ``num_workers == 0``.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -268,7 +271,7 @@ def embed_slides(
     stream = PatchStream(plans, rows=batch_size, workers=num_workers, out_size=encoder.input_size,
                          interpolation=encoder.interpolation, resize=not on_cuda,
                          images={k: images[i] for k, i in enumerate(todo) if i in (images or {})} if not num_workers
-                         else None)
+                         else None, cache_crops=cache_crops)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=on_cuda,
                         prefetch_factor=4 if num_workers else None, persistent_workers=False)
     result = {k: np.empty((len(p.xy), encoder.dim), dtype=np.float32) for k, p in enumerate(plans)}

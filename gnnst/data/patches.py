@@ -5,11 +5,20 @@ Two steps, which may run in different places: :func:`read_crops` cuts ``uint8`` 
 :func:`to_input` resamples them to the encoder's ``[B, 3, S, S]`` float input on whatever device holds
 the tensor (the worker's CPU when the encoder runs on CPU; the GPU otherwise, so that only the small
 ``uint8`` crops cross to the device).
+
+Whole-image files (JPEG, PNG: no region reads, every open decodes the whole image) are cut again for each
+fold when the patches are stain-normalised to the fold's reference; :data:`CROPS` keeps their raw crops
+in the process (up to :data:`CROP_CACHE_BYTES`, least recently used out first), so a slide is decoded once
+per run, not once per fold (:class:`PatchStream` with ``cache_crops``, :func:`gnnst.data.stain.sample_pixels`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -86,6 +95,84 @@ class PatchPlan:
         read_px = max(int(round(side_px / downsamples[level])), 1)
         return cls(slide_id, str(image_path), np.asarray(xy, dtype=np.float64), side_px, level, read_px, pad_value,
                    transform)
+
+
+CROP_CACHE_BYTES = 1 << 30  # raw crops of whole-image files kept per process (her2st-6: 170 MB)
+
+
+class CropCache:
+    """Raw (untransformed) ``uint8`` crops ``[N, r, r, 3]`` of whole-image slides, by :meth:`key`, kept up to
+    ``budget`` bytes (least recently used out first). Cached arrays are read-only."""
+
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self.nbytes = 0
+        self._items: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def key(plan: PatchPlan) -> tuple | None:
+        """The identity of ``plan``'s raw crops (file, its size and time, level, sizes, padding, spots), or
+        ``None`` when its file reads regions (a pyramid: nothing to save) or cannot be found."""
+        from gnnst.data.images import WSI_SUFFIXES
+
+        if Path(plan.image_path).suffix.lower() in WSI_SUFFIXES:
+            return None
+        try:
+            st = os.stat(plan.image_path)
+        except OSError:
+            return None
+        xy = hashlib.sha256(np.ascontiguousarray(plan.xy, dtype=np.float64).tobytes()).hexdigest()
+        return (os.path.realpath(plan.image_path), st.st_size, st.st_mtime_ns, plan.level, plan.read_px,
+                plan.side_px, plan.pad_value, xy)
+
+    def fits(self, plan: PatchPlan) -> bool:
+        """Whether all of ``plan``'s crops fit the budget."""
+        return len(plan.xy) * plan.read_px * plan.read_px * 3 <= self.budget
+
+    def get(self, key: tuple | None) -> np.ndarray | None:
+        if key is None or key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: tuple | None, crops: np.ndarray) -> None:
+        if key is None or crops.nbytes > self.budget:
+            return
+        if key in self._items:
+            self.nbytes -= self._items.pop(key).nbytes
+        while self._items and self.nbytes + crops.nbytes > self.budget:
+            self.nbytes -= self._items.popitem(last=False)[1].nbytes
+        crops.setflags(write=False)
+        self._items[key] = crops
+        self.nbytes += crops.nbytes
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+CROPS = CropCache(CROP_CACHE_BYTES)  # this process's
+
+
+def cached_crops(image_path: str, plan: PatchPlan, *, image: "SlideImage | None" = None) -> np.ndarray | None:
+    """All of ``plan``'s raw crops ``[N, r, r, 3]`` from :data:`CROPS`, cut and kept there first if they
+    are not (``image``: the slide already opened, else opened and closed here); ``None`` when the plan's
+    image reads regions or its crops exceed the budget (cut them with :func:`read_crops`)."""
+    from gnnst.data.images import open_image
+
+    key = CropCache.key(plan)
+    if key is None or not CROPS.fits(plan):
+        return None
+    crops = CROPS.get(key)
+    if crops is None:
+        im = image or open_image(image_path, pad_value=plan.pad_value)
+        try:
+            crops = read_crops(im, dataclasses.replace(plan, transform=None), slice(None))
+        finally:
+            if image is None:
+                im.close()
+        CROPS.put(key, crops)
+    return crops
 
 
 def read_crops(image: "SlideImage", plan: PatchPlan, rows: slice) -> np.ndarray:
@@ -176,11 +263,15 @@ class PatchStream(IterableDataset):
         out_size, interpolation: the encoder's input (used when ``resize``).
         resize: resample in the worker (CPU encoders) or leave it to the encoder's device.
         images: slides already opened by the caller (used when ``workers == 0``).
+        cache_crops: with ``workers == 0``, whole-image slides' raw crops come from (and go to) :data:`CROPS`,
+            for callers that cut the same slides again (a fold's stain-normalised patches).
     """
 
     def __init__(self, plans: Sequence[PatchPlan], *, rows: int, workers: int, out_size: int,
-                 interpolation: str = "bilinear", resize: bool = True, images: dict | None = None):
+                 interpolation: str = "bilinear", resize: bool = True, images: dict | None = None,
+                 cache_crops: bool = False):
         super().__init__()
+        self.cache_crops = cache_crops
         self.plans = list(plans)
         self.rows = rows
         self.out_size = out_size
@@ -207,24 +298,39 @@ class PatchStream(IterableDataset):
 
         info = get_worker_info()
         mine = self.units[info.id::info.num_workers] if info is not None else self.units
-        order = list(dict.fromkeys(i for i, _, _ in mine))  # slides in the order this worker reads them
+        keep = set()  # slides whose raw crops are served from (and kept in) CROPS
+        if self.cache_crops and info is None:
+            keep = {i for i, _, _ in mine if CropCache.key(self.plans[i]) is not None and CROPS.fits(self.plans[i])}
+        # slides in the order this worker reads them (those already in CROPS need no image)
+        order = [i for i in dict.fromkeys(i for i, _, _ in mine)
+                 if i not in keep or CROPS.get(CropCache.key(self.plans[i])) is None]
         pool = ThreadPoolExecutor(max_workers=1)  # decodes the next image while this one is cut
         opening = {order[0]: pool.submit(self._open, order[0])} if order else {}
-        image, current, working = None, None, None
+        image, current, working, held = None, None, None, None
         try:
             for i, start, stop in mine:
                 working, decode = i, 0.0
                 if i != current:
                     if image is not None and current not in self.images:
                         image.close()
-                    image, decode = (opening.pop(i) if i in opening else pool.submit(self._open, i)).result()
-                    current = i
-                    nxt = order.index(i) + 1
-                    if nxt < len(order):
-                        opening[order[nxt]] = pool.submit(self._open, order[nxt])
+                    image, held, current = None, None, i
+                    if i in order:
+                        image, decode = (opening.pop(i) if i in opening else pool.submit(self._open, i)).result()
+                        nxt = order.index(i) + 1
+                        if nxt < len(order):
+                            opening[order[nxt]] = pool.submit(self._open, order[nxt])
+                    if i in keep:
+                        held = cached_crops(self.plans[i].image_path, self.plans[i], image=image)
                 for a in range(start, stop, self.rows):
                     t0 = time.perf_counter()
-                    crops = torch.from_numpy(read_crops(image, self.plans[i], slice(a, min(a + self.rows, stop))))
+                    rows = slice(a, min(a + self.rows, stop))
+                    if held is None:
+                        raw = read_crops(image, self.plans[i], rows)
+                    elif self.plans[i].transform is None:
+                        raw = held[rows].copy()  # the cached crops stay read-only
+                    else:
+                        raw = self.plans[i].transform(held[rows])
+                    crops = torch.from_numpy(raw)
                     patches = to_input(crops, self.out_size, self.interpolation) if self.resize else crops
                     yield {"slide": i, "start": a, "patches": patches, "decode": decode,
                            "crop": time.perf_counter() - t0}

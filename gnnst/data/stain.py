@@ -31,6 +31,7 @@ stale embedding is reused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -230,21 +231,28 @@ def sample_pixels(adata: "AnnData", *, size_um: float, n_spots: int, pad_value: 
     ``image``: the slide already opened (else opened and closed here).
     """
     from gnnst import keys
-    from gnnst.data.images import open_image
-    from gnnst.data.patches import PatchPlan, patch_side_px, read_crops
+    from gnnst.data.images import open_image, probe_image
+    from gnnst.data.patches import PatchPlan, cached_crops, patch_side_px, read_crops
     from gnnst.data.validate import image_coordinates
 
     xy, mpp = image_coordinates(adata)
     pick = np.unique(np.linspace(0, len(xy) - 1, min(n_spots, len(xy))).round().astype(int))
     path = adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH]
-    im = image or open_image(path, pad_value=pad_value)
-    try:
-        side = patch_side_px(size_um, mpp)
-        plan = PatchPlan.make("", path, xy[pick], side_px=side, out_size=min(side, 224),
-                              downsamples=im.level_downsamples, pad_value=pad_value)
-        crops = read_crops(im, plan, slice(None))  # [S, r, r, 3]
-    finally:
-        if image is None:
-            im.close()
+    side = patch_side_px(size_um, mpp)
+    downsamples = image.level_downsamples if image is not None else probe_image(path)[2]
+    every = PatchPlan.make("", path, xy, side_px=side, out_size=min(side, 224), downsamples=downsamples,
+                           pad_value=pad_value)
+    # a whole-image file is decoded whole anyway: all its spots' crops are cut and kept (patches.CROPS), so
+    # the fold's normalised patches are cut from them without decoding the image again
+    crops = cached_crops(path, every, image=image)  # [N, r, r, 3], or None (a pyramid, or over the budget)
+    if crops is not None:
+        crops = crops[pick]
+    else:
+        im = image or open_image(path, pad_value=pad_value)
+        try:
+            crops = read_crops(im, dataclasses.replace(every, xy=every.xy[pick]), slice(None))  # [S, r, r, 3]
+        finally:
+            if image is None:
+                im.close()
     step = max(crops.shape[1] // SAMPLE_SIDE, 1)
     return np.ascontiguousarray(crops[:, ::step, ::step]).reshape(-1, 3)

@@ -253,7 +253,8 @@ def _embed(cfg: "Config", images: Sequence["AnnData"], image_ids: Sequence[str |
                         batch_size=batch_size,
                         num_workers=enc_cfg.num_workers if enc_cfg.num_workers is not None else
                         default_num_workers(device), pad_value=cfg.patch.pad_value, device=device,
-                        cache_dir=cache_dir, image_ids=image_ids, transforms=transforms, progress=False)
+                        cache_dir=cache_dir, image_ids=image_ids, transforms=transforms, progress=False,
+                        cache_crops=True)  # every fold cuts the same slides: decoded once per process
 
 
 def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Sequence[str]) -> FoldFeatures:

@@ -212,3 +212,68 @@ def test_crops_resampled_where_the_encoder_runs_equal_those_resampled_in_the_wor
            [(0, torch.uint8, (30, 30, 3)), (5, torch.uint8, (30, 30, 3)), (10, torch.uint8, (30, 30, 3))]
     for c, r in zip(crops, ready):  # equal up to rounding: the worker resamples with 1 thread, this process with more
         torch.testing.assert_close(to_input(c["patches"], 224), r["patches"], rtol=0, atol=1e-6)
+
+
+def test_kept_crops_give_the_same_patches_and_the_image_is_decoded_once(slides, monkeypatch):
+    """``cache_crops``: a whole-image slide cut a second time (another fold's normalisation) comes from the
+    raw crops kept in the process, with the transform applied to them: the same patches, no second decode."""
+    import torch
+
+    from gnnst import keys
+    from gnnst.data import images, patches
+    from gnnst.data.images import probe_image
+    from gnnst.data.patches import CROPS, PatchPlan, PatchStream, patch_side_px
+    from gnnst.data.stain import HEDJitter
+
+    opened = []
+    real_open = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    CROPS.clear()
+    plans = []
+    for a in slides[:2]:
+        meta = a.uns[keys.UNS_GNNST]
+        plans.append(PatchPlan.make(a.obs[keys.SLIDE_ID].iloc[0], meta[keys.IMAGE_PATH], a.obsm[keys.SPATIAL],
+                                    side_px=patch_side_px(150.0, meta[keys.MPP]), out_size=224,
+                                    downsamples=probe_image(meta[keys.IMAGE_PATH])[2]))
+
+    def cut(ps, cache):
+        return torch.cat([b["patches"] for b in PatchStream(ps, rows=4, workers=0, out_size=224, cache_crops=cache)])
+
+    jitter = [HEDJitter([1.1, 0.9, 1.0], [0.01, -0.01, 0.0]) for _ in plans]
+    for tf in (None, jitter):
+        ps = plans if tf is None else [patches.dataclasses.replace(p, transform=t) for p, t in zip(plans, tf)]
+        want = cut(ps, cache=False)
+        n = len(opened)
+        assert torch.equal(cut(ps, cache=True), want)
+        assert torch.equal(cut(ps, cache=True), want)  # served from the kept crops
+        assert len(opened) - n == (2 if tf is None else 0)  # decoded once each, by the first cached pass
+    assert CROPS.nbytes == sum(len(p.xy) * p.read_px ** 2 * 3 for p in plans)
+    CROPS.clear()
+
+
+def test_crop_cache_keeps_to_its_budget_least_recently_used_out_first():
+    from gnnst.data.patches import CropCache
+
+    c = CropCache(budget=250)
+    a, b, d = (np.zeros(100, dtype=np.uint8) + v for v in (1, 2, 3))
+    c.put(("a",), a)
+    c.put(("b",), b)
+    assert c.get(("a",)) is a  # a used last: b goes first
+    c.put(("d",), d)
+    assert c.get(("b",)) is None and c.get(("a",)) is a and c.get(("d",)) is d and c.nbytes == 200
+    c.put(("big",), np.zeros(300, dtype=np.uint8))  # over the budget on its own: not kept, nothing evicted
+    assert c.get(("big",)) is None and c.nbytes == 200
+    assert not a.flags.writeable
+
+
+def test_stain_sample_is_the_same_from_kept_crops(slides, monkeypatch):
+    from gnnst.data import patches
+    from gnnst.data.stain import sample_pixels
+
+    patches.CROPS.clear()
+    monkeypatch.setattr(patches.CROPS, "budget", 0)  # nothing fits: the sampled spots are cut alone
+    alone = sample_pixels(slides[0], size_um=150.0, n_spots=5)
+    monkeypatch.setattr(patches.CROPS, "budget", 1 << 30)
+    kept = sample_pixels(slides[0], size_um=150.0, n_spots=5)
+    assert patches.CROPS.nbytes > 0 and np.array_equal(kept, alone)
+    patches.CROPS.clear()
