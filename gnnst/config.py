@@ -269,9 +269,10 @@ class TrainConfig(_Section):
     # slides resident on the training device, halo subgraphs cut there for a whole epoch at once, no host
     # synchronisation per step), "auto" = device on CUDA when the slides fit in its memory, else host
     sampler: typing.Literal["auto", "host", "device"] = "auto"
-    # under torchrun: "folds" spreads the folds' ensemble members (and the final model's) over the ranks,
-    # one model per rank, results gathered by rank 0; "ddp" trains each model on every rank with its
-    # gradients all-reduced (for one model too large for one device)
+    # under torchrun: "folds" spreads the folds and their ensemble members (and the final model's members)
+    # over the ranks, one model per rank at a time, each fold prepared only by the ranks that train it and
+    # scored by one (the output folder must be on a filesystem every rank sees); "ddp" trains each model
+    # on every rank with its gradients all-reduced (for one model too large for one device)
     distributed: typing.Literal["folds", "ddp"] = "folds"
     # seconds between two writes of a member's resume checkpoint (last.pt: weights and optimiser, ~3x the
     # model's size) and of best.pt; the last epoch is always written; 0 = every epoch. A resumed run

@@ -114,17 +114,23 @@ def run_crossval(cfg: "Config", out: str | Path, *, resume: bool = False, overwr
     methods = ([MODEL] if fit_model else []) + list(cfg.eval.baselines)
     records: dict[str, list] = {m: [] for m in methods}
     fold_results = []
-    for fi, fold in enumerate(folds):
-        fdir = out / "folds" / fold.name
-        done = _load_fold(fdir, fold, methods) if resume else None
-        if done is not None:
-            log.info("fold %s: already done, reusing %s", fold.name, fdir / "result.json")
-            result, preds = done
-        else:
-            log.info("fold %d/%d %s: train %s, test %s%s", fi + 1, len(folds), fold.name, fold.train_slides,
-                     fold.test_slides, " (patient-disjoint)" if fold.patient_disjoint else "")
-            result, preds = run_fold(cfg, source, fold, fdir, ms=ms, methods=methods, resume=resume, device=device,
-                                     progress=progress, main=main, run_config=config_to_dict(cfg), out=out)
+    kw = dict(ms=ms, methods=methods, resume=resume, device=device, progress=progress, run_config=config_to_dict(cfg),
+              out=out)
+    if fit_model and cfg.train.distributed == "folds" and current().world_size > 1:
+        done = _spread_folds(cfg, source, folds, **kw)  # folds and members spread over torchrun's ranks
+    else:
+        done = {}
+        for fi, fold in enumerate(folds):
+            fdir = out / "folds" / fold.name
+            done[fold.name] = _load_fold(fdir, fold, methods) if resume else None
+            if done[fold.name] is not None:
+                log.info("fold %s: already done, reusing %s", fold.name, fdir / "result.json")
+            else:
+                log.info("fold %d/%d %s: train %s, test %s%s", fi + 1, len(folds), fold.name, fold.train_slides,
+                         fold.test_slides, " (patient-disjoint)" if fold.patient_disjoint else "")
+                done[fold.name] = run_fold(cfg, source, fold, fdir, main=main, **kw)
+    for fold in folds:
+        result, preds = done[fold.name]
         fold_results.append(result)
         for m in methods:
             records[m].append(preds[m])
@@ -171,10 +177,62 @@ def select_folds(folds: list["Fold"], only: list[str] | None) -> list["Fold"]:
     return [f for f in folds if f.name in only or set(f.test_slides) & set(only)]
 
 
+def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet", methods: list[str], resume: bool,
+                  device, progress: bool, run_config: dict, out: Path) -> dict:
+    """Cross-validation under torchrun with ``train.distributed: folds``: the (fold, member) units of the
+    folds still to run are cut into one contiguous block per rank (:func:`gnnst.train.distributed.spread_units`);
+    each rank prepares only the folds of its block and writes each member it trains to the fold's folder
+    (:func:`gnnst.train.ensemble.save_member`); after a barrier, the rank holding a fold's member 0
+    assembles it from those files and scores and writes it (:func:`run_fold`); after another, every rank
+    reads every fold back (:func:`_load_fold`, as ``--resume`` does). Returns ``{fold name: (result,
+    {method: FoldPredictions})}``, the same as one process."""
+    from gnnst.train.distributed import barrier, current, spread_units
+    from gnnst.train.ensemble import MEMBER_FILE, fit_member, save_member
+    from gnnst.train.prepare import prepare_training
+
+    info = current()
+    done = {f.name: _load_fold(out / "folds" / f.name, f, methods) if resume else None for f in folds}
+    todo = [f for f in folds if done[f.name] is None]
+    blocks = spread_units(len(todo), cfg.train.ensemble, info.world_size)
+    owner = {f: r for r, block in enumerate(blocks) for f, i in block if i == 0}
+    mine = blocks[info.rank]
+    log.info("rank %d of %d: folds %s (members %s)", info.rank, info.world_size,
+             sorted({todo[f].name for f, _ in mine}), [(todo[f].name, i) for f, i in mine])
+    kept = {}
+    for fi in dict.fromkeys(f for f, _ in mine):  # the folds this rank prepares, in order
+        fold, fdir = todo[fi], out / "folds" / todo[fi].name
+        log.info("fold %s: train %s, test %s%s (rank %d)", fold.name, fold.train_slides, fold.test_slides,
+                 " (patient-disjoint)" if fold.patient_disjoint else "", info.rank)
+        ts = prepare_training(cfg, source, fold.train_slides, fold.test_slides,
+                              select_on_heldout=cfg.eval.select_on_heldout)
+        for f, i in mine:
+            path = fdir / f"member{i}" / MEMBER_FILE
+            if f == fi and not (resume and path.is_file()):
+                save_member(path, fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress))
+        if owner[fi] == info.rank:
+            kept[fi] = ts
+    barrier()  # every member of every fold is on disk
+    for fi, ts in kept.items():
+        run_fold(cfg, source, todo[fi], out / "folds" / todo[fi].name, ms=ms, methods=methods, resume=resume,
+                 device=device, progress=progress, main=True, run_config=run_config, out=out, ts=ts, from_files=True)
+    kept.clear()
+    barrier()  # every fold is scored and written
+    for fold in todo:
+        done[fold.name] = _load_fold(out / "folds" / fold.name, fold, methods)
+        if done[fold.name] is None:
+            raise GnnstError(f"{out / 'folds' / fold.name}: fold {fold.name} was scored by rank "
+                             f"{owner[todo.index(fold)]} but its files are not here: under torchrun the output folder "
+                             f"must be on a filesystem every rank sees")
+    return done
+
+
 def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet", methods: list[str], resume: bool,
-             device, progress: bool, main: bool, run_config: dict, out: Path) -> tuple[dict, dict]:
+             device, progress: bool, main: bool, run_config: dict, out: Path, ts: "TrainingSet | None" = None,
+             from_files: bool = False) -> tuple[dict, dict]:
     """One fold: train, score the held-out slides through the fold's TrainedModel, fit the baselines,
-    write the fold's files; returns ``(result, {method: FoldPredictions})``."""
+    write the fold's files; returns ``(result, {method: FoldPredictions})``. ``ts``: the fold's training
+    set when prepared already; ``from_files``: its members were trained already and are read from its
+    folder (:func:`_spread_folds`)."""
     from gnnst.eval.baselines import baseline_validation_score, fit_baseline
     from gnnst.io import atomic_write_json
     from gnnst.metrics import FoldPredictions, report_subsets, summarise
@@ -184,15 +242,16 @@ def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet"
 
     t_fold = time.perf_counter()
     fdir.mkdir(parents=True, exist_ok=True)
-    ts = prepare_training(cfg, source, fold.train_slides, fold.test_slides,
-                          select_on_heldout=cfg.eval.select_on_heldout)
+    if ts is None:
+        ts = prepare_training(cfg, source, fold.train_slides, fold.test_slides,
+                              select_on_heldout=cfg.eval.select_on_heldout)
     subsets = report_subsets(ts.panel.genes, ts.panel.heg, ts.panel.hvg, _selection_expression(cfg, ts), ms)
     y_test = {s: ts.graphs[s].y.numpy().astype(np.float32) for s in fold.test_slides}
     preds: dict[str, dict] = {}
     result = {**fold.to_dict(), "protocol": ts.protocol, "genes": subsets, "features": ts.feature_norm.describe()}
     if MODEL in methods:
         ens = fit_ensemble(cfg, ts, fdir, fold=fold.to_dict(), encoder=EncoderInfo.from_dict(source.encoder),
-                           resume=resume, device=device, progress=progress)
+                           resume=resume, device=device, progress=progress, from_files=from_files)
         if main:
             ens.model.save(fdir / "model.pt")
         got = dict(zip(fold.test_slides, ens.model.predict([ts.graphs[s] for s in fold.test_slides], device=device)))

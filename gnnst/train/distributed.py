@@ -3,19 +3,27 @@
 Two ways to use the ranks (``train.distributed``):
 
 - ``folds`` (default): the models of a run are independent (ensemble members, per fold and for the
-  final model), so each rank trains its share of them (:func:`my_share`: member ``i`` on rank
-  ``i % world``), one model per rank at a time, with no gradient exchange; the trained members are then
-  gathered on every rank (:func:`gather`) and rank 0 writes the outputs. The numbers are those of one
-  process: each member has its own seed and sees only its own batches.
+  final model), so each rank trains its share of them, one model per rank at a time, with no gradient
+  exchange. Cross-validation's (fold, member) units are cut into contiguous blocks, one per rank
+  (:func:`spread_units`), so a rank prepares only the folds it trains (gene panel, targets, stain
+  re-embedding); each trained member is written to its fold's folder, the rank holding a fold's member 0
+  assembles and scores that fold from those files, and every rank then reads the folds' results back
+  (:func:`gnnst.eval.crossval.run_crossval`): the output folder must be on a filesystem every rank sees
+  (always so on one machine). The final model's members are spread as member ``i`` on rank ``i % world``
+  (:func:`my_share`) and gathered through the process group (:func:`gather`). The numbers are those of
+  one process: each member has its own seed and sees only its own batches.
 - ``ddp``: every model is trained by all ranks with its gradients all-reduced (one model too large, or
   too slow, for one device; :func:`gnnst.train.trainer.fit`).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
+
+WAIT_HOURS = 24  # how long a rank waits at a barrier (torch's default is 10-30 min)
 
 
 @dataclass
@@ -40,8 +48,8 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
         return DistInfo()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_spec != "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():  # a rank done with its folds waits for the others: hours, not minutes
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
     if use_cuda:
         torch.cuda.set_device(local)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
@@ -81,6 +89,20 @@ def my_share(n: int, mode: str = "folds") -> list[int]:
     if mode != "folds" or info.world_size == 1:
         return list(range(n))
     return [i for i in range(n) if i % info.world_size == info.rank]
+
+
+def spread_units(n_folds: int, n_members: int, world: int) -> list[list[tuple[int, int]]]:
+    """The (fold, member) units of a cross-validation, fold-major, cut into ``world`` contiguous blocks whose
+    sizes differ by at most one: block ``r`` is rank ``r``'s. A rank so prepares about
+    ``n_folds / world + 1`` folds; the owner of fold ``f`` (who assembles it) is the rank holding ``(f, 0)``."""
+    units = [(f, i) for f in range(n_folds) for i in range(n_members)]
+    q, r = divmod(len(units), world)
+    blocks, a = [], 0
+    for k in range(world):
+        b = a + q + (1 if k < r else 0)
+        blocks.append(units[a:b])
+        a = b
+    return blocks
 
 
 def gather(local: dict[int, Any], n: int, mode: str = "folds") -> list[Any]:

@@ -89,38 +89,92 @@ def fit_calibration(val_members: list[dict], val_y: list[np.ndarray], modes: tup
                            members=len(per))
 
 
+MEMBER_FILE = "member.pt"  # a trained member handed from the rank that trained it to its fold's owner
+MEMBER_FORMAT = "gnnst-member-1"
+
+
+def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: bool, device, progress: bool
+               ) -> tuple:
+    """Train member ``i`` (seed ``cfg.seed + i``) on ``ts`` (checkpoints in ``fdir/member<i>``):
+    ``(FitResult, state dict on the CPU, prediction modes, {mode: [[N_s, G] per validation graph]})``."""
+    import torch
+
+    from gnnst.models import create_model
+    from gnnst.predictor import predict_graphs
+    from gnnst.train.trainer import default_batch_nodes, fit
+
+    tc = cfg.train
+    mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
+    torch.manual_seed(mcfg.seed)
+    model = create_model(cfg.model.name, in_dim=ts.in_dim, num_genes=len(ts.panel.genes), cfg=cfg.model)
+    res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
+              device=device, progress=progress)
+    modes = tuple(model.prediction_modes)
+    return (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes,
+            predict_graphs(model, ts.val, modes=modes, batch_nodes=tc.batch_nodes or default_batch_nodes(device),
+                           num_hops=tc.num_hops, device=device))
+
+
+def save_member(path: Path, member: tuple) -> None:
+    """Write :func:`fit_member`'s result (plain tensors, lists and numbers: read with ``weights_only``)."""
+    import torch
+
+    from gnnst.io import atomic_torch_save
+
+    res, state, modes, val = member
+    atomic_torch_save({"format": MEMBER_FORMAT, "fit": dataclasses.asdict(res), "state": state, "modes": list(modes),
+                       "val": {m: [torch.from_numpy(np.ascontiguousarray(a)) for a in v] for m, v in val.items()}},
+                      path)
+
+
+def load_member(path: Path) -> tuple:
+    """:func:`save_member`'s file back as :func:`fit_member`'s tuple; a missing or foreign file is a
+    one-line error."""
+    import torch
+
+    from gnnst.errors import GnnstError
+    from gnnst.train.trainer import FitResult
+
+    if not path.is_file():
+        raise GnnstError(f"{path}: missing (its rank did not finish, or the output folder is not on a "
+                         f"filesystem every rank sees)")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if d.get("format") != MEMBER_FORMAT:
+            raise ValueError(f"format {d.get('format')!r}, expected {MEMBER_FORMAT!r}")
+        return (FitResult(**d["fit"]), d["state"], tuple(d["modes"]),
+                {m: [t.numpy() for t in v] for m, v in d["val"].items()})
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise GnnstError(f"{path}: not a trained member of this run ({type(e).__name__}: {e})") from None
+
+
 def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, encoder: "EncoderInfo",
-                 resume: bool, device, progress: bool) -> EnsembleFit:
+                 resume: bool, device, progress: bool, from_files: bool = False) -> EnsembleFit:
     """Train ``cfg.train.ensemble`` models ``cfg.model.name`` (seeds ``cfg.seed + i``) on ``ts`` through
     :func:`gnnst.train.trainer.fit` (checkpoints in ``fdir/member<i>``), choose the blend weight on the
     validation spots (:func:`choose_blend`), and package them as a :class:`~gnnst.predictor.TrainedModel`
     (``fold``: its ``{'name', 'train_slides', 'test_slides', 'patient_disjoint'}``) with its
     :class:`~gnnst.reliability.Calibration` (fitted on the validation spots; two members or more) and
-    :class:`~gnnst.reliability.OODReference` (the training slides' features)."""
-    import torch
+    :class:`~gnnst.reliability.OODReference` (the training slides' features).
 
-    from gnnst.models import create_model
+    ``from_files``: the members were trained already, by whichever ranks (folds spread over torchrun's
+    ranks, :func:`gnnst.eval.crossval.run_crossval`), and are read from ``fdir/member<i>/member.pt``."""
     from gnnst.models.base import blend
-    from gnnst.predictor import TrainedModel, predict_graphs
+    from gnnst.predictor import TrainedModel
     from gnnst.reliability import OODReference
     from gnnst.train.distributed import gather, my_share
-    from gnnst.train.trainer import default_batch_nodes, fit, validation_score
+    from gnnst.train.trainer import default_batch_nodes, validation_score
 
     tc = cfg.train
     batch_nodes = tc.batch_nodes or default_batch_nodes(device)
-    kw = dict(batch_nodes=batch_nodes, num_hops=tc.num_hops, device=device)
-    local = {}
-    for i in my_share(tc.ensemble, tc.distributed):  # under torchrun "folds": this rank's members only
-        mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
-        torch.manual_seed(mcfg.seed)
-        model = create_model(cfg.model.name, in_dim=ts.in_dim, num_genes=len(ts.panel.genes), cfg=cfg.model)
-        res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
-                  device=device, progress=progress)
-        modes = tuple(model.prediction_modes)
-        local[i] = (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes,
-                    predict_graphs(model, ts.val, modes=modes, **kw))
+    if from_files:
+        members = [load_member(fdir / f"member{i}" / MEMBER_FILE) for i in range(tc.ensemble)]
+    else:
+        local = {i: fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress)
+                 for i in my_share(tc.ensemble, tc.distributed)}  # under torchrun "folds": this rank's members only
+        members = gather(local, tc.ensemble, tc.distributed)  # member order, as in one process
     fits, states, modes, val_sum, val_members = [], [], None, None, []
-    for res, state, member_modes, v in gather(local, tc.ensemble, tc.distributed):  # member order, as in one process
+    for res, state, member_modes, v in members:
         fits.append(res)
         states.append(state)
         modes = modes or member_modes

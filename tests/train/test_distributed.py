@@ -95,7 +95,7 @@ def _folds_worker(rank, world, port, args):
 
 @pytest.mark.slow
 def test_folds_mode_two_cpu_processes_give_the_metrics_of_one(tmp_path):
-    """The ensemble members of a fold spread over two gloo ranks (0 and 2 on rank 0, 1 on rank 1): the same
+    """The ensemble members of a fold spread over two gloo ranks (0 and 1 on rank 0, 2 on rank 1): the same
     metrics and the same trained members as one process."""
     import json
 
@@ -121,5 +121,102 @@ def test_folds_mode_two_cpu_processes_give_the_metrics_of_one(tmp_path):
     for x, y in zip(s1, s2):
         for k in x:
             assert torch.equal(x[k], y[k]), k
-    # each member trained once, by one rank: member1's checkpoints were written by rank 1
-    assert all((tmp_path / "two" / fold / f"member{i}" / "last.pt").is_file() for i in range(3))
+    # each member trained once, by one rank, and handed to the fold's owner as a file
+    assert all((tmp_path / "two" / fold / f"member{i}" / f).is_file() for i in range(3) for f in ("last.pt", "member.pt"))
+
+
+def _recording_worker(rank, world, port, args, record):
+    """A rank of `gnnst train` that records which folds it prepared (panel, targets: the costly part)."""
+    import json
+    import os
+
+    import gnnst.train.prepare as prepare
+
+    real, seen = prepare.prepare_training, []
+
+    def recording(cfg, source, train_slides, test_slides, **kw):
+        seen.append(list(test_slides))
+        return real(cfg, source, train_slides, test_slides, **kw)
+
+    prepare.prepare_training = recording
+    try:
+        _folds_worker(rank, world, port, args)
+    finally:
+        prepare.prepare_training = real
+        with open(os.path.join(record, f"rank{rank}.json"), "w") as f:
+            json.dump(seen, f)
+
+
+@pytest.mark.slow
+def test_folds_spread_over_two_cpu_processes_give_the_metrics_of_one(tmp_path):
+    """Three folds x two members over two gloo ranks: units (fold, member) in contiguous blocks, so rank 0
+    prepares folds 1-2 and rank 1 folds 2-3 (not every fold on every rank); the same metrics and members as
+    one process, and a resume of the finished run redoes nothing."""
+    import json
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    from gnnst.cli import main
+    from gnnst_tinyrun import TINY_RUN, data_args, tiny_dataset
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    run = ["train", *data_args(tiny_dataset(tmp_path)), "--quiet", *TINY_RUN, "train.ensemble=2",
+           "eval.figures=false", "eval.final_model=false", "train.device=cpu"]
+    assert main([*run, "--out", str(tmp_path / "one")]) == 0
+    mp.spawn(_recording_worker, args=(2, _free_port(), [*run, "--out", str(tmp_path / "two")], str(tmp_path)),
+             nprocs=2, join=True)
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    for key in ("summary", "folds", "baselines"):
+        assert untimed(a[key]) == untimed(b[key]), key
+    assert [f["name"] for f in b["folds"]] == ["patient_P1", "patient_P2", "patient_P3"]
+    prepared = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert prepared == [[["S1"], ["S2"]], [["S2"], ["S3"]]]
+    for fold in ("patient_P1", "patient_P2", "patient_P3"):
+        s1, s2 = (torch.load(tmp_path / r / "folds" / fold / "model.pt", weights_only=True)["states"]
+                  for r in ("one", "two"))
+        assert len(s1) == len(s2) == 2
+        for x, y in zip(s1, s2):
+            for k in x:
+                assert torch.equal(x[k], y[k]), (fold, k)
+    assert (tmp_path / "two" / "predictions" / "S3.h5ad").is_file()  # written by rank 1, fold 3's owner
+    mp.spawn(_recording_worker, args=(2, _free_port(), [*run, "--out", str(tmp_path / "two"), "--resume"],
+                                      str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[], []]
+    c = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert untimed(c["summary"]) == untimed(a["summary"])
+
+
+def test_spread_units_blocks():
+    from gnnst.train.distributed import spread_units
+
+    for folds, members, world in [(6, 3, 2), (6, 3, 4), (3, 2, 2), (1, 3, 2), (2, 1, 5), (5, 3, 8)]:
+        blocks = spread_units(folds, members, world)
+        assert len(blocks) == world
+        flat = [u for b in blocks for u in b]
+        assert flat == [(f, i) for f in range(folds) for i in range(members)]  # each once, fold-major, contiguous
+        sizes = [len(b) for b in blocks]
+        assert max(sizes) - min(sizes) <= 1
+        owners = {f: r for r, b in enumerate(blocks) for f, i in b if i == 0}
+        assert sorted(owners) == list(range(folds))
+    assert spread_units(6, 3, 2) == [[(f, i) for f in range(3) for i in range(3)],
+                                     [(f, i) for f in range(3, 6) for i in range(3)]]
+
+
+def test_a_missing_or_foreign_member_file_is_a_one_line_error(tmp_path):
+    from gnnst.errors import GnnstError
+    from gnnst.train.ensemble import load_member, save_member
+    from gnnst.train.trainer import FitResult
+
+    with pytest.raises(GnnstError, match="missing .* filesystem every rank sees"):
+        load_member(tmp_path / "member0" / "member.pt")
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(GnnstError, match="other.pt: not a trained member of this run"):
+        load_member(tmp_path / "other.pt")
+    member = (FitResult(best_epoch=1, best_score=0.5, history=[{"epoch": 0, "loss": 1.0}]), {"w": torch.ones(2)},
+              ("head",), {"head": [np.zeros((3, 2), dtype=np.float32)]})
+    save_member(tmp_path / "m.pt", member)
+    res, state, modes, val = load_member(tmp_path / "m.pt")
+    assert res == member[0] and torch.equal(state["w"], member[1]["w"]) and modes == ("head",)
+    assert np.array_equal(val["head"][0], member[3]["head"][0])
