@@ -42,14 +42,14 @@ class EnsembleFit:
     blend_scores: dict[float, float] = field(default_factory=dict)
 
 
-def choose_blend(cfg: "Config", modes: tuple[str, ...], val_preds: dict, val_y: list[np.ndarray],
-                 val_masks: list[np.ndarray]) -> tuple[float, dict[float, float]]:
+def choose_blend(cfg: "Config", modes: tuple[str, ...], val_preds: dict, val_y: list[np.ndarray]
+                 ) -> tuple[float, dict[float, float]]:
     """The weight ``alpha`` of the head (``1 - alpha`` on retrieval) and the scores it was chosen by.
 
     Models with one prediction mode take it (head: 1, retrieval: 0). Models with both choose among
     :data:`BLEND_ALPHAS` on the validation spots when ``train.select_blend``; otherwise the model's own
-    ``predict_mode`` / ``blend_alpha`` apply. ``val_preds``: ``{mode: [N_s, G] per validation graph}``
-    averaged over the members.
+    ``predict_mode`` / ``blend_alpha`` apply. ``val_preds``: ``{mode: [n_s, G] per validation graph}`` at
+    its validation spots (the rows of ``val_y``), averaged over the members.
     """
     from gnnst.models.base import blend
     from gnnst.train.trainer import validation_score
@@ -59,8 +59,7 @@ def choose_blend(cfg: "Config", modes: tuple[str, ...], val_preds: dict, val_y: 
     if modes == ("retrieval",):
         return 0.0, {}
     if cfg.train.select_blend and sum(len(v) for v in val_y) > 1:
-        scores = {a: validation_score(val_y, [blend(h, r, a)[mk] for h, r, mk in
-                                              zip(val_preds["head"], val_preds["retrieval"], val_masks)])
+        scores = {a: validation_score(val_y, [blend(h, r, a) for h, r in zip(val_preds["head"], val_preds["retrieval"])])
                   for a in BLEND_ALPHAS}
         alpha = max(scores, key=lambda a: (scores[a], a))
         log.info("blend weight of the head chosen on validation spots: %s (scores %s)", alpha,
@@ -96,12 +95,14 @@ MEMBER_FORMAT = "gnnst-member-1"
 def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: bool, device, progress: bool
                ) -> tuple:
     """Train member ``i`` (seed ``cfg.seed + i``) on ``ts`` (checkpoints in ``fdir/member<i>``):
-    ``(FitResult, state dict on the CPU, prediction modes, {mode: [[N_s, G] per validation graph]})``."""
+    ``(FitResult, state dict on the CPU, prediction modes, {mode: [[n_s, G] per validation graph]})``, the
+    predictions at the validation spots only (``ts.val_masks``; the rest of the slides is their halo)."""
     import torch
 
     from gnnst.models import create_model
     from gnnst.predictor import predict_graphs
-    from gnnst.train.trainer import default_batch_nodes, fit
+    from gnnst.predictor import halo_hops, image_side
+    from gnnst.train.trainer import default_batch_nodes, fit, make_loader
 
     tc = cfg.train
     mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
@@ -110,9 +111,12 @@ def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: 
     res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
               device=device, progress=progress)
     modes = tuple(model.prediction_modes)
+    loader = make_loader(image_side(ts.val), cfg, device, num_hops=halo_hops(model, tc.num_hops), shuffle=False,
+                         centre_masks=ts.val_masks)
+    val = predict_graphs(model, ts.val, modes=modes, batch_nodes=tc.batch_nodes or default_batch_nodes(device),
+                         num_hops=tc.num_hops, device=device, loader=loader)
     return (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes,
-            predict_graphs(model, ts.val, modes=modes, batch_nodes=tc.batch_nodes or default_batch_nodes(device),
-                           num_hops=tc.num_hops, device=device))
+            {m: [p[mk] for p, mk in zip(v, ts.val_masks)] for m, v in val.items()})
 
 
 def save_member(path: Path, member: tuple) -> None:
@@ -179,14 +183,14 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
         states.append(state)
         modes = modes or member_modes
         val_sum = v if val_sum is None else {m: [a + b for a, b in zip(val_sum[m], v[m])] for m in modes}
-        val_members.append({m: [p[mk] for p, mk in zip(v[m], ts.val_masks)] for m in modes})  # validation spots
+        val_members.append(v)  # at the validation spots
     n = len(fits)
     val_avg = {m: [a / n for a in val_sum[m]] for m in modes}
     val_y = [g.y.numpy()[mk] for g, mk in zip(ts.val, ts.val_masks)]
-    alpha, scores = choose_blend(cfg, modes, val_avg, val_y, ts.val_masks)
+    alpha, scores = choose_blend(cfg, modes, val_avg, val_y)
     mixed = val_avg[modes[0]] if len(modes) == 1 else \
         [blend(h, r, alpha) for h, r in zip(val_avg["head"], val_avg["retrieval"])]
-    val_score = validation_score(val_y, [p[mk] for p, mk in zip(mixed, ts.val_masks)]) if val_y else float("nan")
+    val_score = validation_score(val_y, mixed) if val_y else float("nan")
     tm = TrainedModel(model_name=cfg.model.name, model_config=cfg.model, in_dim=ts.in_dim, encoder=encoder,
                       patch_size_um=cfg.patch.size_um, panel=ts.panel, expression=cfg.expression, scaler=ts.scaler,
                       graph=cfg.graph, batch_nodes=batch_nodes, num_hops=tc.num_hops, states=states,
