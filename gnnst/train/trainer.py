@@ -264,8 +264,9 @@ def fit(
 def _resume_best(path: Path, best_epoch: int, start: int, device) -> tuple[dict | None, int]:
     """The best epoch's weights from ``best.pt`` on resume (``best_epoch`` from ``last.pt``; ``start``: the
     first epoch to run): ``(state, its epoch)``, or ``(None, -1)`` when there is no best epoch yet. A
-    ``best.pt`` newer than ``last.pt`` (a run stopped between the two writes) is left to the replay,
-    which reaches that epoch again; it is taken only if its own epoch is gone."""
+    ``best.pt`` newer than ``last.pt`` (a run stopped between the two writes, whose older best weights it
+    replaced) is taken as it is, with a warning: the replay of the epochs after ``last.pt`` reaches its
+    epoch again and, being deterministic, stores the same weights there."""
     import torch
 
     if best_epoch < 0:
