@@ -201,14 +201,16 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
     kept = {}
     for fi in dict.fromkeys(f for f, _ in mine):  # the folds this rank prepares, in order
         fold, fdir = todo[fi], out / "folds" / todo[fi].name
+        train = [i for f, i in mine if f == fi and not (resume and (fdir / f"member{i}" / MEMBER_FILE).is_file())]
+        if not train and owner[fi] != info.rank:
+            continue  # its members here are trained already (--resume) and another rank scores it
         log.info("fold %s: train %s, test %s%s (rank %d)", fold.name, fold.train_slides, fold.test_slides,
                  " (patient-disjoint)" if fold.patient_disjoint else "", info.rank)
         ts = prepare_training(cfg, source, fold.train_slides, fold.test_slides,
                               select_on_heldout=cfg.eval.select_on_heldout)
-        for f, i in mine:
-            path = fdir / f"member{i}" / MEMBER_FILE
-            if f == fi and not (resume and path.is_file()):
-                save_member(path, fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress))
+        for i in train:
+            save_member(fdir / f"member{i}" / MEMBER_FILE,
+                        fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress))
         if owner[fi] == info.rank:
             kept[fi] = ts
     barrier()  # every member of every fold is on disk

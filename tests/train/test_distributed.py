@@ -186,6 +186,13 @@ def test_folds_spread_over_two_cpu_processes_give_the_metrics_of_one(tmp_path):
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[], []]
     c = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert untimed(c["summary"]) == untimed(a["summary"])
+    # fold 3 trained but not scored (stopped in between): only its owner prepares it again, to score it
+    (tmp_path / "two" / "folds" / "patient_P3" / "result.json").unlink()
+    mp.spawn(_recording_worker, args=(2, _free_port(), [*run, "--out", str(tmp_path / "two"), "--resume"],
+                                      str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[["S3"]], []]
+    c = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert untimed(c["summary"]) == untimed(a["summary"])
 
 
 def test_spread_units_blocks():
