@@ -144,12 +144,17 @@ def load_member(path: Path) -> tuple:
                          f"filesystem every rank sees)")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        if d.get("format") != MEMBER_FORMAT:
-            raise ValueError(f"format {d.get('format')!r}, expected {MEMBER_FORMAT!r}")
+    except Exception as e:  # noqa: BLE001 - torch's own message is several lines: the type says enough
+        raise GnnstError(f"{path}: not a trained member of this run (not a file of plain tensors and numbers: "
+                         f"{type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("format") != MEMBER_FORMAT:
+        got = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise GnnstError(f"{path}: not a trained member of this run (format {got!r}, expected {MEMBER_FORMAT!r})")
+    try:
         return (FitResult(**d["fit"]), d["state"], tuple(d["modes"]),
                 {m: [t.numpy() for t in v] for m, v in d["val"].items()})
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise GnnstError(f"{path}: not a trained member of this run ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file of the right format
+        raise GnnstError(f"{path}: a damaged trained member ({type(e).__name__}: {e})") from None
 
 
 def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, encoder: "EncoderInfo",

@@ -219,8 +219,16 @@ def test_a_missing_or_foreign_member_file_is_a_one_line_error(tmp_path):
     with pytest.raises(GnnstError, match="missing .* filesystem every rank sees"):
         load_member(tmp_path / "member0" / "member.pt")
     torch.save({"model": {}}, tmp_path / "other.pt")
-    with pytest.raises(GnnstError, match="other.pt: not a trained member of this run"):
+    with pytest.raises(GnnstError, match="other.pt: not a trained member of this run .format None"):
         load_member(tmp_path / "other.pt")
+    import pickle
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps(FitResult(best_epoch=0, best_score=0.0)))
+    for name in ("junk.pt", "pickled.pt"):
+        with pytest.raises(GnnstError, match=f"{name}: not a trained member of this run") as e:
+            load_member(tmp_path / name)
+        assert "\n" not in str(e.value) and "\x1b" not in str(e.value)  # one line, as torch's own message is not
     member = (FitResult(best_epoch=1, best_score=0.5, history=[{"epoch": 0, "loss": 1.0}]), {"w": torch.ones(2)},
               ("head",), {"head": [np.zeros((3, 2), dtype=np.float32)]})
     save_member(tmp_path / "m.pt", member)
