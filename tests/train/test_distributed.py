@@ -163,7 +163,7 @@ def test_folds_spread_over_two_cpu_processes_give_the_metrics_of_one(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     run = ["train", *data_args(tiny_dataset(tmp_path)), "--quiet", *TINY_RUN, "train.ensemble=2",
-           "eval.figures=false", "eval.final_model=false", "train.device=cpu"]
+           "eval.figures=false", "train.device=cpu"]  # the final model too: its members spread as before
     assert main([*run, "--out", str(tmp_path / "one")]) == 0
     mp.spawn(_recording_worker, args=(2, _free_port(), [*run, "--out", str(tmp_path / "two")], str(tmp_path)),
              nprocs=2, join=True)
@@ -172,10 +172,9 @@ def test_folds_spread_over_two_cpu_processes_give_the_metrics_of_one(tmp_path):
         assert untimed(a[key]) == untimed(b[key]), key
     assert [f["name"] for f in b["folds"]] == ["patient_P1", "patient_P2", "patient_P3"]
     prepared = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert prepared == [[["S1"], ["S2"]], [["S2"], ["S3"]]]
-    for fold in ("patient_P1", "patient_P2", "patient_P3"):
-        s1, s2 = (torch.load(tmp_path / r / "folds" / fold / "model.pt", weights_only=True)["states"]
-                  for r in ("one", "two"))
+    assert prepared == [[["S1"], ["S2"], []], [["S2"], ["S3"], []]]  # then the final model's (no test slide)
+    for fold in ("folds/patient_P1", "folds/patient_P2", "folds/patient_P3", "final"):
+        s1, s2 = (torch.load(tmp_path / r / fold / "model.pt", weights_only=True)["states"] for r in ("one", "two"))
         assert len(s1) == len(s2) == 2
         for x, y in zip(s1, s2):
             for k in x:
