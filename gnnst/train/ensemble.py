@@ -101,8 +101,7 @@ def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: 
 
     from gnnst.models import create_model
     from gnnst.predictor import predict_graphs
-    from gnnst.predictor import halo_hops, image_side
-    from gnnst.train.trainer import default_batch_nodes, fit, make_loader
+    from gnnst.train.trainer import default_batch_nodes, fit, validation_loader
 
     tc = cfg.train
     mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
@@ -111,10 +110,9 @@ def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: 
     res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
               device=device, progress=progress)
     modes = tuple(model.prediction_modes)
-    loader = make_loader(image_side(ts.val), cfg, device, num_hops=halo_hops(model, tc.num_hops), shuffle=False,
-                         centre_masks=ts.val_masks)
     val = predict_graphs(model, ts.val, modes=modes, batch_nodes=tc.batch_nodes or default_batch_nodes(device),
-                         num_hops=tc.num_hops, device=device, loader=loader)
+                         num_hops=tc.num_hops, device=device,
+                         loader=validation_loader(model, ts.val, ts.val_masks, cfg, device))
     return (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes,
             {m: [p[mk] for p, mk in zip(v, ts.val_masks)] for m, v in val.items()})
 

@@ -105,6 +105,16 @@ def make_loader(graphs: Sequence["Data"], cfg: "Config", device, *, num_hops: in
                           centre_masks=centre_masks)
 
 
+def validation_loader(model: "ExpressionModel", graphs: Sequence["Data"], masks: Sequence[np.ndarray], cfg: "Config",
+                      device):
+    """The sampler that predicts the validation spots ``masks`` (``[N]`` bool per graph) of ``graphs`` from
+    the image side: batches centred on them alone, the rest of the slides as their halo."""
+    from gnnst.predictor import halo_hops, image_side
+
+    return make_loader(image_side(graphs), cfg, device, num_hops=halo_hops(model, cfg.train.num_hops), shuffle=False,
+                       centre_masks=masks)
+
+
 def batches(loader, groups: list, device) -> "Iterator[Data]":
     """The batches of ``groups`` on ``device``: cut there (device loader), or on the host and copied
     without blocking the host."""
@@ -166,7 +176,7 @@ def fit(
     from tqdm.auto import tqdm
 
     from gnnst.io import atomic_torch_save
-    from gnnst.predictor import halo_hops, image_side, predict_graphs
+    from gnnst.predictor import halo_hops, predict_graphs
     from gnnst.train.views import set_views
 
     tc = cfg.train
@@ -189,9 +199,7 @@ def fit(
     loader = make_loader(train_graphs, cfg, device, num_hops=halo_hops(model, tc.num_hops), shuffle=True, seed=cfg.seed)
     val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val_graphs, val_masks)]
     has_val = sum(len(v) for v in val_y) > 1
-    # each epoch's score predicts the validation spots only (centres; the rest of the slides as their halo)
-    val_loader = make_loader(image_side(val_graphs), cfg, device, num_hops=halo_hops(model, tc.num_hops),
-                             shuffle=False, centre_masks=val_masks) if has_val else None
+    val_loader = validation_loader(model, val_graphs, val_masks, cfg, device) if has_val else None
 
     start, best, best_epoch, history, bad = 0, -math.inf, -1, [], 0
     best_state, best_saved = None, -1  # the best epoch's weights; the epoch whose weights best.pt holds
