@@ -182,10 +182,12 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
     """Cross-validation under torchrun with ``train.distributed: folds``: the (fold, member) units of the
     folds still to run are cut into one contiguous block per rank (:func:`gnnst.train.distributed.spread_units`);
     each rank prepares only the folds of its block and writes each member it trains to the fold's folder
-    (:func:`gnnst.train.ensemble.save_member`); after a barrier, the rank holding a fold's member 0
-    assembles it from those files and scores and writes it (:func:`run_fold`); after another, every rank
-    reads every fold back (:func:`_load_fold`, as ``--resume`` does). Returns ``{fold name: (result,
-    {method: FoldPredictions})}``, the same as one process."""
+    (:func:`gnnst.train.ensemble.save_member`); the rank holding a fold's member 0 assembles it from those
+    files and scores and writes it (:func:`run_fold`): at once when it trained all of them, else after a
+    barrier (so a rank keeps at most one fold's training set: the last of its block, when that fold goes
+    on in the next rank's block); after another, every rank reads every fold back (:func:`_load_fold`,
+    as ``--resume`` does). Returns ``{fold name: (result, {method: FoldPredictions})}``, the same as one
+    process."""
     from gnnst.train.distributed import barrier, current, spread_units
     from gnnst.train.ensemble import MEMBER_FILE, fit_member, save_member
     from gnnst.train.prepare import prepare_training
@@ -212,7 +214,11 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
             save_member(fdir / f"member{i}" / MEMBER_FILE,
                         fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress))
         if owner[fi] == info.rank:
-            kept[fi] = ts
+            if all((fi, i) in mine for i in range(cfg.train.ensemble)):  # all its members are here: score it now
+                run_fold(cfg, source, fold, fdir, ms=ms, methods=methods, resume=resume, device=device,
+                         progress=progress, main=True, run_config=run_config, out=out, ts=ts, from_files=True)
+            else:  # kept until the next rank(s) wrote its other members: at most one, its block's last fold
+                kept[fi] = ts
     barrier()  # every member of every fold is on disk
     for fi, ts in kept.items():
         run_fold(cfg, source, todo[fi], out / "folds" / todo[fi].name, ms=ms, methods=methods, resume=resume,
