@@ -76,6 +76,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, to_json(obj, indent=2, sort_keys=False) + "\n")
 
 
+def file_identity(path: str | Path) -> str:
+    """``"<resolved path>:<bytes>:<mtime ns>"``: a file's identity for cache keys when hashing its content
+    would cost more than the work it saves (an image, a weights file)."""
+    p = Path(path)
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 

@@ -72,9 +72,9 @@ def cache_key(adata: "AnnData", *, encoder_identity: str, input_size: int, size_
 
 def default_image_id(adata: "AnnData") -> str:
     """Identity of a slide's image file when no checksum is known: path, size and modification time."""
-    p = Path(adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH])
-    st = p.stat()
-    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    from gnnst.io import file_identity
+
+    return file_identity(adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH])
 
 
 def cache_path(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -114,16 +113,16 @@ class CropCache:
         """The identity of ``plan``'s raw crops (file, its size and time, level, sizes, padding, spots), or
         ``None`` when its file reads regions (a pyramid: nothing to save) or cannot be found."""
         from gnnst.data.images import WSI_SUFFIXES
+        from gnnst.io import file_identity
 
         if Path(plan.image_path).suffix.lower() in WSI_SUFFIXES:
             return None
         try:
-            st = os.stat(plan.image_path)
+            file = file_identity(plan.image_path)
         except OSError:
             return None
         xy = hashlib.sha256(np.ascontiguousarray(plan.xy, dtype=np.float64).tobytes()).hexdigest()
-        return (os.path.realpath(plan.image_path), st.st_size, st.st_mtime_ns, plan.level, plan.read_px,
-                plan.side_px, plan.pad_value, xy)
+        return (file, plan.level, plan.read_px, plan.side_px, plan.pad_value, xy)
 
     def fits(self, plan: PatchPlan) -> bool:
         """Whether all of ``plan``'s crops fit the budget."""
@@ -154,18 +153,20 @@ class CropCache:
 CROPS = CropCache(CROP_CACHE_BYTES)  # this process's
 
 
-def cached_crops(image_path: str, plan: PatchPlan, *, image: "SlideImage | None" = None) -> np.ndarray | None:
+def cached_crops(plan: PatchPlan, *, image: "SlideImage | None" = None, key: tuple | None = None
+                 ) -> np.ndarray | None:
     """All of ``plan``'s raw crops ``[N, r, r, 3]`` from :data:`CROPS`, cut and kept there first if they
-    are not (``image``: the slide already opened, else opened and closed here); ``None`` when the plan's
-    image reads regions or its crops exceed the budget (cut them with :func:`read_crops`)."""
+    are not (``image``: the slide already opened, else opened and closed here; ``key``: its
+    :meth:`CropCache.key` when known); ``None`` when the plan's image reads regions or its crops exceed the
+    budget (cut them with :func:`read_crops`)."""
     from gnnst.data.images import open_image
 
-    key = CropCache.key(plan)
+    key = key or CropCache.key(plan)
     if key is None or not CROPS.fits(plan):
         return None
     crops = CROPS.get(key)
     if crops is None:
-        im = image or open_image(image_path, pad_value=plan.pad_value)
+        im = image or open_image(plan.image_path, pad_value=plan.pad_value)
         try:
             crops = read_crops(im, dataclasses.replace(plan, transform=None), slice(None))
         finally:
@@ -298,12 +299,12 @@ class PatchStream(IterableDataset):
 
         info = get_worker_info()
         mine = self.units[info.id::info.num_workers] if info is not None else self.units
-        keep = set()  # slides whose raw crops are served from (and kept in) CROPS
+        keep = {}  # slides whose raw crops are served from (and kept in) CROPS: their keys
         if self.cache_crops and info is None:
-            keep = {i for i, _, _ in mine if CropCache.key(self.plans[i]) is not None and CROPS.fits(self.plans[i])}
+            keys = {i: CropCache.key(self.plans[i]) for i in dict.fromkeys(i for i, _, _ in mine)}
+            keep = {i: k for i, k in keys.items() if k is not None and CROPS.fits(self.plans[i])}
         # slides in the order this worker reads them (those already in CROPS need no image)
-        order = [i for i in dict.fromkeys(i for i, _, _ in mine)
-                 if i not in keep or CROPS.get(CropCache.key(self.plans[i])) is None]
+        order = [i for i in dict.fromkeys(i for i, _, _ in mine) if i not in keep or CROPS.get(keep[i]) is None]
         pool = ThreadPoolExecutor(max_workers=1)  # decodes the next image while this one is cut
         opening = {order[0]: pool.submit(self._open, order[0])} if order else {}
         image, current, working, held = None, None, None, None
@@ -320,7 +321,7 @@ class PatchStream(IterableDataset):
                         if nxt < len(order):
                             opening[order[nxt]] = pool.submit(self._open, order[nxt])
                     if i in keep:
-                        held = cached_crops(self.plans[i].image_path, self.plans[i], image=image)
+                        held = cached_crops(self.plans[i], image=image, key=keep[i])
                 for a in range(start, stop, self.rows):
                     t0 = time.perf_counter()
                     rows = slice(a, min(a + self.rows, stop))

@@ -244,7 +244,7 @@ def sample_pixels(adata: "AnnData", *, size_um: float, n_spots: int, pad_value: 
                            pad_value=pad_value)
     # a whole-image file is decoded whole anyway: all its spots' crops are cut and kept (patches.CROPS), so
     # the fold's normalised patches are cut from them without decoding the image again
-    crops = cached_crops(path, every, image=image)  # [N, r, r, 3], or None (a pyramid, or over the budget)
+    crops = cached_crops(every, image=image)  # [N, r, r, 3], or None (a pyramid, or over the budget)
     if crops is not None:
         crops = crops[pick]
     else:

@@ -200,6 +200,11 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
     mine = blocks[info.rank]
     log.info("rank %d of %d: folds %s (members %s)", info.rank, info.world_size,
              sorted({todo[f].name for f, _ in mine}), [(todo[f].name, i) for f, i in mine])
+
+    def score(fi: int, ts: "TrainingSet") -> None:  # the owner: assemble fold fi from its members' files
+        run_fold(cfg, source, todo[fi], out / "folds" / todo[fi].name, ms=ms, methods=methods, resume=resume,
+                 device=device, progress=progress, main=True, run_config=run_config, out=out, ts=ts, from_files=True)
+
     kept = {}
     for fi in dict.fromkeys(f for f, _ in mine):  # the folds this rank prepares, in order
         fold, fdir = todo[fi], out / "folds" / todo[fi].name
@@ -215,14 +220,12 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
                         fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress))
         if owner[fi] == info.rank:
             if all((fi, i) in mine for i in range(cfg.train.ensemble)):  # all its members are here: score it now
-                run_fold(cfg, source, fold, fdir, ms=ms, methods=methods, resume=resume, device=device,
-                         progress=progress, main=True, run_config=run_config, out=out, ts=ts, from_files=True)
+                score(fi, ts)
             else:  # kept until the next rank(s) wrote its other members: at most one, its block's last fold
                 kept[fi] = ts
     barrier()  # every member of every fold is on disk
     for fi, ts in kept.items():
-        run_fold(cfg, source, todo[fi], out / "folds" / todo[fi].name, ms=ms, methods=methods, resume=resume,
-                 device=device, progress=progress, main=True, run_config=run_config, out=out, ts=ts, from_files=True)
+        score(fi, ts)
     kept.clear()
     barrier()  # every fold is scored and written
     for fold in todo:

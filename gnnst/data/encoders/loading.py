@@ -27,8 +27,9 @@ GENERIC_PREFIXES = ("module.", "model.", "backbone.")
 def file_digest(path: Path) -> str:
     """Identity of a weights file for cache keys: path, size and modification time (hashing a
     several-GB file on every run would cost more than encoding a slide)."""
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    from gnnst.io import file_identity
+
+    return hashlib.sha256(file_identity(path).encode()).hexdigest()[:16]
 
 
 def read_state_dict(path: str | Path, *, label: str) -> dict:
