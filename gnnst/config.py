@@ -239,6 +239,11 @@ class ModelConfig(_Section):
     predict_mode: str = "blend"  # "head", "retrieval" (bank of training spots) or "blend" of both
     retrieval_k: int = num(50, ge=1)  # training spots averaged per query (softmax of similarity x logit scale)
     blend_alpha: float = num(0.5, ge=0, le=1)  # weight of the regression head in "blend"; 1 - alpha goes to retrieval
+    # most training spots in a retrieval bank (gnnst, bleep, mclstexp): every training spot while they are at
+    # most this many, else a seeded uniform sample of this many, the same spots at every epoch
+    # (gnnst.models.retrieval.bank_nodes); the bank is held in the model and saved with it: this many x
+    # (genes + proj_dim) x 4 bytes (50,000 x (492 + 256) x 4 = 150 MB); null = every training spot
+    retrieval_bank_spots: int | None = num(50000, ge=1)
 
     def check(self) -> None:
         if self.hidden % self.heads:
@@ -260,6 +265,11 @@ class TrainConfig(_Section):
     num_hops: int = num(2, ge=0)  # halo depth of each mini-batch subgraph (>= model message-passing depth)
     patience: int = num(15, ge=1)  # early stopping on the validation score (epochs without improvement)
     val_fraction: float = num(0.15, ge=0, lt=1)  # fraction of training spots held out (as spatial blocks) for validation
+    # most validation spots scored (each epoch's score, hence early stopping and the checkpoint; the blend
+    # weight; the spread's scale): every spot of the validation blocks while they are at most this many,
+    # else a seeded uniform sample of this many (the rest stay out of training all the same). Bounds the
+    # per-epoch validation pass and the [spots, genes] arrays it holds at cohort scale; null = all
+    val_spots: int | None = num(10000, ge=1)
     amp: bool = True  # mixed precision on CUDA: bfloat16 where the GPU supports it, else float16 (ignored on CPU)
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores

@@ -38,7 +38,7 @@ from gnnst.models.layers import MLP, ProjectionHead
 from gnnst.models.losses import LOGIT_SCALE_MAX, compute_losses
 from gnnst.models.neighbour import NeighborBranch
 from gnnst.models.registry import register_model
-from gnnst.models.retrieval import RetrievalBankMixin, retrieve_topk
+from gnnst.models.retrieval import RetrievalBankMixin, bank_expression, retrieve_topk
 
 EDGE_DIM = 3  # edge_attr columns: (dx, dy, distance) in micrometres, source minus target
 
@@ -344,11 +344,11 @@ class GNNST(RetrievalBankMixin, ExpressionModel):
         return compute_losses(self, out, batch)
 
     def after_fit(self, train_graphs, *, batch_nodes: int) -> None:
-        """Fill the retrieval bank with every training spot (contrastive models only)."""
+        """Fill the retrieval bank (contrastive models only) with every training spot, or a sample of
+        ``model.retrieval_bank_spots`` of them (:func:`gnnst.models.retrieval.bank_nodes`)."""
         if self.proj_gene is not None:
-            from gnnst.graph.sampler import present_rows
-
-            self.build_retrieval_bank(torch.cat([present_rows(g, g.y) for g in train_graphs]).to(self.bank_z.device))
+            y = bank_expression(train_graphs, self.cfg.retrieval_bank_spots)
+            self.build_retrieval_bank(y.to(self.bank_z.device))
 
     def extra_repr(self) -> str:
         c = self.cfg

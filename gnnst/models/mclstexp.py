@@ -38,7 +38,7 @@ from gnnst.models.base import centre_rows, check_xy
 from gnnst.models.layers import ProjectionHead
 from gnnst.models.losses import clip_loss
 from gnnst.models.registry import register_model
-from gnnst.models.retrieval import RetrievalOnlyModel
+from gnnst.models.retrieval import RetrievalOnlyModel, bank_centre_masks
 
 NUM_POS_BINS = 64  # learnable position embeddings per axis; farther bins share the last one
 
@@ -142,11 +142,13 @@ class MclSTExp(RetrievalOnlyModel):
 
     # ------------------------------------------------------------------ retrieval
     def after_fit(self, train_graphs: Sequence[Data], *, batch_nodes: int) -> None:
-        """The bank: every training spot, encoded within its spatial tile of ``batch_nodes`` spots (the
-        sentences it was trained on, without halo)."""
+        """The bank: every training spot, or a sample of ``model.retrieval_bank_spots`` of them
+        (:func:`gnnst.models.retrieval.bank_nodes`), encoded within its spatial tile of ``batch_nodes`` spots
+        (the sentences it was trained on, without halo)."""
         from gnnst.graph.sampler import SubgraphLoader
 
-        self.build_retrieval_bank(SubgraphLoader(train_graphs, batch_nodes=batch_nodes, num_hops=0))
+        masks = bank_centre_masks(train_graphs, self.cfg.retrieval_bank_spots)
+        self.build_retrieval_bank(SubgraphLoader(train_graphs, batch_nodes=batch_nodes, num_hops=0, centre_masks=masks))
 
     @torch.no_grad()
     def build_retrieval_bank(self, batches: Iterable[Data]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import Data
@@ -15,6 +16,59 @@ from gnnst.models.base import ExpressionModel, check_xy
 
 RETRIEVAL_CHUNK = 512  # query rows per similarity block
 RETRIEVAL_WEIGHTS = ("softmax", "mean", "inverse_distance")  # how the top-k retrieved profiles are averaged
+BANK_SEED = 0  # seed of the bank's sample of training spots (model.retrieval_bank_spots): the same at every call
+
+
+def bank_nodes(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarray] | None:
+    """Which training spots a retrieval bank of at most ``limit`` spots holds (``model.retrieval_bank_spots``).
+
+    ``None`` when it holds every present spot (:func:`gnnst.graph.sampler.node_mask`) of ``train_graphs``:
+    there are at most ``limit`` of them, or ``limit`` is ``None``. Otherwise, per graph, the ids ``[M_i]``
+    (ascending) of its nodes in a uniform sample of ``limit`` of the present spots of all graphs, seeded with
+    :data:`BANK_SEED`: the same spots at every epoch's bank and in the final one, whatever the model's seed.
+    Costs O(spots) integers, never their expression.
+    """
+    from gnnst.graph.sampler import node_mask
+
+    if limit is None:
+        return None
+    present = [node_mask(g) for g in train_graphs]
+    counts = [g.num_nodes if m is None else int(m.sum()) for g, m in zip(train_graphs, present)]
+    total = sum(counts)
+    if total <= limit:
+        return None
+    pick = np.sort(np.random.default_rng(BANK_SEED).choice(total, size=limit, replace=False))
+    starts = np.cumsum([0] + counts)  # graph i holds the present spots starts[i] .. starts[i + 1] - 1
+    bounds = np.searchsorted(pick, starts)  # pick[bounds[i]:bounds[i + 1]] fall in graph i
+    out = []
+    for i, m in enumerate(present):
+        local = pick[bounds[i]:bounds[i + 1]] - starts[i]
+        out.append(local if m is None else np.flatnonzero(m)[local])
+    return out
+
+
+def bank_expression(train_graphs: Sequence[Data], limit: int | None) -> Tensor:
+    """``y`` ``[M, G]`` of the spots :func:`bank_nodes` puts in the bank, graph by graph in node order (only
+    those rows are read: a file-backed ``y`` is not paged in whole)."""
+    from gnnst.graph.sampler import present_rows
+
+    ids = bank_nodes(train_graphs, limit)
+    if ids is None:
+        return torch.cat([present_rows(g, g.y) for g in train_graphs])
+    return torch.cat([g.y[torch.from_numpy(i)] for g, i in zip(train_graphs, ids)])
+
+
+def bank_centre_masks(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarray] | None:
+    """:func:`bank_nodes` as ``[N]`` bool masks per graph (a sampler's ``centre_masks``); ``None`` = every spot."""
+    ids = bank_nodes(train_graphs, limit)
+    if ids is None:
+        return None
+    masks = []
+    for g, i in zip(train_graphs, ids):
+        m = np.zeros(g.num_nodes, dtype=bool)
+        m[i] = True
+        masks.append(m)
+    return masks
 
 
 def retrieve_topk(query: Tensor, bank_z: Tensor, bank_y: Tensor, k: int, weights: str = "mean",
@@ -101,7 +155,6 @@ class RetrievalOnlyModel(RetrievalBankMixin, ExpressionModel):
                              self.retrieval_weights)
 
     def after_fit(self, train_graphs: Sequence[Data], *, batch_nodes: int) -> None:
-        """The bank: every training spot's expression embedding and expression."""
-        from gnnst.graph.sampler import present_rows
-
-        self.build_retrieval_bank(torch.cat([present_rows(g, g.y) for g in train_graphs]))
+        """The bank: the expression embedding and expression of every training spot, or of a sample of
+        ``model.retrieval_bank_spots`` of them (:func:`bank_nodes`)."""
+        self.build_retrieval_bank(bank_expression(train_graphs, self.cfg.retrieval_bank_spots))

@@ -54,6 +54,25 @@ def carve_validation(graphs: Sequence["Data"], fraction: float, seed: int) -> li
     return masks
 
 
+def scored_validation(masks: Sequence[np.ndarray], limit: int | None, seed: int) -> list[np.ndarray]:
+    """The validation spots that are scored (``train.val_spots``): ``masks`` (``[N]`` bool per slide) as they
+    are while they hold at most ``limit`` spots (or ``limit`` is ``None``), else a uniform sample of ``limit``
+    of their spots over all slides (seeded with ``seed``). The spots left out are still not trained on."""
+    total = sum(int(m.sum()) for m in masks)
+    if limit is None or total <= limit:
+        return [np.asarray(m, dtype=bool) for m in masks]
+    pick = np.zeros(total, dtype=bool)
+    pick[np.random.default_rng([seed, 1]).choice(total, size=limit, replace=False)] = True
+    out, start = [], 0
+    for m in masks:
+        ids = np.flatnonzero(m)
+        s = np.zeros(len(m), dtype=bool)
+        s[ids[pick[start:start + len(ids)]]] = True
+        out.append(s)
+        start += len(ids)
+    return out
+
+
 def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
     """The graph restricted to nodes ``keep`` ``[N]`` bool (edges among them only)."""
     import torch
@@ -134,7 +153,7 @@ class TrainingSet:
             ``x_views`` with ``features.stain_augment``): the slides' graphs with ``node_mask`` marking the
             training spots (:func:`with_node_mask`; shallow copies, so an epoch's views never reach ``val``).
         val: graphs whose ``val_masks`` spots are scored for validation, ``y`` standardised, ``x`` the model's input.
-        val_masks: ``[N]`` bool per ``val`` graph.
+        val_masks: ``[N]`` bool per ``val`` graph: the scored validation spots (at most ``train.val_spots``).
         scaler: the standardisation (training spots only).
         feature_norm: what turns a graph's ``x`` into the model's input (:class:`gnnst.graph.features.FeatureState`).
         inputs: slide id -> :attr:`graphs` with ``x`` the model's input (unscaled ``y``).
@@ -208,7 +227,8 @@ def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slide
     train_full = [inputs[s] for s in train_slides]
     if leaky:
         val_graphs = [_without_views(inputs[s]) for s in test_slides]
-        val_masks = [np.ones(g.num_nodes, dtype=bool) for g in val_graphs]
+        val_masks = scored_validation([np.ones(g.num_nodes, dtype=bool) for g in val_graphs], cfg.train.val_spots,
+                                      cfg.seed)
         scaler = fit_scaler(train_full, targets=targets)
         train = [scaled(g, scaler, targets) for g in train_full]
         val = [scaled(g, scaler, targets) for g in val_graphs]
@@ -226,15 +246,16 @@ def honest_targets(train_full: Sequence["Data"], cfg: "Config", targets: "Target
     (:func:`fit_scaler`), and one standardised ``y`` per slide (:func:`scaled`, held in ``targets``) shared by
     the training part (:func:`with_node_mask`) and the validation graph.
 
-    Returns ``(val_masks, scaler, train, val)``: ``[N]`` bool per slide, the scaler, the training graphs and
-    the validation graphs (without ``x_views``).
+    Returns ``(val_masks, scaler, train, val)``: the scored validation spots, ``[N]`` bool per slide (all of
+    the blocks' spots, or ``train.val_spots`` of them: :func:`scored_validation`), the scaler, the training
+    graphs (without any spot of the blocks) and the validation graphs (without ``x_views``).
     """
-    val_masks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
-    scaler = fit_scaler(train_full, [~m for m in val_masks], targets)
+    blocks = carve_validation(train_full, cfg.train.val_fraction, cfg.seed)
+    scaler = fit_scaler(train_full, [~m for m in blocks], targets)
     full = [scaled(g, scaler, targets) for g in train_full]  # one standardised y per slide, shared by both
     val = [_without_views(g) for g in full]
-    train = [with_node_mask(g, ~m) for g, m in zip(full, val_masks)]
-    return val_masks, scaler, train, val
+    train = [with_node_mask(g, ~m) for g, m in zip(full, blocks)]
+    return scored_validation(blocks, cfg.train.val_spots, cfg.seed), scaler, train, val
 
 
 def _views_tensor(views: np.ndarray, dtype) -> "torch.Tensor":

@@ -68,3 +68,49 @@ def test_every_model_trains_through_the_one_fit(name, make_graph, tmp_path):
     assert (tmp_path / name / "last.pt").is_file() and (tmp_path / name / "best.pt").is_file()
     (p,) = predict_graphs(model, val, batch_nodes=16, num_hops=2, device="cpu")[None]
     assert p.shape == (25, G) and np.isfinite(p).all()
+
+
+def test_bank_nodes_is_a_seeded_uniform_sample_of_the_present_spots(make_graph):
+    from gnnst.models.retrieval import bank_nodes
+    from gnnst.train.prepare import with_node_mask
+
+    a, b = make_graph(30, seed=7), make_graph(20, seed=8)
+    keep = np.arange(20) % 3 != 0  # 13 of b's 20 nodes belong to it
+    graphs = [a, with_node_mask(b, keep)]
+    assert bank_nodes(graphs, None) is None and bank_nodes(graphs, 43) is None  # 30 + 13 spots: all of them
+    ids = bank_nodes(graphs, 12)
+    assert sum(len(i) for i in ids) == 12 and all(np.all(np.diff(i) > 0) for i in ids)
+    assert ids[0].max() < 30 and keep[ids[1]].all()  # only spots that belong to their graph
+    assert all(np.array_equal(x, y) for x, y in zip(ids, bank_nodes(graphs, 12)))  # the same at every call
+    # uniform over all the spots, not per graph: each of the 43 is drawn about 12/43 of the time
+    seen = np.zeros(43)
+    from gnnst.models import retrieval
+
+    for seed in range(400):
+        retrieval.BANK_SEED, old = seed, retrieval.BANK_SEED
+        try:
+            i0, i1 = bank_nodes(graphs, 12)
+        finally:
+            retrieval.BANK_SEED = old
+        seen[i0] += 1
+        seen[30 + np.searchsorted(np.flatnonzero(keep), i1)] += 1
+    assert np.abs(seen / 400 - 12 / 43).max() < 0.12
+
+
+@pytest.mark.parametrize("name", ["gnnst", "bleep", "mclstexp"])
+def test_the_bank_holds_at_most_retrieval_bank_spots(name, make_graph):
+    """model.retrieval_bank_spots caps the bank of every model that has one; below the cap the bank is the
+    same as without one; the capped bank holds the sampled spots' own expression."""
+    from gnnst.models.retrieval import bank_nodes
+
+    graphs = [make_graph(30, seed=7), make_graph(20, seed=8)]
+    banks = {}
+    for limit in (None, 50, 9):
+        torch.manual_seed(0)
+        model = create_model(name, in_dim=D, num_genes=G, **SMALL, retrieval_bank_spots=limit).eval()
+        model.after_fit(graphs, batch_nodes=16)
+        banks[limit] = (model.bank_z.clone(), model.bank_y.clone())
+    assert banks[None][0].shape[0] == 50 and banks[9][0].shape == (9, SMALL["proj_dim"])
+    assert torch.equal(banks[None][0], banks[50][0]) and torch.equal(banks[None][1], banks[50][1])
+    want = torch.cat([g.y[torch.from_numpy(i)] for g, i in zip(graphs, bank_nodes(graphs, 9))])
+    assert torch.equal(torch.sort(banks[9][1], dim=0).values, torch.sort(want, dim=0).values)
