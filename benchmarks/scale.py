@@ -149,12 +149,15 @@ class _GpuMonitor:
         return {"gpu_util_mean": statistics.mean(self.samples), "gpu_util_max": max(self.samples)}
 
 
-def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_batches: int, seed: int = 0) -> dict:
+def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_batches: int, seed: int = 0,
+                 cfg=None, after=None) -> dict:
     """``epochs`` epochs of the default GNNST model over ``graphs`` with ``train.sampler: sampler`` on
     ``device``, through :func:`gnnst.train.trainer.make_loader` and :func:`~gnnst.train.trainer.train_epoch`
     (what ``fit`` runs). An epoch longer than ``max_step_batches`` steps on its first batches only and is
     extrapolated (marked est.): the tiles (host) and, for the device sampler, the halo plan of the WHOLE
-    epoch are timed in full, then the stepped batches' time is scaled to all batches."""
+    epoch are timed in full, then the stepped batches' time is scaled to all batches. ``cfg``: the config
+    (default: the defaults); ``after(model, cfg, device) -> dict``: run once the epochs are done, its
+    figures added."""
     import torch
 
     from gnnst.config import Config
@@ -162,7 +165,7 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
     from gnnst.train.trainer import amp_dtype, default_batch_nodes, make_loader, train_epoch
 
     dev = torch.device(device)
-    cfg = Config()
+    cfg = cfg or Config()
     cfg.train.sampler = sampler
     cfg.train.batch_nodes = cfg.train.batch_nodes or default_batch_nodes(dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
@@ -211,6 +214,8 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
                     "centre_nodes": centres, "spots_per_second": centres / seconds, "loss": loss})
         anon_peak = max(anon_peak, _rss_anon_mb())
     r.update(mon.stop())
+    if after is not None:
+        r.update(after(model, cfg, dev))
     r["epochs"] = log
     r["epoch_seconds_median"] = statistics.median(e["seconds"] for e in log)
     r["spots_per_second_median"] = statistics.median(e["spots_per_second"] for e in log)
@@ -265,8 +270,40 @@ def write_cohort(root: Path, slides: int, spots: int, seed: int = 0) -> None:
         "num_genes": NUM_GENES, "slides": info, "total_nodes": slides * spots}))
 
 
+def validation_pass(train, val, val_masks):
+    """What ``fit`` runs after each epoch, once, timed and with its memory: the retrieval bank of the training
+    spots (``after_fit``) and the prediction of the scored validation spots with its score (as
+    :func:`gnnst.train.trainer.fit`: :func:`~gnnst.train.trainer.validation_loader`, ``predict_graphs`` at those
+    spots only). Returns ``after`` for :func:`train_epochs`."""
+
+    def after(model, cfg, dev) -> dict:
+        import torch
+
+        from gnnst.predictor import predict_graphs
+        from gnnst.train.trainer import validation_loader, validation_score
+
+        _reset_peak()
+        anon0, hwm0 = _rss_anon_mb(), _status_mb("VmHWM")
+        t0 = time.perf_counter()
+        model.eval()
+        model.after_fit(train, batch_nodes=cfg.train.batch_nodes)
+        t_bank = time.perf_counter() - t0
+        val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val, val_masks)]
+        (preds,) = predict_graphs(model, val, batch_nodes=cfg.train.batch_nodes, num_hops=cfg.train.num_hops,
+                                  device=dev, loader=validation_loader(model, val, val_masks, cfg, dev),
+                                  masks=val_masks).values()
+        score = validation_score(val_y, preds)
+        return {"val_pass_seconds": time.perf_counter() - t0, "bank_seconds": t_bank,
+                "bank_spots": int(model.bank_z.shape[0]), "val_spots_scored": sum(int(m.sum()) for m in val_masks),
+                "val_pass_peak_above_mb": _status_mb("VmHWM") - hwm0, "val_pass_anon_growth_mb": _rss_anon_mb() - anon0,
+                "val_score": score, "caps": [cfg.model.retrieval_bank_spots, cfg.train.val_spots]}
+
+    return after
+
+
 def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
-                 threads: int | None, folder: str, seed: int = 0, targets_in: str = "file") -> dict:
+                 threads: int | None, folder: str, seed: int = 0, targets_in: str = "file",
+                 caps: str = "on") -> dict:
     """A HEST-1k-shaped cohort: ``slides`` synthetic slides of ``spots`` spots each, written as a graph folder
     (:func:`write_cohort`) and read back as training reads one: :class:`gnnst.graph.store.GraphDataset`
     (``x`` memory-mapped, float16), the fold's targets made by the library's own path
@@ -274,7 +311,10 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     :class:`~gnnst.graph.targets.TargetFolder`, then :func:`gnnst.train.prepare.honest_targets`: validation
     blocks, scaler, standardised copy), then one epoch over the training parts. The panel choice and the
     feature normalisation of :func:`~gnnst.train.prepare.prepare_training` are not part of it.
-    ``targets_in="memory"``: the same targets held in memory instead (``targets=None``), for comparison."""
+    ``targets_in="memory"``: the same targets held in memory instead (``targets=None``), for comparison.
+    After the epoch, one validation pass as ``fit`` runs it (:func:`validation_pass`); ``caps="off"``: with
+    ``model.retrieval_bank_spots`` and ``train.val_spots`` null (every training spot in the bank, every
+    validation spot scored), for comparison."""
     import torch
 
     from gnnst.config import Config
@@ -293,6 +333,8 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
          "storage": "float16"}
     cfg = Config()
     cfg.graph.storage = "float16"
+    if caps == "off":
+        cfg.model.retrieval_bank_spots, cfg.train.val_spots = None, None
     _reset_peak()
     anon0 = _rss_anon_mb()
     t0 = time.perf_counter()
@@ -300,7 +342,7 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     with TargetFolder() as folder:
         targets = folder if targets_in == "file" else None
         graphs = make_graphs(ds, cfg, ds.panel, targets=targets)
-        _, _, train, _ = honest_targets(list(graphs.values()), cfg, targets)
+        val_masks, _, train, val = honest_targets(list(graphs.values()), cfg, targets)
         r["targets_file_mb"] = folder.bytes / 2**20
         r["targets_in"] = targets_in
     r["targets_seconds"] = time.perf_counter() - t0
@@ -310,7 +352,7 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     r["rss_with_slide_mb"] = _status_mb("VmRSS")
     r["slide_arrays_mb"] = slides * spots * (EMB_DIM * 2 + 2 * NUM_GENES * 2) / 2**20  # x and both y, on disk
     r.update(train_epochs(train, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
-                          seed=seed))
+                          seed=seed, cfg=cfg, after=validation_pass(train, val, val_masks)))
     return r
 
 
@@ -366,6 +408,19 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_validation(results: list[dict]) -> str:
+    """The cohort rows' validation pass (:func:`validation_pass`, what ``fit`` runs after each epoch): the
+    caps, the bank's spots, the validation spots scored, its seconds, and the memory it added."""
+    lines = ["| cohort | caps (bank spots, validation spots) | bank spots | validation spots scored | pass (s) | "
+             "of it the bank (s) | peak RSS above the pass's start (MB) | anonymous RSS added (MB) |", "|---" * 8 + "|"]
+    for r in results:
+        caps = ", ".join("null" if c is None else f"{c:,}" for c in r["caps"])
+        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | {caps} | {r['bank_spots']:,} | "
+                     f"{r['val_spots_scored']:,} | {r['val_pass_seconds']:.1f} | {r['bank_seconds']:.1f} | "
+                     f"{r['val_pass_peak_above_mb']:.0f} | {r['val_pass_anon_growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def format_targets(results: list[dict]) -> str:
     """The cohort rows' target figures: the fold's two ``y`` copies on disk, the seconds to make them, the
     anonymous memory they added and the process's peak RSS while they were made (file pages included), its
@@ -396,6 +451,9 @@ def main(argv=None) -> int:
                                                       "temporary folder, removed afterwards)")
     p.add_argument("--cohort-targets", default="file", choices=["file", "memory"],
                    help="the cohort's fold targets file-backed (the library's way) or held in memory (for comparison)")
+    p.add_argument("--cohort-caps", default="on", choices=["on", "off"],
+                   help="the cohort's validation pass with the retrieval bank and the scored validation spots capped "
+                        "(model.retrieval_bank_spots, train.val_spots: the defaults) or not (for comparison)")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="epochs per size (default: 3 below 100k spots, else 1)")
     p.add_argument("--max-step-batches", type=int, default=400,
@@ -416,7 +474,7 @@ def main(argv=None) -> int:
     if args.child_cohort is not None:
         print(json.dumps(cohort_child(*args.child_cohort, args.sampler, args.device, args.epochs or 1,
                                       args.max_step_batches, args.threads, args.cohort_dir,
-                                      targets_in=args.cohort_targets)), flush=True)
+                                      targets_in=args.cohort_targets, caps=args.cohort_caps)), flush=True)
         return 0
 
     import shutil
@@ -443,7 +501,8 @@ def main(argv=None) -> int:
                 print(f"cohort {args.cohort[0]} x {args.cohort[1]}, sampler {sampler}: ...", flush=True)
                 results.append(run_child(["--child-cohort", *map(str, args.cohort), "--sampler", sampler,
                                           "--cohort-dir", folder, "--epochs", "1", "--cohort-targets",
-                                          args.cohort_targets, *common], f"cohort {sampler}"))
+                                          args.cohort_targets, "--cohort-caps", args.cohort_caps, *common],
+                                         f"cohort {sampler}"))
                 print(format_table(results[-1:]).splitlines()[-1], flush=True)
         finally:
             if args.cohort_dir is None:
@@ -473,6 +532,8 @@ def main(argv=None) -> int:
     text = format_table(results) + "\n\n" + "\n".join(notes)
     if any("targets_file_mb" in r for r in results):
         text += "\n\n" + format_targets([r for r in results if "targets_file_mb" in r])
+    if any("val_pass_seconds" in r for r in results):
+        text += "\n\n" + format_validation([r for r in results if "val_pass_seconds" in r])
     print(machine_info())
     print(text)
     if not args.no_write:

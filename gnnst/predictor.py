@@ -184,7 +184,8 @@ def image_side(graphs: Sequence["Data"]) -> list["Data"]:
 
 
 def predict_graphs(model: "ExpressionModel", graphs: Sequence["Data"], *, batch_nodes: int, num_hops: int,
-                   device, modes: Sequence[str | None] = (None,), loader=None) -> dict:
+                   device, modes: Sequence[str | None] = (None,), loader=None,
+                   masks: Sequence[np.ndarray] | None = None) -> dict:
     """Image-side predictions of one model for each graph, by halo subgraphs (any slide size).
 
     One pass over the mini-batches computes every mode of ``modes`` (``model.predict``'s modes; ``None``
@@ -192,6 +193,9 @@ def predict_graphs(model: "ExpressionModel", graphs: Sequence["Data"], *, batch_
     ``num_hops`` is the configured halo (:func:`halo_hops` drops it for models that read no graph).
     ``loader``: a sampler already made over ``image_side(graphs)`` (unshuffled; e.g. a device-resident
     one, whose predictions are gathered on the device and copied back once).
+    ``masks``: ``[N_s]`` bool per graph, the only nodes predicted (``loader`` must centre its batches on
+    them, as :func:`gnnst.train.trainer.validation_loader` does): the result holds ``[n_s, G]`` per graph,
+    those nodes in node order, and nothing of the size of the slides is allocated.
     """
     import torch
 
@@ -199,18 +203,24 @@ def predict_graphs(model: "ExpressionModel", graphs: Sequence["Data"], *, batch_
 
     model.eval()
     if loader is None:
-        loader = SubgraphLoader(image_side(graphs), batch_nodes=batch_nodes, num_hops=halo_hops(model, num_hops))
+        loader = SubgraphLoader(image_side(graphs), batch_nodes=batch_nodes, num_hops=halo_hops(model, num_hops),
+                                centre_masks=masks)
+    if masks is None:
+        rows, sizes = [np.arange(g.num_nodes) for g in graphs], [g.num_nodes for g in graphs]
+    else:  # node -> its row in the slide's output (only the masked nodes are ever looked up)
+        rows, sizes = [np.cumsum(m) - 1 for m in masks], [int(np.count_nonzero(m)) for m in masks]
     if hasattr(loader, "iter_batches"):  # on the device: one buffer per mode, one copy back
-        n = sum(g.num_nodes for g in graphs)
-        bufs = {m: torch.zeros(n, model.num_genes, device=loader.device) for m in modes}
+        row_of = torch.from_numpy(np.concatenate([r + o for r, o in zip(rows, np.cumsum([0] + sizes[:-1]))]))
+        row_of = row_of.to(loader.device)  # global node -> row of the buffer
+        bufs = {m: torch.zeros(sum(sizes), model.num_genes, device=loader.device) for m in modes}
         with torch.no_grad():
             for b in loader:
                 c = b.center_mask
                 for m in modes:
-                    bufs[m][b.global_node[c]] = model.predict(b, mode=m)[c].float()
-        cuts = np.cumsum([g.num_nodes for g in graphs])[:-1]
+                    bufs[m][row_of[b.global_node[c]]] = model.predict(b, mode=m)[c].float()
+        cuts = np.cumsum(sizes)[:-1]
         return {m: np.split(bufs[m].cpu().numpy(), cuts) for m in modes}
-    outs = {m: [np.zeros((g.num_nodes, model.num_genes), dtype=np.float32) for g in graphs] for m in modes}
+    outs = {m: [np.zeros((n, model.num_genes), dtype=np.float32) for n in sizes] for m in modes}
     with torch.no_grad():
         for b in loader:
             b = b.to(device)
@@ -219,7 +229,7 @@ def predict_graphs(model: "ExpressionModel", graphs: Sequence["Data"], *, batch_
             for m in modes:
                 p = model.predict(b, mode=m)[c].float().cpu().numpy()
                 for s in np.unique(sl):
-                    outs[m][s][nid[sl == s]] = p[sl == s]
+                    outs[m][s][rows[s][nid[sl == s]]] = p[sl == s]
     return outs
 
 

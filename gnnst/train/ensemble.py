@@ -111,10 +111,9 @@ def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: 
               device=device, progress=progress)
     modes = tuple(model.prediction_modes)
     val = predict_graphs(model, ts.val, modes=modes, batch_nodes=tc.batch_nodes or default_batch_nodes(device),
-                         num_hops=tc.num_hops, device=device,
+                         num_hops=tc.num_hops, device=device, masks=ts.val_masks,
                          loader=validation_loader(model, ts.val, ts.val_masks, cfg, device))
-    return (res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes,
-            {m: [p[mk] for p, mk in zip(v, ts.val_masks)] for m, v in val.items()})
+    return res, {k: v.detach().cpu() for k, v in model.state_dict().items()}, modes, val
 
 
 def save_member(path: Path, member: tuple) -> None:

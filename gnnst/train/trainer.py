@@ -240,8 +240,8 @@ def fit(
             model.eval()
             model.after_fit(train_graphs, batch_nodes=batch_nodes)
             (preds,) = predict_graphs(model, val_graphs, batch_nodes=batch_nodes, num_hops=tc.num_hops,
-                                      device=device, loader=val_loader).values()
-            rec["val_pcc"] = validation_score(val_y, [p[m] for p, m in zip(preds, val_masks)])
+                                      device=device, loader=val_loader, masks=val_masks).values()
+            rec["val_pcc"] = validation_score(val_y, preds)
             score = rec["val_pcc"]
         else:
             score = -rec["loss"]

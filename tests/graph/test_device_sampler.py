@@ -99,3 +99,29 @@ def test_fit_with_device_sampler_equals_host_sampler(tmp_path, views):
     assert [e["val_pcc"] for e in h1] == pytest.approx([e["val_pcc"] for e in h2], rel=1e-5, abs=1e-7)
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["host", "device"])
+def test_predictions_at_masked_nodes_only(sampler):
+    """predict_graphs(masks=...) returns [n_s, G] per graph: the masked nodes' rows of the whole slides'
+    predictions, in node order, from either sampler (nothing of the slides' size is allocated)."""
+    from gnnst.config import load_config
+    from gnnst.models import create_model
+    from gnnst.predictor import predict_graphs
+    from gnnst.train.trainer import validation_loader
+
+    graphs = [_slide(150, 0), _slide(90, 1), _slide(40, 2)]
+    rng = np.random.default_rng(0)
+    masks = [rng.random(150) < 0.2, rng.random(90) < 0.5, np.zeros(40, dtype=bool)]
+    cfg = load_config(None, ["train.batch_nodes=32", "model.hidden=16", "model.proj_dim=8", "model.heads=2",
+                             f"train.sampler={sampler}"])
+    torch.manual_seed(0)
+    model = create_model(cfg.model.name, in_dim=8, num_genes=3, cfg=cfg.model).eval()
+    model.after_fit(graphs, batch_nodes=32)
+    kw = dict(batch_nodes=32, num_hops=2, device="cpu", modes=("head", "retrieval"))
+    whole = predict_graphs(model, graphs, **kw)
+    part = predict_graphs(model, graphs, masks=masks, loader=validation_loader(model, graphs, masks, cfg, "cpu"), **kw)
+    for mode in ("head", "retrieval"):
+        assert [p.shape for p in part[mode]] == [(int(m.sum()), 3) for m in masks]
+        for w, p, m in zip(whole[mode], part[mode], masks):
+            np.testing.assert_allclose(p, w[m], rtol=1e-5, atol=1e-6)
