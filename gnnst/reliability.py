@@ -236,15 +236,29 @@ class OODReference:
     method: str
 
     @classmethod
-    def build(cls, features: Sequence[np.ndarray], *, k: int, quantile: float, cap: int, seed: int) -> "OODReference":
-        """From the features ``[N_s, D]`` of each training slide (what the model reads)."""
-        sizes = [len(f) for f in features]
+    def build(cls, features: Sequence, *, k: int, quantile: float, cap: int, seed: int,
+              sizes: Sequence[int] | None = None) -> "OODReference":
+        """From the features ``[N_s, D]`` of each training slide (what the model reads), of which a seeded
+        sample of ``cap`` spots is kept. ``features``: the arrays, or, with ``sizes`` (each slide's ``N_s``),
+        functions returning them: each is called once, one slide at a time, and only its sampled rows are
+        kept, so a cohort's features are never held at once (a slide without a sampled spot is not called)."""
+        sizes = [len(f) for f in features] if sizes is None else [int(n) for n in sizes]
         n = sum(sizes)
         if n < 2:
             raise GnnstError(f"an OOD reference needs at least 2 training spots, got {n}")
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(n, size=min(cap, n), replace=False))
-        allf = np.concatenate([np.asarray(f, dtype=np.float32) for f in features])[idx]
+        starts = np.cumsum([0] + sizes)
+        bounds = np.searchsorted(idx, starts)  # idx[bounds[i]:bounds[i + 1]] are slide i's
+        parts = []
+        for i, f in enumerate(features):
+            rows = idx[bounds[i]:bounds[i + 1]] - starts[i]
+            if len(rows):
+                f = f() if callable(f) else f
+                if len(f) != sizes[i]:
+                    raise GnnstError(f"OOD reference: slide {i} has {len(f)} feature rows, {sizes[i]} were announced")
+                parts.append(np.asarray(f[rows], dtype=np.float32))
+        allf = np.concatenate(parts)
         slides = np.repeat(np.arange(len(features)), sizes)[idx]
         ref = _unit_rows(allf).astype(np.float16)
         loso = len(np.unique(slides)) > 1

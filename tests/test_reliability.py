@@ -47,6 +47,30 @@ def test_ood_reference_cap_seed_and_single_slide():
         one.score(np.zeros((3, 5), np.float32))
 
 
+def test_ood_reference_from_slide_functions_keeps_only_the_sample():
+    """Built from one function per slide (with the slides' sizes), the reference is the one built from the
+    arrays, bit for bit; a slide none of whose spots is sampled is never computed; a wrong size is named."""
+    train = [_clusters(0, n=300), _clusters(1, n=2), _clusters(2, n=200)]
+    calls = []
+
+    def lazy(i):
+        def f():
+            calls.append(i)
+            return train[i]
+        return f
+
+    a = OODReference.build(train, k=3, quantile=0.99, cap=20, seed=1)  # seed 1 samples none of slide 1's 2 spots
+    b = OODReference.build([lazy(i) for i in range(3)], sizes=[300, 2, 200], k=3, quantile=0.99, cap=20, seed=1)
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.slides, b.slides)
+    assert (a.threshold, a.norm, a.n_train) == (b.threshold, b.norm, b.n_train)
+    assert sorted(calls) == sorted(set(b.slides.tolist())) and 1 not in calls  # each sampled slide once
+    full = OODReference.build([lazy(i) for i in range(3)], sizes=[300, 2, 200], k=5, quantile=0.99, cap=1000, seed=0)
+    np.testing.assert_array_equal(full.features, OODReference.build(train, k=5, quantile=0.99, cap=1000, seed=0).features)
+    with pytest.raises(GnnstError, match="slide 0 has 300 feature rows, 301 were announced"):
+        OODReference.build([lazy(0)], sizes=[301], k=5, quantile=0.99, cap=1000, seed=0)
+
+
 def test_knn_distance_by_hand():
     ref = np.array([[1, 0], [0, 1], [-1, 0]], np.float32)  # unit rows
     q = np.array([[1, 0]], np.float32)

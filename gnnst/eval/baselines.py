@@ -19,7 +19,7 @@ the validation blocks, scored on them), comparable with the model's ``val_pcc_en
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -34,11 +34,9 @@ if TYPE_CHECKING:
 LABELS = {"mean": "mean of training spots", "ridge": "ridge", "ridge_neighbours": "ridge + neighbour mean"}
 
 
-def ridge_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: dict[str, np.ndarray], seed: int) -> dict:
-    """PCA to 256 then ridge (strength by GCV on the training spots); predictions ``[N_s, G]`` per test slide.
-
-    Shapes: x_train ``[N, F]``, y_train ``[N, G]``, x_test slide -> ``[N_s, F]``.
-    """
+def ridge_fit(x_train: np.ndarray, y_train: np.ndarray, seed: int):
+    """PCA to 256 then ridge (strength by GCV on the training spots), fitted on ``x_train`` ``[N, F]``,
+    ``y_train`` ``[N, G]``; returns the predictor ``x [n, F] -> [n, G]`` float32."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
@@ -47,7 +45,14 @@ def ridge_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: dict[str, n
     pca = PCA(n_components=min(256, x_train.shape[0] - 1, x_train.shape[1]), random_state=seed)
     z = pca.fit_transform(sc.transform(x_train))
     ridge = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(z, y_train)
-    return {s: ridge.predict(pca.transform(sc.transform(x))).astype(np.float32) for s, x in x_test.items()}
+    return lambda x: ridge.predict(pca.transform(sc.transform(x))).astype(np.float32)
+
+
+def ridge_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: dict[str, np.ndarray], seed: int) -> dict:
+    """:func:`ridge_fit`'s predictions ``[N_s, G]`` per test slide. Shapes: x_train ``[N, F]``, y_train
+    ``[N, G]``, x_test slide -> ``[N_s, F]``."""
+    predict = ridge_fit(x_train, y_train, seed)
+    return {s: predict(x) for s, x in x_test.items()}
 
 
 def neighbour_mean(x: np.ndarray, edge_index: np.ndarray) -> np.ndarray:
@@ -83,37 +88,85 @@ def _features(name: str, g: "Data", *, views: bool) -> np.ndarray:
     raise GnnstError(f"config key 'eval.baselines': unknown baseline {name!r} (known: {', '.join(LABELS)})")
 
 
-def _fit_predict(name: str, train: Sequence["Data"], y_train: Sequence[np.ndarray], test: dict, seed: int) -> dict:
-    """Baseline ``name`` fitted on ``train`` graphs (``x`` the model's input, ``x_views`` used as extra
-    rows) with targets ``y_train`` (``[N_i, G]`` each); ``{slide: [N_s, G]}`` for the ``test`` graphs."""
+def training_rows(sizes: Sequence[int], limit: int | None, seed: int) -> list[np.ndarray] | None:
+    """The baselines' training rows (``eval.baseline_spots``): ``None`` = all, when the graphs' ``sizes``
+    (rows each) add up to at most ``limit`` (or ``limit`` is ``None``); else, per graph, the row ids
+    (ascending) of a uniform sample of ``limit`` rows of all graphs, seeded with ``seed``."""
+    total = sum(sizes)
+    if limit is None or total <= limit:
+        return None
+    pick = np.sort(np.random.default_rng([seed, 2]).choice(total, size=limit, replace=False))
+    starts = np.cumsum([0, *sizes])
+    bounds = np.searchsorted(pick, starts)
+    return [pick[bounds[i]:bounds[i + 1]] - starts[i] for i in range(len(sizes))]
+
+
+def _trained_part(g: "Data", y: np.ndarray) -> tuple["Data", np.ndarray]:
+    """``g`` and its targets ``y`` ``[N, G]`` as the model trains on them: the nodes of its ``node_mask`` (a
+    training part, validation blocks removed) with the edges among them (:func:`node_subgraph`)."""
+    from gnnst.graph.sampler import node_mask
+    from gnnst.train.prepare import node_subgraph
+
+    m = node_mask(g)
+    return (g, y) if m is None else (node_subgraph(g, m), y[m])
+
+
+def _fit_predict(name: str, train: Sequence["Data"], targets: Callable[["Data"], np.ndarray], test: dict, seed: int,
+                 limit: int | None = None) -> dict:
+    """Baseline ``name`` fitted on the ``train`` graphs' spots (those of their ``node_mask``: a training
+    part's, with the edges among them; ``x`` the model's input, ``x_views`` as extra rows), with the targets
+    ``targets(graph)`` (``[N_i, G]``, all its nodes), on at most ``limit`` rows (:func:`training_rows`); each graph
+    is read on its own, so only the kept rows of a cohort are held. ``test``: ``{key: (graph, mask)}``,
+    ``mask`` ``[N]`` bool or ``None``; returns ``{key: [n, G]}`` at the masked nodes (all nodes without a mask),
+    each test graph's features made on their own."""
+    from gnnst.graph.sampler import node_mask
+
     views = [getattr(g, keys.DATA_X_VIEWS, None) for g in train]
-    y_tr = np.concatenate([np.tile(np.asarray(y, dtype=np.float32), (1 if v is None else len(v), 1))
-                           for y, v in zip(y_train, views)])
+    present = [node_mask(g) for g in train]
+    sizes = [(1 if v is None else len(v)) * (g.num_nodes if m is None else int(m.sum()))
+             for g, v, m in zip(train, views, present)]
+    rows = training_rows(sizes, limit, seed)
+    xs, ys = [], []
+    for i, (g, v) in enumerate(zip(train, views)):
+        g, y = _trained_part(g, np.asarray(targets(g), dtype=np.float32))
+        keep = slice(None) if rows is None else rows[i]
+        ys.append(np.tile(y, (1 if v is None else len(v), 1))[keep])
+        if name != "mean":
+            xs.append(_features(name, g, views=True)[keep])
+    y_tr = np.concatenate(ys)
     if name == "mean":
         mu = y_tr.mean(0, dtype=np.float64).astype(np.float32)
-        return {s: np.tile(mu, (g.num_nodes, 1)) for s, g in test.items()}
-    x_tr = np.concatenate([_features(name, g, views=True) for g in train])
-    return ridge_baseline(x_tr, y_tr, {s: _features(name, g, views=False) for s, g in test.items()}, seed)
+        return {s: np.tile(mu, (g.num_nodes if m is None else int(m.sum()), 1)) for s, (g, m) in test.items()}
+    predict = ridge_fit(np.concatenate(xs), y_tr, seed)
+    del xs
+    out = {}
+    for s, (g, m) in test.items():
+        x = _features(name, g, views=False)
+        out[s] = predict(x if m is None else x[m])
+    return out
 
 
-def fit_baseline(name: str, ts: "TrainingSet", test_slides: Sequence[str], seed: int) -> dict[str, np.ndarray]:
-    """Baseline ``name`` fitted on the training slides of ``ts`` (their model inputs, augmented views as
-    extra rows); ``{slide: [N_s, G]}`` normalised expression predicted for ``test_slides`` from their
-    model inputs (the fold's :class:`~gnnst.graph.features.FeatureState` applied, as for the model)."""
+def fit_baseline(name: str, ts: "TrainingSet", test_slides: Sequence[str], seed: int,
+                 limit: int | None = None) -> dict[str, np.ndarray]:
+    """Baseline ``name`` fitted on the training slides of ``ts`` (every spot, validation blocks included; their
+    model inputs, augmented views as extra rows; at most ``limit`` rows, ``eval.baseline_spots``);
+    ``{slide: [N_s, G]}`` normalised expression predicted for ``test_slides`` from their model inputs (the
+    fold's :class:`~gnnst.graph.features.FeatureState` applied, as for the model)."""
     train = ts.train_full
-    return _fit_predict(name, train, [g.y.numpy() for g in train], {s: ts.inputs[s] for s in test_slides}, seed)
+    return _fit_predict(name, train, lambda g: g.y.numpy(), {s: (ts.inputs[s], None) for s in test_slides}, seed,
+                        limit)
 
 
-def baseline_validation_score(name: str, ts: "TrainingSet", seed: int) -> float | None:
-    """The inner validation score of baseline ``name``: fitted on the training parts of ``ts`` (validation
-    blocks removed, as the model trains), scored on the validation blocks of the training slides with the
-    score that selects the model's epoch (:func:`gnnst.train.trainer.validation_score`); ``None`` for the
-    constant ``mean`` or without validation spots. Uses the training slides only."""
+def baseline_validation_score(name: str, ts: "TrainingSet", seed: int, limit: int | None = None) -> float | None:
+    """The inner validation score of baseline ``name``: fitted on the training parts of ``ts`` (the spots of
+    their ``node_mask``: validation blocks removed, as the model trains; at most ``limit`` rows), scored on the
+    scored validation spots of the training slides (``ts.val_masks``) with the score that selects the model's
+    epoch (:func:`gnnst.train.trainer.validation_score`); ``None`` for the constant ``mean`` or without
+    validation spots. Uses the training slides only."""
     from gnnst.train.trainer import validation_score
 
     if name == "mean" or sum(int(m.sum()) for m in ts.val_masks) < 2:
         return None
-    y_train = [ts.scaler.inverse(g.y.numpy().astype(np.float32)) for g in ts.train]
-    pred = _fit_predict(name, ts.train, y_train, {i: g for i, g in enumerate(ts.val)}, seed)
-    return validation_score([g.y.numpy()[m] for g, m in zip(ts.val, ts.val_masks)],
-                            [pred[i][m] for i, m in enumerate(ts.val_masks)])
+    pred = _fit_predict(name, ts.train, lambda g: ts.scaler.inverse(g.y.numpy().astype(np.float32)),
+                        {i: (g, m) for i, (g, m) in enumerate(zip(ts.val, ts.val_masks))}, seed, limit)
+    return validation_score([g.y.numpy()[m] for g, m in zip(ts.val, ts.val_masks)], [pred[i] for i in range(len(ts.val))])

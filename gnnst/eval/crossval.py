@@ -277,9 +277,10 @@ def run_fold(cfg: "Config", source, fold: "Fold", fdir: Path, *, ms: "MetricSet"
     for b in methods:
         if b != MODEL:
             t0 = time.perf_counter()
-            preds[b] = fit_baseline(b, ts, fold.test_slides, cfg.seed)
+            preds[b] = fit_baseline(b, ts, fold.test_slides, cfg.seed, cfg.eval.baseline_spots)
             seconds[b] = time.perf_counter() - t0
-            val_scores[b] = baseline_validation_score(b, ts, cfg.seed)  # inner validation, training slides only
+            # inner validation, training slides only
+            val_scores[b] = baseline_validation_score(b, ts, cfg.seed, cfg.eval.baseline_spots)
     fps = {m: FoldPredictions(fold.name, list(ts.panel.genes), subsets, y_test, preds[m], fold.patient_disjoint)
            for m in methods}
     if MODEL in methods:

@@ -6,6 +6,7 @@ reference of the training slides' features for out-of-distribution scores."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,7 +201,9 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
                       feature_norm=ts.feature_norm)
     tm.calibration = fit_calibration(val_members, val_y, modes, alpha, cfg.reliability.interval_level)
     rc = cfg.reliability
-    tm.ood_reference = OODReference.build([tm.features(ts.graphs[s]) for s in ts.train_slides], k=rc.ood_k,
+    train_graphs = [ts.graphs[s] for s in ts.train_slides]  # their features one slide at a time: only the sample kept
+    tm.ood_reference = OODReference.build([functools.partial(tm.features, g) for g in train_graphs],
+                                          sizes=[g.num_nodes for g in train_graphs], k=rc.ood_k,
                                           quantile=rc.ood_quantile, cap=rc.ood_reference, seed=cfg.seed)
     log.info("reliability: spread scale %s on %s validation values; OOD reference of %d of %d training spots "
              "(%.1f MB), threshold %.3f", "none (one member)" if tm.calibration is None else
