@@ -305,17 +305,19 @@ def _family_val(rows: dict, family: str) -> float:
 
 
 def run_shift(cache_dir: str | None, only_folds: list[str] | None, overrides: list[str], jobs: int, workdir: Path,
-              budget_min: float | None) -> dict:
+              budget_min: float | None, families: list[str] | None = None) -> dict:
     """The shift suite: every (family, setting) of :data:`SHIFT`, then per family the combination of the
-    corrections whose inner validation beat ``none`` (run only when that is two or more of them)."""
+    corrections whose inner validation beat ``none`` (run only when that is two or more of them).
+    ``families``: only these of :data:`SHIFT_FAMILIES` (default all)."""
     t_all = time.perf_counter()
     _start(cache_dir, overrides, jobs)
-    specs = {shift_run(fam, st): shift_spec(fam, shift_features(st)) for fam in SHIFT_FAMILIES for st in SHIFT}
+    families = list(families or SHIFT_FAMILIES)
+    specs = {shift_run(fam, st): shift_spec(fam, shift_features(st)) for fam in families for st in SHIFT}
     # fold by fold, gnnst first: a run cut short by the budget compares every row on the same folds
     metrics, folds, n_reused, n_computed = run_tasks(specs, only_folds, jobs, workdir, t_all, budget_min,
                                                      fold_major=list(specs))
     partial = {}  # family -> the folds every one of its runs finished, when some run is unfinished
-    for fam in SHIFT_FAMILIES:
+    for fam in families:
         runs = [shift_run(fam, st) for st in SHIFT]
         if all(r in metrics for r in runs):
             continue
@@ -323,10 +325,10 @@ def run_shift(cache_dir: str | None, only_folds: list[str] | None, overrides: li
         if common:  # every setting of the family summarised on the same folds, reported as partial
             partial[fam] = common
             metrics.update({r: _run(r, specs[r], workdir, common, tasks=False) for r in runs})
-    rows = {(fam, st): shift_rows(fam, st, metrics[shift_run(fam, st)]) for fam in SHIFT_FAMILIES for st in SHIFT
+    rows = {(fam, st): shift_rows(fam, st, metrics[shift_run(fam, st)]) for fam in families for st in SHIFT
             if shift_run(fam, st) in metrics}
     combos = {}
-    for fam in SHIFT_FAMILIES:
+    for fam in families:
         if fam in partial or not all((fam, st) in rows for st in SHIFT):
             continue
         ref = _family_val(rows[(fam, "none")], fam)
@@ -338,7 +340,7 @@ def run_shift(cache_dir: str | None, only_folds: list[str] | None, overrides: li
             n_computed += c2
             if m2:
                 rows[(fam, "best")] = shift_rows(fam, "best", m2[shift_run(fam, "best")])
-    unfinished = [shift_run(fam, st) for fam in SHIFT_FAMILIES for st in SHIFT
+    unfinished = [shift_run(fam, st) for fam in families for st in SHIFT
                   if (fam, st) not in rows or fam in partial]
     return {"rows": {f"{fam}_{st}_{k}": v for (fam, st), rr in rows.items() for k, v in rr.items()},
             "combinations": combos, "unfinished": unfinished, "partial": partial,
@@ -521,6 +523,8 @@ def main(argv=None) -> int:
                    help="main: the accuracy table; shift: the slide-shift rows (issue 15), their own section")
     p.add_argument("--cache-dir", default=None, help="embedding cache (data.cache_dir); a warm one saves encoding")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--families", nargs="+", default=list(SHIFT_FAMILIES), choices=list(SHIFT_FAMILIES),
+                   help="--suite shift: only these families' rows (a partial run: RESULTS.md is not updated)")
     p.add_argument("--only-folds", "--folds", dest="folds", nargs="+", default=None,
                    help="only these folds (names or test slide ids); default all")
     p.add_argument("--jobs", type=int, default=1, help="tasks run at once, in worker processes sharing the cores")
@@ -542,7 +546,7 @@ def main(argv=None) -> int:
 
         shutil.rmtree(workdir)
     if shift:
-        r = run_shift(args.cache_dir, args.folds, args.overrides, args.jobs, workdir, args.budget_min)
+        r = run_shift(args.cache_dir, args.folds, args.overrides, args.jobs, workdir, args.budget_min, args.families)
     else:
         r = run(args.cache_dir, args.methods, args.folds, args.overrides, args.jobs, workdir, args.budget_min)
     r["loadavg_before"], r["loadavg_after"] = load_before, os.getloadavg()
@@ -554,7 +558,8 @@ def main(argv=None) -> int:
         text += f"\n- Note: {args.note}"
     print(machine_info())
     print(text)
-    partial = args.folds or args.overrides or (args.methods != list(METHODS) and not shift) or r["unfinished"]
+    partial = args.folds or args.overrides or (args.methods != list(METHODS) and not shift) or r["unfinished"] or (
+        shift and args.families != list(SHIFT_FAMILIES))
     key, title = ("accuracy_shift", "Slide-to-slide shift on her2st-6 (`benchmarks/accuracy.py --suite shift`)") \
         if shift else ("accuracy", "Accuracy on her2st-6 (`benchmarks/accuracy.py`)")
     if not args.no_write and not partial:
