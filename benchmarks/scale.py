@@ -325,6 +325,24 @@ def validation_pass(train, val, val_masks):
     return after
 
 
+def panel_choice(root: Path, cfg) -> dict:
+    """The fold's panel chosen on the whole cohort as :func:`gnnst.train.prepare.prepare_training` chooses it
+    (:func:`gnnst.data.expression.select_panel` with one reading function per slide of the graph folder):
+    seconds, peak anonymous memory above its start, genes chosen."""
+    import functools
+
+    from gnnst.data.expression import select_panel
+    from gnnst.graph.store import GraphDataset
+
+    ds = GraphDataset(root)
+    anon0 = _rss_anon_mb()
+    peak = _AnonPeak()
+    t0 = time.perf_counter()
+    panel = select_panel([functools.partial(ds.slide_counts, s) for s in ds.slide_ids], cfg.expression)
+    return {"panel_seconds": time.perf_counter() - t0, "panel_anon_peak_above_mb": peak.stop() - anon0,
+            "panel_genes": len(panel.genes), "panel_spots": cfg.expression.panel_spots}
+
+
 def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
                  threads: int | None, folder: str, seed: int = 0, targets_in: str = "file",
                  caps: str = "on") -> dict:
@@ -333,12 +351,13 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     (``x`` memory-mapped, float16), the fold's targets made by the library's own path
     (:func:`gnnst.graph.dataset.make_graphs` from the stored counts into a
     :class:`~gnnst.graph.targets.TargetFolder`, then :func:`gnnst.train.prepare.honest_targets`: validation
-    blocks, scaler, standardised copy), then one epoch over the training parts. The panel choice and the
-    feature normalisation of :func:`~gnnst.train.prepare.prepare_training` are not part of it.
+    blocks, scaler, standardised copy), then one epoch over the training parts. Before them, the panel is
+    chosen on the whole cohort as a fold chooses it (:func:`panel_choice`); the feature normalisation of
+    :func:`~gnnst.train.prepare.prepare_training` is not part of it.
     ``targets_in="memory"``: the same targets held in memory instead (``targets=None``), for comparison.
     After the epoch, one validation pass as ``fit`` runs it (:func:`validation_pass`); ``caps="off"``: with
-    ``model.retrieval_bank_spots`` and ``train.val_spots`` null (every training spot in the bank, every
-    validation spot scored), for comparison."""
+    ``expression.panel_spots``, ``model.retrieval_bank_spots`` and ``train.val_spots`` null (every spot at
+    once for the panel, every training spot in the bank, every validation spot scored), for comparison."""
     import torch
 
     from gnnst.config import Config
@@ -358,7 +377,8 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     cfg = Config()
     cfg.graph.storage = "float16"
     if caps == "off":
-        cfg.model.retrieval_bank_spots, cfg.train.val_spots = None, None
+        cfg.model.retrieval_bank_spots, cfg.train.val_spots, cfg.expression.panel_spots = None, None, None
+    r.update(panel_choice(root, cfg))
     _reset_peak()
     anon0 = _rss_anon_mb()
     t0 = time.perf_counter()
@@ -437,12 +457,14 @@ def format_validation(results: list[dict]) -> str:
     caps, the bank's spots, the validation spots scored, its seconds, and the memory it added: the peak RSS
     (file pages included: the graph files' and targets' pages the pass touched, page cache), the peak of the
     anonymous memory, and the anonymous memory still held at its end (the bank, the loader's index)."""
-    lines = ["| cohort | caps (bank spots, validation spots) | bank spots | validation spots scored | pass (s) | "
+    lines = ["| cohort | caps (panel, bank, validation spots) | panel chosen in (s) | panel: peak anonymous RSS above "
+             "its start (MB) | bank spots | validation spots scored | pass (s) | "
              "of it the bank (s) | peak RSS above the pass's start (MB) | peak anonymous RSS above it (MB) | "
-             "anonymous RSS added (MB) |", "|---" * 9 + "|"]
+             "anonymous RSS added (MB) |", "|---" * 11 + "|"]
     for r in results:
-        caps = ", ".join("null" if c is None else f"{c:,}" for c in r["caps"])
-        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | {caps} | {r['bank_spots']:,} | "
+        caps = ", ".join("null" if c is None else f"{c:,}" for c in [r["panel_spots"], *r["caps"]])
+        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | {caps} | {r['panel_seconds']:.1f} | "
+                     f"{r['panel_anon_peak_above_mb']:.0f} | {r['bank_spots']:,} | "
                      f"{r['val_spots_scored']:,} | {r['val_pass_seconds']:.1f} | {r['bank_seconds']:.1f} | "
                      f"{r['val_pass_peak_above_mb']:.0f} | {r['val_pass_anon_peak_above_mb']:.0f} | "
                      f"{r['val_pass_anon_growth_mb']:.0f} |")

@@ -150,6 +150,11 @@ class ExpressionConfig(_Section):
     # build-graphs stores the raw counts of every gene detected in at least this fraction of the spots of
     # some slide: the candidates among which each fold chooses its panel (needs min_spot_fraction >= it)
     candidate_fraction: float = num(0.01, ge=0, le=1)
+    # a panel chosen on more training spots than this reads the slides one at a time: detection and mean
+    # expression over every spot, the highly-variable ranking on a seeded sample of about this many spots
+    # (each slide in proportion, at least 10 of each); at most this many, every spot at once, as a dense
+    # spots x candidate genes float32 matrix (gnnst.data.expression.select_panel); null = always every spot
+    panel_spots: int | None = num(50000, ge=2)
 
     def check(self) -> None:
         if self.min_spot_fraction < self.candidate_fraction:

@@ -4,7 +4,7 @@ normalisation, and gene panels chosen from the given slides only."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -148,7 +148,11 @@ class GenePanel:
         return list({"heg": self.heg, "hvg": self.hvg}[kind][:n])
 
 
-def select_panel(slides: Sequence[SlideCounts], cfg: "ExpressionConfig") -> GenePanel:
+PANEL_SEED = 0  # the spots of the highly-variable ranking when expression.panel_spots binds
+PANEL_MIN_SPOTS = 10  # ... at least this many of each slide (each slide is a batch of the ranking)
+
+
+def select_panel(slides: Sequence["SlideCounts | Callable[[], SlideCounts]"], cfg: "ExpressionConfig") -> GenePanel:
     """Choose the gene panel from ``slides`` (the training slides) only.
 
     Genes must be present in every slide and detected (count > 0) in at least
@@ -156,38 +160,51 @@ def select_panel(slides: Sequence[SlideCounts], cfg: "ExpressionConfig") -> Gene
     the highest mean normalised expression and the ``n_top_variable`` most variable genes (scanpy's
     ``highly_variable_genes``, seurat flavour, on the normalised log data, batch-aware across slides).
 
-    Memory: a dense ``[spots of the slides, genes detected somewhere]`` float32 matrix while it runs.
+    ``slides``: the slides' counts, or functions returning them (read when needed, one at a time).
+    Memory: up to ``cfg.panel_spots`` spots in all, a dense ``[spots, genes present in every slide]`` float32
+    matrix of them all; above it (a cohort), one slide's at a time plus a seeded sample of about
+    ``cfg.panel_spots`` spots for the highly-variable ranking (each slide in proportion, at least
+    :data:`PANEL_MIN_SPOTS` of it), detection and mean expression counted over every spot.
     """
+    if not slides:
+        raise GnnstError("cannot choose a gene panel from zero slides")
+    get = lambda s: s() if callable(s) else s  # noqa: E731
+    if cfg.panel_spots is None:
+        return _select_panel_dense([get(s) for s in slides], cfg)
+    heads = []  # each slide's id, genes and spots, one slide read at a time
+    for s in slides:
+        c = get(s)
+        heads.append((c.slide_id, c.genes, c.n_obs))
+        del c
+    if sum(n for *_, n in heads) <= cfg.panel_spots:
+        return _select_panel_dense([get(s) for s in slides], cfg)
+    return _select_panel_streaming(slides, heads, cfg)
+
+
+def _common_genes(ids: list[str], names: Sequence[Sequence[str]]):
+    """The genes every slide measures, in the first slide's order."""
+    import pandas as pd
+
+    common = pd.Index(names[0])
+    for n in names[1:]:
+        common = common.intersection(pd.Index(n), sort=False)
+    if len(common) == 0:
+        raise GnnstError(f"slides {ids} share no gene names")
+    return common
+
+
+def _rank_panel(genes: np.ndarray, mean: np.ndarray, X: np.ndarray, slide_of_spot: list[str], n_slides: int,
+                cfg: "ExpressionConfig", ids: list[str]) -> GenePanel:
+    """The panel from the kept genes' mean expression ``[G]`` (HEG) and the rows ``X`` ``[n, G]`` the
+    highly-variable ranking is computed on (their slides ``slide_of_spot``)."""
     import anndata as ad
     import pandas as pd
     import scanpy as sc
 
-    if not slides:
-        raise GnnstError("cannot choose a gene panel from zero slides")
-    ids = [s.slide_id for s in slides]
-    common = pd.Index(slides[0].genes)
-    for s in slides[1:]:
-        common = common.intersection(pd.Index(s.genes), sort=False)
-    if len(common) == 0:
-        raise GnnstError(f"slides {ids} share no gene names")
-    X, detected, slide_of_spot = [], [], []
-    for s in slides:
-        cols = s.columns(list(common))
-        X.append(s.normalised(cols, cfg))  # normalised over all the slide's genes, as at training
-        detected.append(np.asarray((s.counts[:, cols] > 0).sum(0)).ravel())
-        slide_of_spot += [s.slide_id] * s.n_obs
-    X = np.concatenate(X)  # [N_all, G_common]
-    detected = np.sum(detected, axis=0) / len(X)
-    keep = detected >= cfg.min_spot_fraction
-    if keep.sum() == 0:
-        raise GnnstError(f"no gene is detected in {cfg.min_spot_fraction:.0%} of spots of slides {ids}")
-    genes = np.asarray(common)[keep]
-    X = X[:, keep]
-    mean = X.mean(0)
     heg_order = [str(g) for g in genes[np.argsort(-mean, kind="stable")]]
     hv = ad.AnnData(X=X, obs=pd.DataFrame({"slide_id": slide_of_spot}, index=[str(i) for i in range(len(X))]),
                     var=pd.DataFrame(index=genes))
-    batch_key = "slide_id" if len(slides) > 1 else None
+    batch_key = "slide_id" if n_slides > 1 else None
     sc.pp.highly_variable_genes(hv, flavor="seurat", n_top_genes=min(cfg.n_top_variable, hv.n_vars),
                                 batch_key=batch_key)
     disp = np.nan_to_num(hv.var["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
@@ -198,6 +215,57 @@ def select_panel(slides: Sequence[SlideCounts], cfg: "ExpressionConfig") -> Gene
     hvg = hvg_order[: cfg.n_top_variable]
     panel = heg + [g for g in hvg if g not in set(heg)]
     return GenePanel(genes=panel, heg=heg, hvg=hvg, source_slides=ids)
+
+
+def _select_panel_dense(slides: Sequence[SlideCounts], cfg: "ExpressionConfig") -> GenePanel:
+    """:func:`select_panel` on every spot at once."""
+    ids = [s.slide_id for s in slides]
+    common = _common_genes(ids, [s.genes for s in slides])
+    X, detected, slide_of_spot = [], [], []
+    for s in slides:
+        cols = s.columns(list(common))
+        X.append(s.normalised(cols, cfg))  # normalised over all the slide's genes, as at training
+        detected.append(np.asarray((s.counts[:, cols] > 0).sum(0)).ravel())
+        slide_of_spot += [s.slide_id] * s.n_obs
+    X = np.concatenate(X)  # [N_all, G_common]
+    detected = np.sum(detected, axis=0) / len(X)
+    keep = _detected_enough(detected, cfg, ids)
+    X = X[:, keep]
+    return _rank_panel(np.asarray(common)[keep], X.mean(0), X, slide_of_spot, len(slides), cfg, ids)
+
+
+def _detected_enough(detected: np.ndarray, cfg: "ExpressionConfig", ids: list[str]) -> np.ndarray:
+    keep = detected >= cfg.min_spot_fraction
+    if keep.sum() == 0:
+        raise GnnstError(f"no gene is detected in {cfg.min_spot_fraction:.0%} of spots of slides {ids}")
+    return keep
+
+
+def _select_panel_streaming(slides: Sequence, heads: list[tuple[str, list[str], int]], cfg: "ExpressionConfig"
+                            ) -> GenePanel:
+    """:func:`select_panel` one slide at a time (``heads``: each slide's id, genes and spots): detection and
+    mean expression (float64 sums) over every spot, the highly-variable ranking on a sample."""
+    ids = [h[0] for h in heads]
+    common = _common_genes(ids, [h[1] for h in heads])
+    sizes = np.array([h[2] for h in heads])
+    total = int(sizes.sum())
+    share = np.minimum(sizes, np.maximum(PANEL_MIN_SPOTS, np.round(cfg.panel_spots * sizes / total).astype(int)))
+    rng = np.random.default_rng(PANEL_SEED)
+    detected = np.zeros(len(common), dtype=np.int64)
+    sums = np.zeros(len(common), dtype=np.float64)
+    sample, slide_of_spot = [], []
+    for s, k in zip(slides, share):
+        c = s() if callable(s) else s
+        cols = c.columns(list(common))
+        x = c.normalised(cols, cfg)  # [n_s, G_common], one slide
+        detected += np.asarray((c.counts[:, cols] > 0).sum(0)).ravel()
+        sums += x.sum(0, dtype=np.float64)
+        sample.append(x[np.sort(rng.choice(c.n_obs, size=int(k), replace=False))])
+        slide_of_spot += [c.slide_id] * int(k)
+        del c, x
+    keep = _detected_enough(detected / total, cfg, ids)
+    X = np.concatenate(sample)[:, keep]
+    return _rank_panel(np.asarray(common)[keep], (sums / total)[keep], X, slide_of_spot, len(heads), cfg, ids)
 
 
 def panel_expression(slide: SlideCounts, panel: GenePanel, cfg: "ExpressionConfig", *, file: str = "") -> np.ndarray:

@@ -12,6 +12,7 @@ and the held-out slides are the validation set.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -203,7 +204,7 @@ def prepare_training(cfg: "Config", source, train_slides: Sequence[str], test_sl
     leaky = select_on_heldout and bool(test_slides)
     panel_slides = train_slides + test_slides if leaky else train_slides
     with source.timer("panel"):
-        panel = select_panel([source.slide_counts(s) for s in panel_slides], cfg.expression)
+        panel = select_panel([functools.partial(source.slide_counts, s) for s in panel_slides], cfg.expression)
     ff = fold_features(cfg, source, train_slides, train_slides + test_slides)  # the slides' images only
     with TargetFolder() as targets:  # y and its standardised copy file-backed: not in RAM per cohort
         graphs = make_graphs(source, cfg, panel, train_slides + test_slides, targets=targets,
