@@ -315,9 +315,9 @@ class EvalConfig(_Section):
     baselines: list[typing.Literal["mean", "ridge", "ridge_neighbours"]] = field(
         default_factory=lambda: ["ridge", "ridge_neighbours"])
     # most training rows a baseline is fitted on (spots, x views with features.stain_augment): all of them
-    # while they are at most this many, else a seeded uniform sample of this many (gnnst.eval.baselines.
-    # training_rows); bounds the baselines' memory at cohort scale (ridge_neighbours: this many x 2 x the
-    # embedding width x 4 bytes, 512 MB at 50,000 x 1280); null = every row
+    # while they are at most this many, else a seeded uniform sample of this many (gnnst.sampling); bounds
+    # the baselines' memory at cohort scale (ridge_neighbours: this many x 2 x the embedding width x 4
+    # bytes, 512 MB at 50,000 x 1280); null = every row
     baseline_spots: int | None = num(50000, ge=2)
     figures: bool = True  # write PNG figures (maps, per-gene PCC, Moran's I) into OUT/figures after training
     # after the folds, train the same way on every slide (panel, normalisation and validation blocks from

@@ -34,6 +34,7 @@ import numpy as np
 
 from gnnst import keys
 from gnnst.errors import GnnstError
+from gnnst.sampling import sample_parts
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -246,23 +247,19 @@ class OODReference:
         n = sum(sizes)
         if n < 2:
             raise GnnstError(f"an OOD reference needs at least 2 training spots, got {n}")
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(n, size=min(cap, n), replace=False))
-        starts = np.cumsum([0] + sizes)
-        bounds = np.searchsorted(idx, starts)  # idx[bounds[i]:bounds[i + 1]] are slide i's
+        picks = sample_parts(sizes, cap, seed) or [np.arange(k) for k in sizes]
         parts = []
-        for i, f in enumerate(features):
-            rows = idx[bounds[i]:bounds[i + 1]] - starts[i]
+        for i, (f, rows) in enumerate(zip(features, picks)):
             if len(rows):
                 f = f() if callable(f) else f
                 if len(f) != sizes[i]:
                     raise GnnstError(f"OOD reference: slide {i} has {len(f)} feature rows, {sizes[i]} were announced")
                 parts.append(np.asarray(f[rows], dtype=np.float32))
         allf = np.concatenate(parts)
-        slides = np.repeat(np.arange(len(features)), sizes)[idx]
+        slides = np.repeat(np.arange(len(features)), [len(p) for p in picks])
         ref = _unit_rows(allf).astype(np.float16)
         loso = len(np.unique(slides)) > 1
-        group = slides if loso else np.arange(len(idx))
+        group = slides if loso else np.arange(len(allf))
         own = knn_distance(ref, ref, k, query_group=group, ref_group=group)
         norm = max(float(np.median(own)), _EPS)
         return cls(features=ref, slides=slides.astype(np.int32), k=int(k), quantile=float(quantile), norm=norm,

@@ -88,19 +88,6 @@ def _features(name: str, g: "Data", *, views: bool) -> np.ndarray:
     raise GnnstError(f"config key 'eval.baselines': unknown baseline {name!r} (known: {', '.join(LABELS)})")
 
 
-def training_rows(sizes: Sequence[int], limit: int | None, seed: int) -> list[np.ndarray] | None:
-    """The baselines' training rows (``eval.baseline_spots``): ``None`` = all, when the graphs' ``sizes``
-    (rows each) add up to at most ``limit`` (or ``limit`` is ``None``); else, per graph, the row ids
-    (ascending) of a uniform sample of ``limit`` rows of all graphs, seeded with ``seed``."""
-    total = sum(sizes)
-    if limit is None or total <= limit:
-        return None
-    pick = np.sort(np.random.default_rng([seed, 2]).choice(total, size=limit, replace=False))
-    starts = np.cumsum([0, *sizes])
-    bounds = np.searchsorted(pick, starts)
-    return [pick[bounds[i]:bounds[i + 1]] - starts[i] for i in range(len(sizes))]
-
-
 def _trained_part(g: "Data", y: np.ndarray) -> tuple["Data", np.ndarray]:
     """``g`` and its targets ``y`` ``[N, G]`` as the model trains on them: the nodes of its ``node_mask`` (a
     training part, validation blocks removed) with the edges among them (:func:`node_subgraph`)."""
@@ -115,17 +102,18 @@ def _fit_predict(name: str, train: Sequence["Data"], targets: Callable[["Data"],
                  limit: int | None = None) -> dict:
     """Baseline ``name`` fitted on the ``train`` graphs' spots (those of their ``node_mask``: a training
     part's, with the edges among them; ``x`` the model's input, ``x_views`` as extra rows), with the targets
-    ``targets(graph)`` (``[N_i, G]``, all its nodes), on at most ``limit`` rows (:func:`training_rows`); each graph
+    ``targets(graph)`` (``[N_i, G]``, all its nodes), on at most ``limit`` rows (a seeded sample, :func:`gnnst.sampling.sample_parts`); each graph
     is read on its own, so only the kept rows of a cohort are held. ``test``: ``{key: (graph, mask)}``,
     ``mask`` ``[N]`` bool or ``None``; returns ``{key: [n, G]}`` at the masked nodes (all nodes without a mask),
     each test graph's features made on their own."""
     from gnnst.graph.sampler import node_mask
+    from gnnst.sampling import sample_parts
 
     views = [getattr(g, keys.DATA_X_VIEWS, None) for g in train]
     present = [node_mask(g) for g in train]
     sizes = [(1 if v is None else len(v)) * (g.num_nodes if m is None else int(m.sum()))
              for g, v, m in zip(train, views, present)]
-    rows = training_rows(sizes, limit, seed)
+    rows = sample_parts(sizes, limit, [seed, 2])
     xs, ys = [], []
     for i, (g, v) in enumerate(zip(train, views)):
         g, y = _trained_part(g, np.asarray(targets(g), dtype=np.float32))

@@ -29,22 +29,14 @@ def bank_nodes(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarr
     Costs O(spots) integers, never their expression.
     """
     from gnnst.graph.sampler import node_mask
+    from gnnst.sampling import sample_parts
 
-    if limit is None:
-        return None
     present = [node_mask(g) for g in train_graphs]
-    counts = [g.num_nodes if m is None else int(m.sum()) for g, m in zip(train_graphs, present)]
-    total = sum(counts)
-    if total <= limit:
+    picks = sample_parts([g.num_nodes if m is None else int(m.sum()) for g, m in zip(train_graphs, present)], limit,
+                         BANK_SEED)
+    if picks is None:
         return None
-    pick = np.sort(np.random.default_rng(BANK_SEED).choice(total, size=limit, replace=False))
-    starts = np.cumsum([0] + counts)  # graph i holds the present spots starts[i] .. starts[i + 1] - 1
-    bounds = np.searchsorted(pick, starts)  # pick[bounds[i]:bounds[i + 1]] fall in graph i
-    out = []
-    for i, m in enumerate(present):
-        local = pick[bounds[i]:bounds[i + 1]] - starts[i]
-        out.append(local if m is None else np.flatnonzero(m)[local])
-    return out
+    return [p if m is None else np.flatnonzero(m)[p] for p, m in zip(picks, present)]
 
 
 def bank_expression(train_graphs: Sequence[Data], limit: int | None) -> Tensor:

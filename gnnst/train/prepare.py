@@ -59,18 +59,16 @@ def scored_validation(masks: Sequence[np.ndarray], limit: int | None, seed: int)
     """The validation spots that are scored (``train.val_spots``): ``masks`` (``[N]`` bool per slide) as they
     are while they hold at most ``limit`` spots (or ``limit`` is ``None``), else a uniform sample of ``limit``
     of their spots over all slides (seeded with ``seed``). The spots left out are still not trained on."""
-    total = sum(int(m.sum()) for m in masks)
-    if limit is None or total <= limit:
+    from gnnst.sampling import sample_parts
+
+    picks = sample_parts([int(np.count_nonzero(m)) for m in masks], limit, [seed, 1])
+    if picks is None:
         return [np.asarray(m, dtype=bool) for m in masks]
-    pick = np.zeros(total, dtype=bool)
-    pick[np.random.default_rng([seed, 1]).choice(total, size=limit, replace=False)] = True
-    out, start = [], 0
-    for m in masks:
-        ids = np.flatnonzero(m)
+    out = []
+    for m, p in zip(masks, picks):
         s = np.zeros(len(m), dtype=bool)
-        s[ids[pick[start:start + len(ids)]]] = True
+        s[np.flatnonzero(m)[p]] = True
         out.append(s)
-        start += len(ids)
     return out
 
 

@@ -90,15 +90,16 @@ def test_baseline_inner_validation_never_fits_the_validation_blocks():
 
 
 def test_baseline_spots_caps_the_training_rows():
-    from gnnst.eval.baselines import _fit_predict, ridge_fit, training_rows
+    from gnnst.eval.baselines import _fit_predict, ridge_fit
+    from gnnst.sampling import sample_parts
 
-    assert training_rows([5, 7], None, 0) is None and training_rows([5, 7], 12, 0) is None
-    rows = training_rows([5, 7], 4, 0)
+    assert sample_parts([5, 7], None, 0) is None and sample_parts([5, 7], 12, 0) is None
+    rows = sample_parts([5, 7], 4, 0)
     assert sum(len(r) for r in rows) == 4 and rows[0].max(initial=0) < 5 and rows[1].max(initial=0) < 7
     graphs = [_slide(0), _slide(1)]
     test = {"T": (_slide(2), None)}
     sub = _fit_predict("ridge", graphs, lambda g: g.y.numpy(), test, seed=0, limit=40)["T"]
-    rows = training_rows([64, 64], 40, 0)
+    rows = sample_parts([64, 64], 40, [0, 2])  # the baselines' seed: [eval seed, 2]
     x = np.concatenate([g.x.numpy()[r] for g, r in zip(graphs, rows)])
     y = np.concatenate([g.y.numpy()[r] for g, r in zip(graphs, rows)])
     np.testing.assert_array_equal(sub, ridge_fit(x, y, 0)(test["T"][0].x.numpy()))
