@@ -317,7 +317,8 @@ def validation_pass(train, val, val_masks):
                                   masks=val_masks).values()
         score = validation_score(val_y, preds)
         anon_peak = anon.stop()
-        return {"val_pass_anon_peak_above_mb": anon_peak - anon0, "val_pass_seconds": time.perf_counter() - t0, "bank_seconds": t_bank,
+        return {"val_pass_anon_peak_above_mb": anon_peak - anon0, "val_pass_seconds": time.perf_counter() - t0,
+                "bank_seconds": t_bank,
                 "bank_spots": int(model.bank_z.shape[0]), "val_spots_scored": sum(int(m.sum()) for m in val_masks),
                 "val_pass_peak_above_mb": _status_mb("VmHWM") - hwm0, "val_pass_anon_growth_mb": _rss_anon_mb() - anon0,
                 "val_score": score, "caps": [cfg.model.retrieval_bank_spots, cfg.train.val_spots]}
@@ -463,7 +464,8 @@ def format_validation(results: list[dict]) -> str:
              "anonymous RSS added (MB) |", "|---" * 11 + "|"]
     for r in results:
         caps = ", ".join("null" if c is None else f"{c:,}" for c in [r["panel_spots"], *r["caps"]])
-        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | {caps} | {r['panel_seconds']:.1f} | "
+        cohort = f"{r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,}"
+        lines.append(f"| {cohort} | {caps} | {r['panel_seconds']:.1f} | "
                      f"{r['panel_anon_peak_above_mb']:.0f} | {r['bank_spots']:,} | "
                      f"{r['val_spots_scored']:,} | {r['val_pass_seconds']:.1f} | {r['bank_seconds']:.1f} | "
                      f"{r['val_pass_peak_above_mb']:.0f} | {r['val_pass_anon_peak_above_mb']:.0f} | "

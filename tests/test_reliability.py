@@ -66,7 +66,8 @@ def test_ood_reference_from_slide_functions_keeps_only_the_sample():
     assert (a.threshold, a.norm, a.n_train) == (b.threshold, b.norm, b.n_train)
     assert sorted(calls) == sorted(set(b.slides.tolist())) and 1 not in calls  # each sampled slide once
     full = OODReference.build([lazy(i) for i in range(3)], sizes=[300, 2, 200], k=5, quantile=0.99, cap=1000, seed=0)
-    np.testing.assert_array_equal(full.features, OODReference.build(train, k=5, quantile=0.99, cap=1000, seed=0).features)
+    arrays = OODReference.build(train, k=5, quantile=0.99, cap=1000, seed=0)
+    np.testing.assert_array_equal(full.features, arrays.features)
     with pytest.raises(GnnstError, match="slide 0 has 300 feature rows, 301 were announced"):
         OODReference.build([lazy(0)], sizes=[301], k=5, quantile=0.99, cap=1000, seed=0)
 

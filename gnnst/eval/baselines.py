@@ -48,13 +48,6 @@ def ridge_fit(x_train: np.ndarray, y_train: np.ndarray, seed: int):
     return lambda x: ridge.predict(pca.transform(sc.transform(x))).astype(np.float32)
 
 
-def ridge_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: dict[str, np.ndarray], seed: int) -> dict:
-    """:func:`ridge_fit`'s predictions ``[N_s, G]`` per test slide. Shapes: x_train ``[N, F]``, y_train
-    ``[N, G]``, x_test slide -> ``[N_s, F]``."""
-    predict = ridge_fit(x_train, y_train, seed)
-    return {s: predict(x) for s, x in x_test.items()}
-
-
 def neighbour_mean(x: np.ndarray, edge_index: np.ndarray) -> np.ndarray:
     """Mean of the neighbours' rows of ``x`` for each spot (over its incoming edges, row 0 -> row 1); a
     spot without neighbours gets its own row.
@@ -102,10 +95,10 @@ def _fit_predict(name: str, train: Sequence["Data"], targets: Callable[["Data"],
                  limit: int | None = None) -> dict:
     """Baseline ``name`` fitted on the ``train`` graphs' spots (those of their ``node_mask``: a training
     part's, with the edges among them; ``x`` the model's input, ``x_views`` as extra rows), with the targets
-    ``targets(graph)`` (``[N_i, G]``, all its nodes), on at most ``limit`` rows (a seeded sample, :func:`gnnst.sampling.sample_parts`); each graph
-    is read on its own, so only the kept rows of a cohort are held. ``test``: ``{key: (graph, mask)}``,
-    ``mask`` ``[N]`` bool or ``None``; returns ``{key: [n, G]}`` at the masked nodes (all nodes without a mask),
-    each test graph's features made on their own."""
+    ``targets(graph)`` (``[N_i, G]``, all its nodes), on at most ``limit`` rows (a seeded sample,
+    :func:`gnnst.sampling.sample_parts`); each graph is read on its own, so only the kept rows of a cohort
+    are held. ``test``: ``{key: (graph, mask)}``, ``mask`` ``[N]`` bool or ``None``; returns ``{key: [n, G]}``
+    at the masked nodes (all nodes without a mask), each test graph's features made on their own."""
     from gnnst.graph.sampler import node_mask
     from gnnst.sampling import sample_parts
 
@@ -157,4 +150,5 @@ def baseline_validation_score(name: str, ts: "TrainingSet", seed: int, limit: in
         return None
     pred = _fit_predict(name, ts.train, lambda g: ts.scaler.inverse(g.y.numpy().astype(np.float32)),
                         {i: (g, m) for i, (g, m) in enumerate(zip(ts.val, ts.val_masks))}, seed, limit)
-    return validation_score([g.y.numpy()[m] for g, m in zip(ts.val, ts.val_masks)], [pred[i] for i in range(len(ts.val))])
+    return validation_score([g.y.numpy()[m] for g, m in zip(ts.val, ts.val_masks)],
+                            [pred[i] for i in range(len(ts.val))])
