@@ -184,7 +184,7 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
 
     from gnnst.config import Config
     from gnnst.models import create_model
-    from gnnst.train.trainer import amp_dtype, default_batch_nodes, make_loader, train_epoch
+    from gnnst.train.trainer import amp_dtype, default_batch_nodes, make_loader, make_optimizer, train_epoch
 
     dev = torch.device(device)
     cfg = cfg or Config()
@@ -205,7 +205,7 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
     torch.manual_seed(seed)
     model = create_model("gnnst", in_dim=int(graphs[0].x.shape[1]), num_genes=int(graphs[0].y.shape[1]),
                          cfg=cfg.model).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(model, cfg.train)
     autocast = amp_dtype(dev) if cfg.train.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
     model.train()

@@ -125,6 +125,17 @@ def batches(loader, groups: list, device) -> "Iterator[Data]":
         yield loader.make_batch(group).to(device, non_blocking=True)
 
 
+def make_optimizer(model: "ExpressionModel", tc) -> "torch.optim.Optimizer":
+    """AdamW over ``model``'s parameters with ``train.lr`` and ``train.weight_decay`` (``tc``: the train config).
+    The multi-tensor (``foreach``) update on every device: the default on CUDA; on a CPU the same updates as
+    the per-parameter loop, bit for bit (tested), 3.70 against 3.93 s for 24 her2st-sized synthetic steps of
+    the default model on 2 cores (median of 3), within noise on a whole her2st fold (44.8-45.4 against
+    44.6-45.3 s of training)."""
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
+
+
 def lr_factor(epoch_float: float, warmup: int, total: int) -> float:
     """Linear warm-up over ``warmup`` epochs, then cosine decay to 5% at ``total``."""
     if warmup > 0 and epoch_float < warmup:
@@ -191,7 +202,7 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)  # logit_scale is used in the loss, outside forward
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(model, tc)
     autocast = amp_dtype(device) if tc.amp else None
     # float16 needs loss scaling (whose overflow check reads back every step); bfloat16 does not
     scaler = torch.amp.GradScaler("cuda", enabled=autocast == torch.float16)
