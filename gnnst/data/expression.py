@@ -168,17 +168,24 @@ def select_panel(slides: Sequence["SlideCounts | Callable[[], SlideCounts]"], cf
     """
     if not slides:
         raise GnnstError("cannot choose a gene panel from zero slides")
-    get = lambda s: s() if callable(s) else s  # noqa: E731
     if cfg.panel_spots is None:
-        return _select_panel_dense([get(s) for s in slides], cfg)
-    heads = []  # each slide's id, genes and spots, one slide read at a time
+        return _select_panel_dense([_read(s) for s in slides], cfg)
+    heads, kept, total = [], [], 0  # each slide's id, genes and spots; the slides while they fit the cap
     for s in slides:
-        c = get(s)
+        c = _read(s)
         heads.append((c.slide_id, c.genes, c.n_obs))
+        total += c.n_obs
+        kept = kept if kept is not None and total <= cfg.panel_spots else None
+        if kept is not None:
+            kept.append(c)
         del c
-    if sum(n for *_, n in heads) <= cfg.panel_spots:
-        return _select_panel_dense([get(s) for s in slides], cfg)
+    if kept is not None:  # at most panel_spots spots: each slide read once
+        return _select_panel_dense(kept, cfg)
     return _select_panel_streaming(slides, heads, cfg)
+
+
+def _read(s: "SlideCounts | Callable[[], SlideCounts]") -> SlideCounts:
+    return s() if callable(s) else s
 
 
 def _common_genes(ids: list[str], names: Sequence[Sequence[str]]):
@@ -255,7 +262,7 @@ def _select_panel_streaming(slides: Sequence, heads: list[tuple[str, list[str], 
     sums = np.zeros(len(common), dtype=np.float64)
     sample, slide_of_spot = [], []
     for s, k in zip(slides, share):
-        c = s() if callable(s) else s
+        c = _read(s)
         cols = c.columns(list(common))
         x = c.normalised(cols, cfg)  # [n_s, G_common], one slide
         detected += np.asarray((c.counts[:, cols] > 0).sum(0)).ravel()

@@ -44,5 +44,7 @@ def test_above_panel_spots_the_slides_are_read_one_at_a_time_with_the_same_choic
     assert all(not g.startswith("X") for g in streamed.genes)  # only genes every slide measures
     # at or below the cap, and with no cap, the panel is the one chosen on every spot at once
     for extra in ("expression.panel_spots=1800", "expression.panel_spots=null"):
+        calls.clear()
         got = select_panel([lazy(i) for i in range(6)], load_config(None, [*over, extra]).expression)
         assert (got.genes, got.heg, got.hvg) == (dense.genes, dense.heg, dense.hvg)
+        assert sorted(calls) == list(range(6))  # each slide read once
