@@ -101,6 +101,24 @@ def load_cached(path: Path | None, n: int, dim: int) -> np.ndarray | None:
     return emb if emb.shape == (n, dim) else None
 
 
+class CachedEmbeddings:
+    """A slide's embeddings ``[n, dim]`` float32 in its cache file (:func:`embed_slides` with ``keep=False``),
+    read by :meth:`load` each time they are needed."""
+
+    def __init__(self, path: Path, n: int, dim: int):
+        self.path, self.n, self.dim = Path(path), int(n), int(dim)
+
+    def load(self) -> np.ndarray:
+        emb = load_cached(self.path, self.n, self.dim)
+        if emb is None:
+            raise GnnstError(f"{self.path}: the cached embeddings of this run are gone or damaged (was the cache "
+                             f"folder cleaned during the run?); run it again")
+        return emb
+
+    def __repr__(self) -> str:
+        return f"CachedEmbeddings({str(self.path)!r}, n={self.n}, dim={self.dim})"
+
+
 class BatchRunner:
     """Runs an encoder on batches of exactly ``batch_size`` patches, whatever slides they come from.
 
@@ -198,7 +216,8 @@ def embed_slides(
     progress: bool = True,
     transforms: Sequence | None = None,
     cache_crops: bool = False,
-) -> list[np.ndarray]:
+    keep: bool = True,
+) -> list:
     """Embeddings ``[N_i, D]`` float32 of the patches around each slide's spots, in the order given.
 
     Every slide is checked (image file, µm per pixel, spots inside the image) before any is encoded;
@@ -221,6 +240,9 @@ def embed_slides(
             augmentation, :mod:`gnnst.data.stain`), keyed in the cache by its ``identity``.
         cache_crops: keep whole-image slides' raw crops in this process (:data:`gnnst.data.patches.CROPS`)
             for a later call that cuts them again (e.g. the next fold's normalisation); ``num_workers == 0``.
+        keep: ``False`` (needs ``cache_dir``): return each slide's :class:`CachedEmbeddings` (its cache file,
+            read on demand) instead of the array, and hold a slide's array only while it is encoded, so a
+            cohort's embeddings are never all in memory.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -237,7 +259,9 @@ def embed_slides(
     batch_size = batch_size or default_batch_size(device)
     image_ids = list(image_ids) if image_ids is not None else [None] * len(adatas)
     transforms = list(transforms) if transforms is not None else [None] * len(adatas)
-    out: list[np.ndarray | None] = [None] * len(adatas)
+    if not keep and cache_dir is None:
+        raise GnnstError("embed_slides(keep=False) needs a cache_dir: the embeddings are handed back as its files")
+    out: list = [None] * len(adatas)
     todo, paths = [], {}
     for i, a in enumerate(adatas):
         meta, sid = a.uns[keys.UNS_GNNST], _slide_id(a)
@@ -249,6 +273,8 @@ def embed_slides(
             paths[i] = cache_path(a, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_ids[i],
                                   transform=transforms[i])
             out[i] = load_cached(paths[i], a.n_obs, encoder.dim)
+            if out[i] is not None and not keep:  # checked, then let go: read again on demand
+                out[i] = CachedEmbeddings(paths[i], a.n_obs, encoder.dim)
         if out[i] is None:
             todo.append(i)
     if not todo:
@@ -274,15 +300,15 @@ def embed_slides(
                          else None, cache_crops=cache_crops)
     loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=on_cuda,
                         prefetch_factor=4 if num_workers else None, persistent_workers=False)
-    result = {k: np.empty((len(p.xy), encoder.dim), dtype=np.float32) for k, p in enumerate(plans)}
+    result: dict[int, np.ndarray] = {}  # a slide's array from its first encoded patch to its last
     left = {k: len(p.xy) for k, p in enumerate(plans)}
     runner = BatchRunner(encoder, batch_size, device)
 
     def finish(k: int) -> None:
-        i, emb = todo[k], result[k]
+        i, emb = todo[k], result.pop(k)
         if not np.all(np.isfinite(emb)):
             raise GnnstError(f"slide '{plans[k].slide_id}': encoder '{encoder.name}' produced NaN embeddings")
-        out[i] = emb
+        out[i] = emb if keep else CachedEmbeddings(paths[i], len(emb), encoder.dim)
         if i in paths:
             with atomic_path(paths[i]) as tmp:
                 with open(tmp, "wb") as f:
@@ -290,6 +316,8 @@ def embed_slides(
 
     def store(done: list) -> None:
         for k, start, emb in done:
+            if k not in result:
+                result[k] = np.empty((len(plans[k].xy), encoder.dim), dtype=np.float32)
             result[k][start:start + len(emb)] = emb
             left[k] -= len(emb)
             bar.update(len(emb))

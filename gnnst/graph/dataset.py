@@ -300,10 +300,11 @@ def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_id
     slide affects another), in the dtype of ``x`` (``graph.storage``), for ``slide_ids`` (default: every slide).
 
     ``embs``: slide id -> ``[N, D]`` embeddings to use as ``x`` instead of the source's (e.g. of
-    stain-normalised patches, :func:`gnnst.graph.features.fold_features`), stored in the dtype of the
-    source's ``x``.
-    ``targets``: hold each ``y`` file-backed there (:class:`gnnst.graph.targets.TargetFolder`; the same
-    values), so that only one slide's ``y`` is in memory at a time; ``None``: in memory.
+    stain-normalised patches, :func:`gnnst.graph.features.fold_features`; read one slide at a time), stored
+    in the dtype of the source's ``x``.
+    ``targets``: hold each ``y``, and each ``x`` taken from ``embs``, file-backed there
+    (:class:`gnnst.graph.targets.TargetFolder`; the same values), so that only one slide's arrays are in
+    memory at a time; ``None``: in memory.
     """
     import torch
 
@@ -318,8 +319,9 @@ def make_graphs(source: SlideSource, cfg: "Config", panel: "GenePanel", slide_id
         with source.timer("graph"):
             data = source.slide_graph(s, cfg.graph)
         np_dt = np.float16 if data.x.dtype == torch.float16 else np.float32
-        if embs is not None and s in embs:
-            data.x = torch.from_numpy(np.ascontiguousarray(embs[s], dtype=np_dt))
+        if embs is not None and s in embs:  # file-backed with the targets: a cohort's x is not held in memory
+            x = np.ascontiguousarray(embs[s], dtype=np_dt)
+            data.x = torch.from_numpy(x) if targets is None else targets.hold(x)
         y = np.ascontiguousarray(y, dtype=np_dt)
         data.y = torch.from_numpy(y) if targets is None else targets.hold(y)
         graphs[s] = data

@@ -23,7 +23,9 @@ one function that turns a slide graph's ``x`` into the model's input.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -215,26 +217,45 @@ def stain_reference(adatas: Sequence["AnnData"], method: str, *, size_um: float,
     return estimate(method, px, where=f"training slides {', '.join(_slide_name(a) for a in adatas)}")
 
 
+class LazyEmbeddings(Mapping):
+    """Slide id -> its embeddings ``[N, D]`` float32, read each time a slide is looked up (from the embedding
+    cache, or the slide source's memory-mapped graphs), so a cohort's are never all in memory at once."""
+
+    def __init__(self, readers: dict):
+        self._readers = dict(readers)  # slide id -> () -> [N, D]
+
+    def __getitem__(self, slide_id: str) -> np.ndarray:
+        return self._readers[slide_id]()
+
+    def __iter__(self):
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
 @dataclass
 class FoldFeatures:
     """A fit's embeddings before :class:`SlideNorm` (see :func:`fold_features`).
 
     Attributes:
-        embs: slide id -> ``[N, D]`` (stain-normalised to the fold's reference when on).
+        embs: slide id -> ``[N, D]`` (stain-normalised to the fold's reference when on), a
+            :class:`LazyEmbeddings`: each lookup reads the slide again.
         views: training slide id -> ``[V, N, D]`` (view 0 = ``embs``) when ``features.stain_augment`` > 0.
         stain_reference: the fold's reference stain, or ``None``.
     """
 
-    embs: dict
+    embs: Mapping
     views: dict = field(default_factory=dict)
     stain_reference: "StainStats | None" = None
 
 
 def _embed(cfg: "Config", images: Sequence["AnnData"], image_ids: Sequence[str | None], transforms: Sequence,
-           size_um: float) -> list[np.ndarray]:
+           size_um: float, keep: bool = True) -> list:
     """Embeddings of the slides ``images`` (:meth:`~gnnst.graph.store.SlideSource.image_slide`, named in the
     cache by ``image_ids``) with their patches transformed, from the cache or the encoder (built once per
-    process, on ``encoder.device``, the first time a fit needs it)."""
+    process, on ``encoder.device``, the first time a fit needs it). ``keep=False``: each slide's
+    :class:`~gnnst.data.embeddings.CachedEmbeddings` instead of its array (see ``embed_slides``)."""
     from gnnst.data.embeddings import embed_slides
     from gnnst.data.encoders import default_batch_size, default_num_workers, resolve_device
     from gnnst.data.manifest import cache_root
@@ -254,7 +275,7 @@ def _embed(cfg: "Config", images: Sequence["AnnData"], image_ids: Sequence[str |
                         num_workers=enc_cfg.num_workers if enc_cfg.num_workers is not None else
                         default_num_workers(device), pad_value=cfg.patch.pad_value, device=device,
                         cache_dir=cache_dir, image_ids=image_ids, transforms=transforms, progress=False,
-                        cache_crops=True)  # every fold cuts the same slides: decoded once per process
+                        cache_crops=True, keep=keep)  # every fold cuts the same slides: decoded once per process
 
 
 def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Sequence[str]) -> FoldFeatures:
@@ -270,7 +291,7 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
     n_spots, pad = fc.stain_sample_spots, cfg.patch.pad_value
     slides, train_slides = list(slides), list(train_slides)
     ref, normalizers = None, {s: None for s in slides}
-    embs = {s: source.embs[s] for s in slides}
+    embs = LazyEmbeddings({s: functools.partial(source.embs.__getitem__, s) for s in slides})
     if fc.stain_norm != "none" or fc.stain_augment > 0:
         images = {s: source.image_slide(s) for s in slides}  # checks every image is at hand, before any work
         ids = {s: source.image_id(s) for s in slides}  # the same image identity as the build's cache
@@ -280,8 +301,9 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
         state = FeatureState(stain_norm=fc.stain_norm, stain_reference=ref, stain_sample_spots=n_spots)
         normalizers = {s: state.stain_transform(images[s], size_um=size, pad_value=pad) for s in slides}
         log.info("stain normalisation (%s) to the reference of %s", fc.stain_norm, ", ".join(train_slides))
-        embs = dict(zip(slides, _embed(cfg, [images[s] for s in slides], [ids[s] for s in slides],
-                                       [normalizers[s] for s in slides], size)))
+        got = _embed(cfg, [images[s] for s in slides], [ids[s] for s in slides], [normalizers[s] for s in slides],
+                     size, keep=False)  # the cache's files, read slide by slide when needed
+        embs = LazyEmbeddings({s: e.load for s, e in zip(slides, got)})
     views = {}
     if fc.stain_augment > 0:
         from gnnst.data.stain import HEDJitter
@@ -297,9 +319,10 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
     return FoldFeatures(embs=embs, views=views, stain_reference=ref)
 
 
-def feature_state(cfg: "FeaturesConfig", train_x: Sequence[np.ndarray], stain_ref: "StainStats | None"
+def feature_state(cfg: "FeaturesConfig", train_x: Iterable[np.ndarray], stain_ref: "StainStats | None"
                   ) -> FeatureState:
-    """The :class:`FeatureState` of a fit: ``train_x`` the training slides' embeddings (view 0)."""
+    """The :class:`FeatureState` of a fit: ``train_x`` the training slides' embeddings (view 0), read only
+    for ``features.slide_norm: standardize`` (a generator reads none otherwise)."""
     st = FeatureState(slide_norm=SlideNorm.fit(train_x, cfg.min_spots) if cfg.slide_norm == "standardize" else None,
                       stain_norm=cfg.stain_norm, stain_reference=stain_ref, stain_sample_spots=cfg.stain_sample_spots)
     st.check()

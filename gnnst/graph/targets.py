@@ -83,7 +83,7 @@ class TargetFolder:
             with open(path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except OSError as e:
-            raise GnnstError(f"{path}: cannot write the fold's targets ({y.nbytes / 2**20:.0f} MB: {e}); set TMPDIR "
+            raise GnnstError(f"{path}: cannot write the fold's arrays ({y.nbytes / 2**20:.0f} MB: {e}); set TMPDIR "
                              "to a folder on a disk with room for them") from None
         try:
             os.unlink(path)  # the mapping keeps the data; the space is freed with the last tensor over it

@@ -216,7 +216,7 @@ def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slide
     standardised targets (held in ``targets``)."""
     from gnnst.graph.features import feature_state
 
-    features = feature_state(cfg.features, [ff.embs[s] for s in train_slides], ff.stain_reference)
+    features = feature_state(cfg.features, (ff.embs[s] for s in train_slides), ff.stain_reference)
     inputs = {}
     for s, g in graphs.items():
         if s in ff.views:

@@ -81,6 +81,25 @@ def test_cache_key_follows_precision_not_batch_or_workers(slides, lite0, tmp_pat
     assert cache_path(slides[0], lite0, size_um=112.0, cache_dir=tmp_path) != fp32
 
 
+def test_keep_false_hands_back_the_cache_files_and_holds_no_slide(slides, lite0, tmp_path):
+    """keep=False: each slide's CachedEmbeddings (encoded now, or found in the cache), whose load() is the
+    array keep=True gives; without a cache folder it is refused."""
+    from gnnst.data.embeddings import CachedEmbeddings
+
+    kw = dict(size_um=150.0, batch_size=6, num_workers=0, cache_dir=tmp_path, progress=False)
+    fresh = embed_slides(slides, lite0, keep=False, **kw)  # encoded by this call
+    assert all(isinstance(e, CachedEmbeddings) for e in fresh)
+    kept = embed_slides(slides, lite0, **kw)  # the arrays, from the cache
+    found = embed_slides(slides, lite0, keep=False, **kw)  # found in the cache
+    for a, b, c in zip(fresh, kept, found):
+        assert a.load().tobytes() == b.tobytes() == c.load().tobytes()
+    with pytest.raises(GnnstError, match="needs a cache_dir"):
+        embed_slides(slides, lite0, keep=False, **{**kw, "cache_dir": None})
+    fresh[0].path.unlink()
+    with pytest.raises(GnnstError, match="gone or damaged"):
+        fresh[0].load()
+
+
 def test_bfloat16_moves_the_embeddings_a_little(slides, lite0):
     import torch
 

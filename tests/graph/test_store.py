@@ -140,13 +140,19 @@ def test_train_from_graphs_without_raw_slides_gives_the_metrics_of_raw_slides(bu
     assert "pcc_heg_per_slide" in json.dumps(a["folds"])
 
 
-def test_stain_normalised_folds_from_the_folder_equal_those_of_raw_slides(built):
+def test_stain_normalised_folds_from_the_folder_equal_those_of_raw_slides(built, monkeypatch):
+    """... and the re-embedded x of every slide is held file-backed with the targets, read slide by slide."""
     from gnnst.graph.store import GraphDataset
+    from gnnst.graph.targets import TargetFolder
     from gnnst.train.prepare import prepare_training
 
+    held, hold = [], TargetFolder.hold
+    monkeypatch.setattr(TargetFolder, "hold", lambda self, a: held.append(np.shape(a)) or hold(self, a))
     cfg = _cfg(built, *built["extra"], "features.stain_norm=macenko")
     raw = prepare_training(cfg, built["loaded"], ["S1", "S2"], ["S3"])
     folder = prepare_training(cfg, GraphDataset(built["graphs"]), ["S1", "S2"], ["S3"])
+    for ts in (raw, folder):
+        assert all(tuple(ts.graphs[s].x.shape) in held for s in ("S1", "S2", "S3"))
     assert folder.feature_norm.to_dict() == raw.feature_norm.to_dict()  # the same reference stain
     plain = prepare_training(_cfg(built, *built["extra"], "features.stain_norm=none"), built["loaded"], ["S1", "S2"],
                              ["S3"])
