@@ -101,6 +101,26 @@ def load_cached(path: Path | None, n: int, dim: int) -> np.ndarray | None:
     return emb if emb.shape == (n, dim) else None
 
 
+def cached_ok(path: Path | None, n: int, dim: int) -> bool:
+    """Whether ``path`` holds cached embeddings ``[n, dim]``, from the array's header and its size in the
+    file, without reading the array (:func:`load_cached` reads it, and recomputes a damaged entry)."""
+    import zipfile
+
+    if path is None or not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo("emb.npy")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+    except Exception:  # noqa: BLE001 - not a readable entry: computed again
+        return False
+    return tuple(shape) == (n, dim) and info.file_size >= n * dim * dtype.itemsize
+
+
 class CachedEmbeddings:
     """A slide's embeddings ``[n, dim]`` float32 in its cache file (:func:`embed_slides` with ``keep=False``),
     read by :meth:`load` each time they are needed."""
@@ -272,8 +292,9 @@ def embed_slides(
         if cache_dir is not None:
             paths[i] = cache_path(a, encoder, size_um=size_um, cache_dir=cache_dir, image_id=image_ids[i],
                                   transform=transforms[i])
-            out[i] = load_cached(paths[i], a.n_obs, encoder.dim)
-            if out[i] is not None and not keep:  # checked, then let go: read again on demand
+            if keep:
+                out[i] = load_cached(paths[i], a.n_obs, encoder.dim)
+            elif cached_ok(paths[i], a.n_obs, encoder.dim):  # its header checked; the array read on demand
                 out[i] = CachedEmbeddings(paths[i], a.n_obs, encoder.dim)
         if out[i] is None:
             todo.append(i)

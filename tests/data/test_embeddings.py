@@ -81,16 +81,23 @@ def test_cache_key_follows_precision_not_batch_or_workers(slides, lite0, tmp_pat
     assert cache_path(slides[0], lite0, size_um=112.0, cache_dir=tmp_path) != fp32
 
 
-def test_keep_false_hands_back_the_cache_files_and_holds_no_slide(slides, lite0, tmp_path):
-    """keep=False: each slide's CachedEmbeddings (encoded now, or found in the cache), whose load() is the
-    array keep=True gives; without a cache folder it is refused."""
-    from gnnst.data.embeddings import CachedEmbeddings
+def test_keep_false_hands_back_the_cache_files_and_holds_no_slide(slides, lite0, tmp_path, monkeypatch):
+    """keep=False: each slide's CachedEmbeddings (encoded now, or found in the cache without reading the
+    array), whose load() is the array keep=True gives; without a cache folder it is refused."""
+    from gnnst.data import embeddings
+    from gnnst.data.embeddings import CachedEmbeddings, cached_ok
 
     kw = dict(size_um=150.0, batch_size=6, num_workers=0, cache_dir=tmp_path, progress=False)
     fresh = embed_slides(slides, lite0, keep=False, **kw)  # encoded by this call
     assert all(isinstance(e, CachedEmbeddings) for e in fresh)
     kept = embed_slides(slides, lite0, **kw)  # the arrays, from the cache
+    reads, load = [], embeddings.load_cached
+    monkeypatch.setattr(embeddings, "load_cached", lambda *a: reads.append(a[0]) or load(*a))
     found = embed_slides(slides, lite0, keep=False, **kw)  # found in the cache
+    assert reads == [] and all(isinstance(e, CachedEmbeddings) for e in found)  # no array read yet
+    assert not cached_ok(fresh[0].path, fresh[0].n + 1, fresh[0].dim)  # another shape: computed again
+    (tmp_path / "bad.npz").write_bytes(fresh[0].path.read_bytes()[:200])  # a cut file: computed again
+    assert not cached_ok(tmp_path / "bad.npz", fresh[0].n, fresh[0].dim)
     for a, b, c in zip(fresh, kept, found):
         assert a.load().tobytes() == b.tobytes() == c.load().tobytes()
     with pytest.raises(GnnstError, match="needs a cache_dir"):
