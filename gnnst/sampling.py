@@ -24,3 +24,18 @@ def sample_parts(sizes: Sequence[int], limit: int | None, seed) -> list[np.ndarr
     starts = np.cumsum([0, *sizes])  # part i holds the rows starts[i] .. starts[i + 1] - 1
     bounds = np.searchsorted(pick, starts)  # pick[bounds[i]:bounds[i + 1]] fall in part i
     return [pick[bounds[i]:bounds[i + 1]] - starts[i] for i in range(len(sizes))]
+
+
+def sample_masks(masks: Sequence[np.ndarray], limit: int | None, seed) -> list[np.ndarray] | None:
+    """:func:`sample_parts` over the ``True`` entries of ``masks`` (``[N_i]`` bool per part): ``None`` when
+    they are at most ``limit`` (or ``limit`` is ``None``), else per part a ``[N_i]`` bool mask of its sampled
+    entries (a subset of its mask)."""
+    picks = sample_parts([int(np.count_nonzero(m)) for m in masks], limit, seed)
+    if picks is None:
+        return None
+    out = []
+    for m, p in zip(masks, picks):
+        s = np.zeros(len(m), dtype=bool)
+        s[np.flatnonzero(m)[p]] = True
+        out.append(s)
+    return out

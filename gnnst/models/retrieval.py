@@ -19,24 +19,27 @@ RETRIEVAL_WEIGHTS = ("softmax", "mean", "inverse_distance")  # how the top-k ret
 BANK_SEED = 0  # seed of the bank's sample of training spots (model.retrieval_bank_spots): the same at every call
 
 
-def bank_nodes(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarray] | None:
-    """Which training spots a retrieval bank of at most ``limit`` spots holds (``model.retrieval_bank_spots``).
+def bank_centre_masks(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarray] | None:
+    """Which training spots a retrieval bank of at most ``limit`` spots holds (``model.retrieval_bank_spots``),
+    as ``[N]`` bool masks per graph (a sampler's ``centre_masks``).
 
     ``None`` when it holds every present spot (:func:`gnnst.graph.sampler.node_mask`) of ``train_graphs``:
-    there are at most ``limit`` of them, or ``limit`` is ``None``. Otherwise, per graph, the ids ``[M_i]``
-    (ascending) of its nodes in a uniform sample of ``limit`` of the present spots of all graphs, seeded with
-    :data:`BANK_SEED`: the same spots at every epoch's bank and in the final one, whatever the model's seed.
-    Costs O(spots) integers, never their expression.
+    there are at most ``limit`` of them, or ``limit`` is ``None``. Otherwise a uniform sample of ``limit`` of
+    the present spots of all graphs, seeded with :data:`BANK_SEED`: the same spots at every epoch's bank and
+    in the final one, whatever the model's seed. Costs O(spots) booleans, never their expression.
     """
     from gnnst.graph.sampler import node_mask
-    from gnnst.sampling import sample_parts
+    from gnnst.sampling import sample_masks
 
     present = [node_mask(g) for g in train_graphs]
-    picks = sample_parts([g.num_nodes if m is None else int(m.sum()) for g, m in zip(train_graphs, present)], limit,
-                         BANK_SEED)
-    if picks is None:
-        return None
-    return [p if m is None else np.flatnonzero(m)[p] for p, m in zip(picks, present)]
+    return sample_masks([np.ones(g.num_nodes, dtype=bool) if m is None else m for g, m in zip(train_graphs, present)],
+                        limit, BANK_SEED)
+
+
+def bank_nodes(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarray] | None:
+    """:func:`bank_centre_masks` as node ids ``[M_i]`` (ascending) per graph; ``None`` = every present spot."""
+    masks = bank_centre_masks(train_graphs, limit)
+    return None if masks is None else [np.flatnonzero(m) for m in masks]
 
 
 def bank_expression(train_graphs: Sequence[Data], limit: int | None) -> Tensor:
@@ -48,19 +51,6 @@ def bank_expression(train_graphs: Sequence[Data], limit: int | None) -> Tensor:
     if ids is None:
         return torch.cat([present_rows(g, g.y) for g in train_graphs])
     return torch.cat([g.y[torch.from_numpy(i)] for g, i in zip(train_graphs, ids)])
-
-
-def bank_centre_masks(train_graphs: Sequence[Data], limit: int | None) -> list[np.ndarray] | None:
-    """:func:`bank_nodes` as ``[N]`` bool masks per graph (a sampler's ``centre_masks``); ``None`` = every spot."""
-    ids = bank_nodes(train_graphs, limit)
-    if ids is None:
-        return None
-    masks = []
-    for g, i in zip(train_graphs, ids):
-        m = np.zeros(g.num_nodes, dtype=bool)
-        m[i] = True
-        masks.append(m)
-    return masks
 
 
 def retrieve_topk(query: Tensor, bank_z: Tensor, bank_y: Tensor, k: int, weights: str = "mean",

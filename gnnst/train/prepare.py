@@ -59,17 +59,10 @@ def scored_validation(masks: Sequence[np.ndarray], limit: int | None, seed: int)
     """The validation spots that are scored (``train.val_spots``): ``masks`` (``[N]`` bool per slide) as they
     are while they hold at most ``limit`` spots (or ``limit`` is ``None``), else a uniform sample of ``limit``
     of their spots over all slides (seeded with ``seed``). The spots left out are still not trained on."""
-    from gnnst.sampling import sample_parts
+    from gnnst.sampling import sample_masks
 
-    picks = sample_parts([int(np.count_nonzero(m)) for m in masks], limit, [seed, 1])
-    if picks is None:
-        return [np.asarray(m, dtype=bool) for m in masks]
-    out = []
-    for m, p in zip(masks, picks):
-        s = np.zeros(len(m), dtype=bool)
-        s[np.flatnonzero(m)[p]] = True
-        out.append(s)
-    return out
+    picked = sample_masks(masks, limit, [seed, 1])
+    return [np.asarray(m, dtype=bool) for m in masks] if picked is None else picked
 
 
 def node_subgraph(g: "Data", keep: np.ndarray) -> "Data":
