@@ -62,11 +62,29 @@ class SlideNorm:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, xs: Sequence[np.ndarray], min_spots: int) -> "SlideNorm":
-        """From the training slides' embeddings (each ``[N_i, D]``; float64 accumulation)."""
-        x = np.concatenate([np.asarray(v, dtype=np.float64) for v in xs])
-        return cls(min_spots=int(min_spots), mean=x.mean(0).astype(np.float32),
-                   std=np.maximum(x.std(0), SD_FLOOR).astype(np.float32))
+    def fit(cls, xs: Iterable[np.ndarray], min_spots: int) -> "SlideNorm":
+        """From the training slides' embeddings (each ``[N_i, D]``), read one at a time: float64 mean and sum
+        of squared deviations per slide, pooled exactly (Chan et al.), so a cohort's ``x`` is never held at
+        once; equal to the statistics of the slides concatenated up to float64 rounding."""
+        n, mean, m2 = 0, None, None
+        for v in xs:
+            v = np.asarray(v, dtype=np.float64)
+            if not len(v):
+                continue
+            mu = v.mean(0)
+            sq = ((v - mu) ** 2).sum(0)
+            if mean is None:
+                n, mean, m2 = len(v), mu, sq
+                continue
+            total = n + len(v)
+            delta = mu - mean
+            mean = mean + delta * (len(v) / total)
+            m2 = m2 + sq + delta**2 * (n * len(v) / total)
+            n = total
+        if mean is None:
+            raise ValueError("SlideNorm.fit: no training spots")
+        return cls(min_spots=int(min_spots), mean=mean.astype(np.float32),
+                   std=np.maximum(np.sqrt(m2 / n), SD_FLOOR).astype(np.float32))
 
     def apply(self, x: np.ndarray, *, slide: str = "slide", warn: bool = True) -> np.ndarray:
         """``x`` ``[N, D]`` standardised per dimension by its own statistics (by the training ones when

@@ -4,11 +4,14 @@ Each slide is cut into spatial tiles of at most ``batch_nodes`` centre spots (a 
 longer side), each tile gets a ``num_hops`` halo of neighbours so that message passing at the centre
 sees its full receptive field, and small tiles of several slides are packed into one ``Batch``.
 Cost per batch is proportional to the subgraph, never to the slide: a CSR index over edge targets
-is built once per slide.
+is built per slide when a batch first needs it, and the indexes of the slides used last are kept up
+to a byte budget (``index_bytes``), so the memory a loader holds is bounded by that budget and the
+largest slide's index, not by the cohort.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -16,6 +19,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch, Data
+
+INDEX_BYTES = 256 * 2**20  # per-slide indexes a SubgraphLoader keeps by default (train.sampler_index_mb)
 
 
 def spatial_tiles(pos: np.ndarray, max_nodes: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
@@ -120,22 +125,35 @@ def present_rows(g: "Data", t):
 
 
 @dataclass
+class _Index:
+    """What cutting a slide's batches takes besides its arrays; :meth:`build` makes it from the graph."""
+
+    edge_index: np.ndarray  # [2, E'] the edges among the slide's present nodes
+    csr: _CSR
+    edge_ids: np.ndarray | None  # [E'] ids of those edges in g.edge_index (None: all, in order)
+
+    @classmethod
+    def build(cls, g: "Data") -> "_Index":
+        eids = kept_edges(g, node_mask(g))
+        ei = g.edge_index.cpu().numpy()
+        if eids is not None:
+            ei = ei[:, eids]
+        return cls(ei, _CSR(ei, g.num_nodes), eids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays this index owns (views of the graph's own arrays are not counted)."""
+        own = [self.csr.order, self.csr.indptr]
+        if self.edge_ids is not None:
+            own += [self.edge_ids, self.edge_index]
+        return int(sum(a.nbytes for a in own))
+
+
+@dataclass
 class _Slide:
     data: "Data"
     pos: np.ndarray
-    edge_index: np.ndarray  # [2, E'] the edges among the slide's present nodes
-    csr: _CSR
     node_mask: np.ndarray | None  # nodes that may be centres: present (node_mask) and in centre_masks
-    edge_ids: np.ndarray | None = None  # [E'] ids of those edges in g.edge_index (None: all, in order)
-    inside: np.ndarray | None = None  # [N] bool scratch of halo_subgraph, all False between calls
-    remap: np.ndarray | None = None  # [N] int64 scratch: slide node -> batch node, all -1 between calls
-
-    def scratch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-slide scratch arrays, allocated once, so a batch costs O(subgraph), not O(slide)."""
-        if self.inside is None:
-            self.inside = np.zeros(self.data.num_nodes, dtype=bool)
-            self.remap = np.full(self.data.num_nodes, -1, dtype=np.int64)
-        return self.inside, self.remap
 
 
 class SubgraphLoader:
@@ -149,6 +167,11 @@ class SubgraphLoader:
         shuffle: new tiles and a new order every epoch (needs ``seed``).
         seed: base seed; epoch ``e`` uses ``seed + e``.
         centre_masks: optional ``[N]`` bool per slide: only these nodes are centres (loss-bearing).
+        index_bytes: most bytes of per-slide index (CSR over edge targets and the kept edges: 56 bytes a
+            spot at k = 6, 200 with ``node_mask``) kept between batches; the least recently used slide's goes first,
+            and is built again (O(slide edges)) when a batch needs it. The slide a batch is cut from is
+            always kept, so a loader holds at most this or the largest slide's index. ``None`` = keep
+            every slide's once built.
 
     ``x`` and ``y`` may be stored as float16/bfloat16 (half the memory of a large slide); each batch
     gets them as float32. Each batch is a ``torch_geometric.data.Batch`` with ``center_mask`` ``[N]`` (bool, the centre
@@ -157,23 +180,40 @@ class SubgraphLoader:
     """
 
     def __init__(self, graphs: Sequence["Data"], *, batch_nodes: int = 512, num_hops: int = 2,
-                 shuffle: bool = False, seed: int = 0, centre_masks: Sequence[np.ndarray | None] | None = None):
+                 shuffle: bool = False, seed: int = 0, centre_masks: Sequence[np.ndarray | None] | None = None,
+                 index_bytes: int | None = INDEX_BYTES):
         self.slides = []
         for i, g in enumerate(graphs):
             keep = node_mask(g)
-            eids = kept_edges(g, keep)
-            ei = g.edge_index.cpu().numpy()
-            if eids is not None:
-                ei = ei[:, eids]
             mask = None if centre_masks is None or centre_masks[i] is None else np.asarray(centre_masks[i], dtype=bool)
             if keep is not None:
                 mask = keep if mask is None else keep & mask
-            self.slides.append(_Slide(g, g.pos.cpu().numpy(), ei, _CSR(ei, g.num_nodes), mask, eids))
+            self.slides.append(_Slide(g, g.pos.cpu().numpy(), mask))
         self.batch_nodes = batch_nodes
         self.num_hops = num_hops
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.index_bytes = index_bytes
+        self._indexes: OrderedDict[int, _Index] = OrderedDict()  # slide -> its index, least recently used first
+        self.indexes_built = 0  # how many times an index was built (a measure of the budget's churn)
+        self.index_nbytes = 0  # bytes of the indexes held now
+        n = max((int(g.num_nodes) for g in graphs), default=0)  # scratch of every slide's batches, allocated once:
+        self._inside = np.zeros(n, dtype=bool)  # [N] halo_subgraph's, all False between calls
+        self._remap = np.full(n, -1, dtype=np.int64)  # [N] slide node -> batch node, all -1 between calls
+
+    def index(self, si: int) -> _Index:
+        """Slide ``si``'s index: kept, or built and kept, dropping the least recently used over the budget."""
+        idx = self._indexes.get(si)
+        if idx is not None:
+            self._indexes.move_to_end(si)
+            return idx
+        idx = self._indexes[si] = _Index.build(self.slides[si].data)
+        self.indexes_built += 1
+        self.index_nbytes += idx.nbytes
+        while self.index_bytes is not None and self.index_nbytes > self.index_bytes and len(self._indexes) > 1:
+            self.index_nbytes -= self._indexes.popitem(last=False)[1].nbytes
+        return idx
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -211,15 +251,15 @@ class SubgraphLoader:
 
         items = []
         for si, centre in group:
-            s = self.slides[si]
-            g = s.data
-            inside, remap = s.scratch()
-            subset, eids = halo_subgraph(s.csr, centre, g.num_nodes, self.num_hops, inside)
+            g = self.slides[si].data
+            ix = self.index(si)
+            subset, eids = halo_subgraph(ix.csr, centre, g.num_nodes, self.num_hops, self._inside)
+            remap = self._remap
             remap[subset] = np.arange(len(subset))
-            sub_ei = remap[s.edge_index[:, eids]]
+            sub_ei = remap[ix.edge_index[:, eids]]
             remap[subset] = -1
             sub_t = torch.from_numpy(subset)
-            eids = eids if s.edge_ids is None else s.edge_ids[eids]
+            eids = eids if ix.edge_ids is None else ix.edge_ids[eids]
             d = Data(x=_widen(g.x[sub_t]), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
                      edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
             if getattr(g, "y", None) is not None:

@@ -25,6 +25,30 @@ def test_slide_norm_uses_the_slides_own_statistics():
     np.testing.assert_allclose(norm.apply(shifted * 1.7 - 4.0), out, atol=1e-4)
 
 
+def test_slide_norm_pools_the_slides_one_at_a_time():
+    """The training statistics are read slide by slide (a generator, each slide once) and equal those of
+    the slides concatenated: slides of other means and spreads, so that a pooling without the between-slide
+    term would be far off."""
+    from gnnst.graph.features import SlideNorm
+
+    rng = np.random.default_rng(4)
+    slides = [rng.normal(m, sd, (n, 6)).astype(np.float16) for m, sd, n in ((0, 1, 90), (4, 0.5, 30), (-3, 2, 200),
+                                                                              (1, 1, 1))]
+    read = []
+
+    def one_at_a_time():
+        for i, x in enumerate(slides):
+            read.append(i)
+            yield x
+
+    norm = SlideNorm.fit(one_at_a_time(), min_spots=50)
+    assert read == [0, 1, 2, 3]
+    whole = np.concatenate([x.astype(np.float64) for x in slides])
+    np.testing.assert_allclose(norm.mean, whole.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(norm.std, whole.std(0), rtol=1e-6)
+    assert norm.mean.dtype == norm.std.dtype == np.float32
+
+
 def test_a_small_slide_falls_back_to_the_training_statistics_with_a_warning(caplog):
     from gnnst.graph.features import SlideNorm
 
