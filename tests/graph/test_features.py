@@ -131,3 +131,33 @@ def test_features_config_ranges(override, msg):
 
     with pytest.raises(GnnstError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+def test_stain_reference_estimates_on_a_bounded_sample_of_the_training_slides(monkeypatch):
+    """Up to data.stain.REFERENCE_PIXELS the reference pools every sampled pixel of every training slide (the
+    her2st reference is unchanged); above it each slide gives its share, a seeded subsample of its own pixels,
+    and the stain estimated on it is that of the whole pool within a few degrees."""
+    import anndata as ad
+    import pandas as pd
+
+    from gnnst import keys
+    from gnnst.data import stain as S
+    from gnnst.graph import features as F
+    from gnnst_testdata import he_concentrations, he_pixels
+
+    slides = {f"s{i}": he_pixels(he_concentrations((40, 50), i)).reshape(-1, 3) for i in range(4)}  # 2,000 px each
+    monkeypatch.setattr(F, "slide_pixels", lambda a, **kw: slides[F._slide_name(a)])
+    pooled, estimate = [], S.estimate
+    monkeypatch.setattr(S, "estimate", lambda m, px, where="": pooled.append(px) or estimate(m, px, where=where))
+    adatas = [ad.AnnData(obs=pd.DataFrame({keys.SLIDE_ID: [s]}, index=["spot"])) for s in slides]
+
+    whole = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
+    np.testing.assert_array_equal(pooled[-1], np.concatenate(list(slides.values())))
+    monkeypatch.setattr(S, "REFERENCE_PIXELS", 4000)
+    part = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
+    assert len(pooled[-1]) == 4000
+    for share, own in zip(np.split(pooled[-1], 4), slides.values(), strict=True):
+        assert {tuple(p) for p in share} <= {tuple(p) for p in own}
+    assert np.abs(part.a - whole.a).max() < 0.05
+    again = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
+    np.testing.assert_array_equal(again.a, part.a)  # seeded: the same reference every time
