@@ -180,8 +180,8 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
     epoch are timed in full, then the stepped batches' time is scaled to all batches. ``cfg``: the config
     (default: the defaults); ``after(model, cfg, device) -> dict``: run once the epochs are done, its
     figures added. ``cut_rest``: on the host sampler, the batches of an epoch beyond those stepped are cut
-    too (sampled, not stepped), so that the sampler's memory over a whole epoch is measured: its per-slide
-    index, built as batches need it and kept up to ``train.sampler_index_mb``."""
+    too (sampled, not stepped), so that the sampler's memory over a whole epoch is measured (its per-slide
+    index is built as batches need it)."""
     import torch
 
     from gnnst.config import Config
@@ -198,7 +198,7 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
         torch.cuda.reset_peak_memory_stats(dev)
     _reset_peak()
     before = _status_mb("VmRSS")
-    anon_peak = _rss_anon_mb()
+    anon_peak = r["rss_anon_before_loader_mb"] = _rss_anon_mb()
     t0 = time.perf_counter()
     loader = make_loader(graphs, cfg, dev, num_hops=cfg.train.num_hops, shuffle=True, seed=seed)
     sync()
@@ -246,8 +246,7 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
             log[-1].update(cut_rest_batches=len(rest), cut_rest_seconds=time.perf_counter() - t0)
             anon_peak = max(anon_peak, peak.stop())
     if hasattr(loader, "index_nbytes"):  # the host sampler's per-slide index at the epoch's end
-        r.update(index_budget_mb=cfg.train.sampler_index_mb, index_held_mb=loader.index_nbytes / 2**20,
-                 indexes_built=loader.indexes_built, slides=len(graphs))
+        r.update(index_held_mb=loader.index_nbytes / 2**20, slides=len(graphs))
     r.update(mon.stop())
     r["epochs"] = log
     r["epoch_seconds_median"] = statistics.median(e["seconds"] for e in log)
@@ -335,8 +334,7 @@ def validation_pass(train, val, val_masks):
                 "bank_spots": int(model.bank_z.shape[0]), "val_spots_scored": sum(int(m.sum()) for m in val_masks),
                 "val_pass_peak_above_mb": _status_mb("VmHWM") - hwm0, "val_pass_anon_growth_mb": _rss_anon_mb() - anon0,
                 "val_score": score, "caps": [cfg.model.retrieval_bank_spots, cfg.train.val_spots],
-                "val_index_held_mb": getattr(loader, "index_nbytes", 0) / 2**20,
-                "val_indexes_built": getattr(loader, "indexes_built", None)}
+                "val_index_held_mb": getattr(loader, "index_nbytes", 0) / 2**20}
 
     return after
 
@@ -361,7 +359,7 @@ def panel_choice(root: Path, cfg) -> dict:
 
 def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
                  threads: int | None, folder: str, seed: int = 0, targets_in: str = "file",
-                 caps: str = "on", cut_rest: bool = False, index_mb: int | None = 256) -> dict:
+                 caps: str = "on", cut_rest: bool = False) -> dict:
     """A HEST-1k-shaped cohort: ``slides`` synthetic slides of ``spots`` spots each, written as a graph folder
     (:func:`write_cohort`) and read back as training reads one: :class:`gnnst.graph.store.GraphDataset`
     (``x`` memory-mapped, float16), the fold's targets made by the library's own path
@@ -374,7 +372,7 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     After the epoch, one validation pass as ``fit`` runs it (:func:`validation_pass`); ``caps="off"``: with
     ``expression.panel_spots``, ``model.retrieval_bank_spots`` and ``train.val_spots`` null (every spot at
     once for the panel, every training spot in the bank, every validation spot scored), for comparison.
-    ``cut_rest``, ``index_mb`` (``train.sampler_index_mb``): see :func:`train_epochs`."""
+    ``cut_rest``: see :func:`train_epochs`."""
     import torch
 
     from gnnst.config import Config
@@ -393,7 +391,6 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
          "storage": "float16"}
     cfg = Config()
     cfg.graph.storage = "float16"
-    cfg.train.sampler_index_mb = index_mb
     if caps == "off":
         cfg.model.retrieval_bank_spots, cfg.train.val_spots, cfg.expression.panel_spots = None, None, None
     r.update(panel_choice(root, cfg))
@@ -416,10 +413,6 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     r.update(train_epochs(train, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
                           seed=seed, cfg=cfg, after=validation_pass(train, val, val_masks), cut_rest=cut_rest))
     return r
-
-
-def _index_mb(text: str) -> int | None:
-    return None if text.lower() in ("null", "none") else int(text)
 
 
 def run_child(args: list[str], label: str) -> dict:
@@ -495,20 +488,19 @@ def format_validation(results: list[dict]) -> str:
 
 
 def format_index(results: list[dict]) -> str:
-    """The cohort rows' host-sampler index (``train.sampler_index_mb``): the budget, the batches cut in the
-    epoch (stepped, and cut without a step with ``--cut-rest``), how often a slide's index was built, what
-    the training and validation samplers held at the end, and the anonymous memory of the epoch."""
-    lines = ["| cohort | `train.sampler_index_mb` | batches stepped + cut only | cutting the rest (s) | "
-             "indexes built (slides) | training sampler's index held (MB) | validation sampler's (MB) | "
-             "peak anonymous RSS of the epoch (MB) |", "|---" * 8 + "|"]
+    """The cohort rows' host-sampler index: the batches cut in the epoch (stepped, and cut without a step
+    with ``--cut-rest``), what the training and validation samplers' per-slide indexes held at the end, and
+    the anonymous memory of the epoch."""
+    lines = ["| cohort | batches stepped + cut only | cutting the rest (s) | training sampler's index (MB) | "
+             "validation sampler's (MB) | anonymous RSS before the loader (MB) | peak anonymous RSS of the epoch (MB) |",
+             "|---" * 7 + "|"]
     for r in results:
         e = r["epochs"][-1]
-        budget = "null" if r["index_budget_mb"] is None else f"{r['index_budget_mb']}"
-        val = f"{r['val_index_held_mb']:.0f}" if "val_index_held_mb" in r else "-"
-        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | {budget} | "
+        val = f"{r['val_index_held_mb']:.1f}" if "val_index_held_mb" in r else "-"
+        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | "
                      f"{e['stepped_batches']:,} + {e.get('cut_rest_batches', 0):,} of {e['batches']:,} | "
-                     f"{e.get('cut_rest_seconds', 0):.1f} | {r['indexes_built']:,} ({r['slides']:,}) | "
-                     f"{r['index_held_mb']:.0f} | {val} | {r['rss_anon_end_mb']:.0f} |")
+                     f"{e.get('cut_rest_seconds', 0):.1f} | {r['index_held_mb']:.1f} | {val} | "
+                     f"{r.get('rss_anon_before_loader_mb', float('nan')):.0f} | {r['rss_anon_end_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -548,8 +540,6 @@ def main(argv=None) -> int:
     p.add_argument("--cut-rest", action="store_true",
                    help="cohort, host sampler: also cut (sample without a model step) the epoch's batches beyond "
                         "--max-step-batches, so the sampler's memory over a whole epoch is measured")
-    p.add_argument("--sampler-index-mb", default="256",
-                   help="the cohort's train.sampler_index_mb (null: every slide's index kept, for comparison)")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="epochs per size (default: 3 below 100k spots, else 1)")
     p.add_argument("--max-step-batches", type=int, default=400,
@@ -570,8 +560,8 @@ def main(argv=None) -> int:
     if args.child_cohort is not None:
         print(json.dumps(cohort_child(*args.child_cohort, args.sampler, args.device, args.epochs or 1,
                                       args.max_step_batches, args.threads, args.cohort_dir,
-                                      targets_in=args.cohort_targets, caps=args.cohort_caps, cut_rest=args.cut_rest,
-                                      index_mb=_index_mb(args.sampler_index_mb))), flush=True)
+                                      targets_in=args.cohort_targets, caps=args.cohort_caps, cut_rest=args.cut_rest)),
+              flush=True)
         return 0
 
     import shutil
@@ -599,7 +589,6 @@ def main(argv=None) -> int:
                 results.append(run_child(["--child-cohort", *map(str, args.cohort), "--sampler", sampler,
                                           "--cohort-dir", folder, "--epochs", "1", "--cohort-targets",
                                           args.cohort_targets, "--cohort-caps", args.cohort_caps,
-                                          "--sampler-index-mb", args.sampler_index_mb,
                                           *(["--cut-rest"] if args.cut_rest else []), *common],
                                          f"cohort {sampler}"))
                 print(format_table(results[-1:]).splitlines()[-1], flush=True)

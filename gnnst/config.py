@@ -284,12 +284,6 @@ class TrainConfig(_Section):
     # slides resident on the training device, halo subgraphs cut there for a whole epoch at once, no host
     # synchronisation per step), "auto" = device on CUDA when the slides fit in its memory, else host
     sampler: typing.Literal["auto", "host", "device"] = "auto"
-    # MiB of per-slide sampling index (CSR over edge targets and the kept edges: about 56 bytes a spot at
-    # graph.k = 6, 200 for training slides with validation blocks) the host sampler keeps between batches;
-    # the least recently used slide's is dropped first and built again when a batch needs it. Bounds the
-    # sampler's memory on a cohort (2 M spots: up to 400 MB per sampler otherwise); null = keep every
-    # slide's. Batches are the same whatever it is
-    sampler_index_mb: int | None = num(256, ge=1)
     # under torchrun: "folds" spreads the folds and their ensemble members (and the final model's members)
     # over the ranks, one model per rank at a time, each fold prepared only by the ranks that train it and
     # scored by one (the output folder must be on a filesystem every rank sees); "ddp" trains each model
@@ -399,8 +393,6 @@ RESULT_NEUTRAL: dict[str, str] = {
                           "depend on its batch, up to float rounding)",
     "encoder.num_threads": "CPU threads of the encoder (equal up to float rounding)",
     "train.num_threads": "CPU threads of training (equal up to float rounding)",
-    "train.sampler_index_mb": "how much per-slide sampling index the host sampler keeps (an index dropped is "
-                              "built again the same: the batches do not change)",
     "train.checkpoint_every_s": "how often resume checkpoints are written (a resumed run replays the epochs "
                                 "after its checkpoint with the same per-epoch seeds)",
     "num_workers": "reserved for data-loading processes (nothing reads it yet)",

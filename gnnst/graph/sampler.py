@@ -3,15 +3,15 @@
 Each slide is cut into spatial tiles of at most ``batch_nodes`` centre spots (a k-d split along the
 longer side), each tile gets a ``num_hops`` halo of neighbours so that message passing at the centre
 sees its full receptive field, and small tiles of several slides are packed into one ``Batch``.
-Cost per batch is proportional to the subgraph, never to the slide: a CSR index over edge targets
-is built per slide when a batch first needs it, and the indexes of the slides used last are kept up
-to a byte budget (``index_bytes``), so the memory a loader holds is bounded by that budget and the
-largest slide's index, not by the cohort.
+Cost per batch is proportional to the subgraph, never to the slide. A slide's index over edge
+targets is built when a batch first needs it: the offsets of each node's incoming edges, 8 bytes a
+spot, since :func:`gnnst.graph.edges.spatial_edges` stores edges sorted by target (other edge orders
+add a sort permutation, 8 bytes an edge); nodes outside ``node_mask`` are left out per batch, so no
+slide's edges are copied.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -19,8 +19,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     from torch_geometric.data import Batch, Data
-
-INDEX_BYTES = 256 * 2**20  # per-slide indexes a SubgraphLoader keeps by default (train.sampler_index_mb)
 
 
 def spatial_tiles(pos: np.ndarray, max_nodes: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
@@ -49,14 +47,21 @@ def _widen(t):
 
 
 class _CSR:
-    """Incoming edges of each target node: ``edges[indptr[i]:indptr[i+1]]`` are the edge ids into ``i``."""
+    """Incoming edges of each target node ``i``: edge ids ``order[indptr[i]:indptr[i+1]]``, or the positions
+    ``indptr[i]:indptr[i+1]`` themselves when the edges are sorted by target (``order`` is then ``None``)."""
 
     def __init__(self, edge_index: np.ndarray, num_nodes: int):
         dst = edge_index[1]
-        self.order = np.argsort(dst, kind="stable")  # edge ids sorted by target
         self.indptr = np.zeros(num_nodes + 1, dtype=np.int64)
         np.cumsum(np.bincount(dst, minlength=num_nodes), out=self.indptr[1:])
+        by_target = bool(np.all(dst[1:] >= dst[:-1]))
+        self.order = None if by_target else np.argsort(dst, kind="stable")  # edge ids sorted by target
         self.src = edge_index[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this index owns (``src`` is a view of the edges)."""
+        return self.indptr.nbytes + (0 if self.order is None else self.order.nbytes)
 
     def in_edges(self, nodes: np.ndarray) -> np.ndarray:
         """Ids of all edges whose target is in ``nodes``."""
@@ -65,11 +70,12 @@ class _CSR:
         if lens.sum() == 0:
             return np.zeros(0, dtype=np.int64)
         offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-        return self.order[np.arange(lens.sum()) + offs]
+        at = np.arange(lens.sum()) + offs
+        return at if self.order is None else self.order[at]
 
 
 def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
-                  inside: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  inside: np.ndarray | None = None, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nodes within ``num_hops`` (along incoming edges) of ``centre`` and the edges among them.
 
     Returns ``(subset, edge_ids)``: ``subset`` starts with ``centre`` in order; ``edge_ids`` are the
@@ -77,6 +83,8 @@ def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
 
     ``inside``: an all-False ``[num_nodes]`` bool scratch array to reuse across calls (it is all-False
     again on return), so that a call costs in proportion to the subgraph, not to the slide.
+    ``present``: ``[num_nodes]`` bool, the nodes that belong to the graph (``centre`` among them); the
+    others are never reached, as if they and their edges were not there.
     """
     if inside is None:
         inside = np.zeros(num_nodes, dtype=bool)
@@ -86,7 +94,7 @@ def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
         frontier = centre
         for _ in range(num_hops):
             nb = np.unique(csr.src[csr.in_edges(frontier)])
-            nb = nb[~inside[nb]]
+            nb = nb[~inside[nb] if present is None else present[nb] & ~inside[nb]]
             if len(nb) == 0:
                 break
             inside[nb] = True
@@ -125,35 +133,12 @@ def present_rows(g: "Data", t):
 
 
 @dataclass
-class _Index:
-    """What cutting a slide's batches takes besides its arrays; :meth:`build` makes it from the graph."""
-
-    edge_index: np.ndarray  # [2, E'] the edges among the slide's present nodes
-    csr: _CSR
-    edge_ids: np.ndarray | None  # [E'] ids of those edges in g.edge_index (None: all, in order)
-
-    @classmethod
-    def build(cls, g: "Data") -> "_Index":
-        eids = kept_edges(g, node_mask(g))
-        ei = g.edge_index.cpu().numpy()
-        if eids is not None:
-            ei = ei[:, eids]
-        return cls(ei, _CSR(ei, g.num_nodes), eids)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the arrays this index owns (views of the graph's own arrays are not counted)."""
-        own = [self.csr.order, self.csr.indptr]
-        if self.edge_ids is not None:
-            own += [self.edge_ids, self.edge_index]
-        return int(sum(a.nbytes for a in own))
-
-
-@dataclass
 class _Slide:
     data: "Data"
     pos: np.ndarray
-    node_mask: np.ndarray | None  # nodes that may be centres: present (node_mask) and in centre_masks
+    present: np.ndarray | None  # [N] the nodes that belong to the graph (node_mask); None = all
+    node_mask: np.ndarray | None  # nodes that may be centres: present and in centre_masks
+    csr: _CSR | None = None  # built when a batch first needs it
 
 
 class SubgraphLoader:
@@ -167,11 +152,9 @@ class SubgraphLoader:
         shuffle: new tiles and a new order every epoch (needs ``seed``).
         seed: base seed; epoch ``e`` uses ``seed + e``.
         centre_masks: optional ``[N]`` bool per slide: only these nodes are centres (loss-bearing).
-        index_bytes: most bytes of per-slide index (CSR over edge targets and the kept edges: 56 bytes a
-            spot at k = 6, 200 with ``node_mask``) kept between batches; the least recently used slide's goes first,
-            and is built again (O(slide edges)) when a batch needs it. The slide a batch is cut from is
-            always kept, so a loader holds at most this or the largest slide's index. ``None`` = keep
-            every slide's once built.
+
+    Memory besides the slides' own arrays: per slide its masks (1 byte a spot each) and, once a batch
+    has used it, its index (8 bytes a spot: :class:`_CSR`); one scratch of the largest slide.
 
     ``x`` and ``y`` may be stored as float16/bfloat16 (half the memory of a large slide); each batch
     gets them as float32. Each batch is a ``torch_geometric.data.Batch`` with ``center_mask`` ``[N]`` (bool, the centre
@@ -180,40 +163,34 @@ class SubgraphLoader:
     """
 
     def __init__(self, graphs: Sequence["Data"], *, batch_nodes: int = 512, num_hops: int = 2,
-                 shuffle: bool = False, seed: int = 0, centre_masks: Sequence[np.ndarray | None] | None = None,
-                 index_bytes: int | None = INDEX_BYTES):
+                 shuffle: bool = False, seed: int = 0, centre_masks: Sequence[np.ndarray | None] | None = None):
         self.slides = []
         for i, g in enumerate(graphs):
             keep = node_mask(g)
             mask = None if centre_masks is None or centre_masks[i] is None else np.asarray(centre_masks[i], dtype=bool)
             if keep is not None:
                 mask = keep if mask is None else keep & mask
-            self.slides.append(_Slide(g, g.pos.cpu().numpy(), mask))
+            self.slides.append(_Slide(g, g.pos.cpu().numpy(), keep, mask))
         self.batch_nodes = batch_nodes
         self.num_hops = num_hops
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
-        self.index_bytes = index_bytes
-        self._indexes: OrderedDict[int, _Index] = OrderedDict()  # slide -> its index, least recently used first
-        self.indexes_built = 0  # how many times an index was built (a measure of the budget's churn)
-        self.index_nbytes = 0  # bytes of the indexes held now
         n = max((int(g.num_nodes) for g in graphs), default=0)  # scratch of every slide's batches, allocated once:
         self._inside = np.zeros(n, dtype=bool)  # [N] halo_subgraph's, all False between calls
         self._remap = np.full(n, -1, dtype=np.int64)  # [N] slide node -> batch node, all -1 between calls
 
-    def index(self, si: int) -> _Index:
-        """Slide ``si``'s index: kept, or built and kept, dropping the least recently used over the budget."""
-        idx = self._indexes.get(si)
-        if idx is not None:
-            self._indexes.move_to_end(si)
-            return idx
-        idx = self._indexes[si] = _Index.build(self.slides[si].data)
-        self.indexes_built += 1
-        self.index_nbytes += idx.nbytes
-        while self.index_bytes is not None and self.index_nbytes > self.index_bytes and len(self._indexes) > 1:
-            self.index_nbytes -= self._indexes.popitem(last=False)[1].nbytes
-        return idx
+    def csr(self, si: int) -> _CSR:
+        """Slide ``si``'s index over edge targets, built the first time it is needed."""
+        s = self.slides[si]
+        if s.csr is None:
+            s.csr = _CSR(s.data.edge_index.cpu().numpy(), s.data.num_nodes)
+        return s.csr
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the slides' indexes built so far."""
+        return sum(s.csr.nbytes for s in self.slides if s.csr is not None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -251,15 +228,15 @@ class SubgraphLoader:
 
         items = []
         for si, centre in group:
-            g = self.slides[si].data
-            ix = self.index(si)
-            subset, eids = halo_subgraph(ix.csr, centre, g.num_nodes, self.num_hops, self._inside)
+            s = self.slides[si]
+            g = s.data
+            csr = self.csr(si)
+            subset, eids = halo_subgraph(csr, centre, g.num_nodes, self.num_hops, self._inside, s.present)
             remap = self._remap
             remap[subset] = np.arange(len(subset))
-            sub_ei = remap[ix.edge_index[:, eids]]
+            sub_ei = remap[g.edge_index.cpu().numpy()[:, eids]]  # a view of the slide's edges: no copy
             remap[subset] = -1
             sub_t = torch.from_numpy(subset)
-            eids = eids if ix.edge_ids is None else ix.edge_ids[eids]
             d = Data(x=_widen(g.x[sub_t]), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
                      edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
             if getattr(g, "y", None) is not None:

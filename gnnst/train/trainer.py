@@ -101,9 +101,8 @@ def make_loader(graphs: Sequence["Data"], cfg: "Config", device, *, num_hops: in
     if kind == "device":
         return DeviceSubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed,
                                     device=device, centre_masks=centre_masks)
-    mb = cfg.train.sampler_index_mb
     return SubgraphLoader(graphs, batch_nodes=batch_nodes, num_hops=num_hops, shuffle=shuffle, seed=seed,
-                          centre_masks=centre_masks, index_bytes=None if mb is None else mb * 2**20)
+                          centre_masks=centre_masks)
 
 
 def validation_loader(model: "ExpressionModel", graphs: Sequence["Data"], masks: Sequence[np.ndarray], cfg: "Config",

@@ -61,43 +61,48 @@ def test_centre_masks_restrict_centres():
     assert torch.equal(torch.sort(centres).values, torch.arange(30))
 
 
-def _batch_arrays(b):
-    return [t.numpy().copy() for t in (b.x, b.y, b.pos, b.edge_index, b.edge_attr, b.node_id, b.slide, b.center_mask)]
+
+def _edges_of(b):
+    """A batch's edges as (source, target, attributes) in slide node numbers: independent of edge order."""
+    src, dst = b.node_id[b.edge_index[0]], b.node_id[b.edge_index[1]]
+    return sorted(zip(src.tolist(), dst.tolist(), map(tuple, b.edge_attr.tolist())))
 
 
-@pytest.mark.parametrize("with_masks", [False, True])
-def test_index_budget_changes_memory_not_batches(with_masks):
-    """A budget that keeps one slide's index at a time (built again and again) gives the same batches as
-    keeping every slide's; what is held stays within the largest slide's index."""
-    gs = [_slide(n, seed=i, k=6) for i, n in enumerate((90, 150, 60, 120))]
-    masks = None
-    if with_masks:  # present nodes (node_mask: the kept-edges path) and centre masks
-        rng = np.random.default_rng(5)
-        for g in gs:
-            g.node_mask = torch.from_numpy(rng.random(g.num_nodes) < 0.8)
-        masks = [rng.random(g.num_nodes) < 0.5 for g in gs]
-    kw = dict(batch_nodes=32, num_hops=2, shuffle=True, seed=7, centre_masks=masks)
-    keep_all, one = SubgraphLoader(gs, index_bytes=None, **kw), SubgraphLoader(gs, index_bytes=1, **kw)
-    largest = max(SubgraphLoader([g], index_bytes=None, **dict(kw, centre_masks=None)).index(0).nbytes for g in gs)
-    for epoch in range(2):
-        keep_all.set_epoch(epoch)
-        one.set_epoch(epoch)
-        pairs = list(zip(keep_all, one, strict=True))
-        assert len(pairs) > len(gs)
-        for a, b in pairs:
-            for u, v in zip(_batch_arrays(a), _batch_arrays(b), strict=True):
-                np.testing.assert_array_equal(u, v)
-            assert one.index_nbytes <= largest and len(one._indexes) == 1
-    assert keep_all.indexes_built == len(gs) and len(keep_all._indexes) == len(gs)
-    assert one.indexes_built > len(gs)  # dropped and built again: the budget was binding
+def test_index_is_offsets_only_for_edges_sorted_by_target_and_any_order_gives_the_same_batches():
+    """spatial_edges sorts edges by target: the index is then 8 bytes a node (the offsets); edges in another
+    order need the sort permutation too and give the same halos and edges. Nodes outside node_mask are
+    never reached."""
+    g = _slide(200, seed=2, k=6)
+    g.node_mask = torch.from_numpy(np.random.default_rng(3).random(200) < 0.8)
+    perm = torch.from_numpy(np.random.default_rng(4).permutation(g.edge_index.shape[1]))
+    shuffled = g.clone()
+    shuffled.edge_index, shuffled.edge_attr = g.edge_index[:, perm], g.edge_attr[perm]
+    kw = dict(batch_nodes=32, num_hops=2, shuffle=True, seed=1)
+    a, b = SubgraphLoader([g], **kw), SubgraphLoader([shuffled], **kw)
+    assert a.index_nbytes == b.index_nbytes == 0  # built when a batch first needs it
+    present = set(np.where(g.node_mask.numpy())[0].tolist())
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.node_id, y.node_id) and torch.equal(x.center_mask, y.center_mask)
+        assert _edges_of(x) == _edges_of(y)
+        assert set(x.node_id.tolist()) <= present
+    assert a.index_nbytes == 8 * (200 + 1)
+    assert b.index_nbytes == 8 * (200 + 1) + 8 * g.edge_index.shape[1]
 
 
-def test_make_loader_passes_the_index_budget():
-    from gnnst.config import load_config
-    from gnnst.train.trainer import make_loader
+def test_node_mask_batches_are_those_of_the_graph_without_the_masked_nodes():
+    """A node_mask graph (the training part of a slide) gives the batches of the same slide with the masked
+    nodes and their edges dropped (node_subgraph), up to the nodes' numbering."""
+    from gnnst.train.prepare import node_subgraph, with_node_mask
 
-    g = _slide(50)
-    cfg = load_config(None, ["train.sampler_index_mb=3", "train.sampler=host"])
-    assert make_loader([g], cfg, "cpu", num_hops=2, shuffle=False).index_bytes == 3 * 2**20
-    cfg = load_config(None, ["train.sampler_index_mb=null", "train.sampler=host"])
-    assert make_loader([g], cfg, "cpu", num_hops=2, shuffle=False).index_bytes is None
+    g = _slide(250, seed=6, k=6)
+    keep = np.random.default_rng(7).random(250) < 0.7
+    kept = torch.from_numpy(np.where(keep)[0])
+    kw = dict(batch_nodes=40, num_hops=2, shuffle=True, seed=2)
+    masked, dropped = SubgraphLoader([with_node_mask(g, keep)], **kw), SubgraphLoader([node_subgraph(g, keep)], **kw)
+    n = 0
+    for a, b in zip(masked, dropped, strict=True):
+        assert torch.equal(a.node_id, kept[b.node_id]) and torch.equal(a.center_mask, b.center_mask)
+        assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.edge_attr, b.edge_attr)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+        n += 1
+    assert n > 3
