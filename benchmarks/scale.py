@@ -172,14 +172,16 @@ class _GpuMonitor:
 
 
 def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_batches: int, seed: int = 0,
-                 cfg=None, after=None) -> dict:
+                 cfg=None, after=None, cut_rest: bool = False) -> dict:
     """``epochs`` epochs of the default GNNST model over ``graphs`` with ``train.sampler: sampler`` on
     ``device``, through :func:`gnnst.train.trainer.make_loader` and :func:`~gnnst.train.trainer.train_epoch`
     (what ``fit`` runs). An epoch longer than ``max_step_batches`` steps on its first batches only and is
     extrapolated (marked est.): the tiles (host) and, for the device sampler, the halo plan of the WHOLE
     epoch are timed in full, then the stepped batches' time is scaled to all batches. ``cfg``: the config
     (default: the defaults); ``after(model, cfg, device) -> dict``: run once the epochs are done, its
-    figures added."""
+    figures added. ``cut_rest``: on the host sampler, the batches of an epoch beyond those stepped are cut
+    too (sampled, not stepped), so that the sampler's memory over a whole epoch is measured (its per-slide
+    index is built as batches need it)."""
     import torch
 
     from gnnst.config import Config
@@ -196,7 +198,7 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
         torch.cuda.reset_peak_memory_stats(dev)
     _reset_peak()
     before = _status_mb("VmRSS")
-    anon_peak = _rss_anon_mb()
+    anon_peak = r["rss_anon_before_loader_mb"] = _rss_anon_mb()
     t0 = time.perf_counter()
     loader = make_loader(graphs, cfg, dev, num_hops=cfg.train.num_hops, shuffle=True, seed=seed)
     sync()
@@ -235,6 +237,16 @@ def train_epochs(graphs, *, device: str, sampler: str, epochs: int, max_step_bat
                     "step_seconds": t_steps * scale, "stepped_batches": steps, "batches": len(groups),
                     "centre_nodes": centres, "spots_per_second": centres / seconds, "loss": loss})
         anon_peak = max(anon_peak, _rss_anon_mb())
+        rest = groups[steps:]
+        if cut_rest and rest and hasattr(loader, "make_batch"):  # the rest of the epoch: sampled, not stepped
+            peak = _AnonPeak()
+            t0 = time.perf_counter()
+            for grp in rest:
+                loader.make_batch(grp)
+            log[-1].update(cut_rest_batches=len(rest), cut_rest_seconds=time.perf_counter() - t0)
+            anon_peak = max(anon_peak, peak.stop())
+    if hasattr(loader, "index_nbytes"):  # the host sampler's per-slide index at the epoch's end
+        r.update(index_held_mb=loader.index_nbytes / 2**20, slides=len(graphs))
     r.update(mon.stop())
     r["epochs"] = log
     r["epoch_seconds_median"] = statistics.median(e["seconds"] for e in log)
@@ -312,16 +324,17 @@ def validation_pass(train, val, val_masks):
         model.after_fit(train, batch_nodes=cfg.train.batch_nodes)
         t_bank = time.perf_counter() - t0
         val_y = [g.y[torch.from_numpy(m)].numpy() for g, m in zip(val, val_masks)]
+        loader = validation_loader(model, val, val_masks, cfg, dev)
         (preds,) = predict_graphs(model, val, batch_nodes=cfg.train.batch_nodes, num_hops=cfg.train.num_hops,
-                                  device=dev, loader=validation_loader(model, val, val_masks, cfg, dev),
-                                  masks=val_masks).values()
+                                  device=dev, loader=loader, masks=val_masks).values()
         score = validation_score(val_y, preds)
         anon_peak = anon.stop()
         return {"val_pass_anon_peak_above_mb": anon_peak - anon0, "val_pass_seconds": time.perf_counter() - t0,
                 "bank_seconds": t_bank,
                 "bank_spots": int(model.bank_z.shape[0]), "val_spots_scored": sum(int(m.sum()) for m in val_masks),
                 "val_pass_peak_above_mb": _status_mb("VmHWM") - hwm0, "val_pass_anon_growth_mb": _rss_anon_mb() - anon0,
-                "val_score": score, "caps": [cfg.model.retrieval_bank_spots, cfg.train.val_spots]}
+                "val_score": score, "caps": [cfg.model.retrieval_bank_spots, cfg.train.val_spots],
+                "val_index_held_mb": getattr(loader, "index_nbytes", 0) / 2**20}
 
     return after
 
@@ -346,7 +359,7 @@ def panel_choice(root: Path, cfg) -> dict:
 
 def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int, max_step_batches: int,
                  threads: int | None, folder: str, seed: int = 0, targets_in: str = "file",
-                 caps: str = "on") -> dict:
+                 caps: str = "on", cut_rest: bool = False) -> dict:
     """A HEST-1k-shaped cohort: ``slides`` synthetic slides of ``spots`` spots each, written as a graph folder
     (:func:`write_cohort`) and read back as training reads one: :class:`gnnst.graph.store.GraphDataset`
     (``x`` memory-mapped, float16), the fold's targets made by the library's own path
@@ -358,7 +371,8 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     ``targets_in="memory"``: the same targets held in memory instead (``targets=None``), for comparison.
     After the epoch, one validation pass as ``fit`` runs it (:func:`validation_pass`); ``caps="off"``: with
     ``expression.panel_spots``, ``model.retrieval_bank_spots`` and ``train.val_spots`` null (every spot at
-    once for the panel, every training spot in the bank, every validation spot scored), for comparison."""
+    once for the panel, every training spot in the bank, every validation spot scored), for comparison.
+    ``cut_rest``: see :func:`train_epochs`."""
     import torch
 
     from gnnst.config import Config
@@ -397,7 +411,7 @@ def cohort_child(slides: int, spots: int, sampler: str, device: str, epochs: int
     r["rss_with_slide_mb"] = _status_mb("VmRSS")
     r["slide_arrays_mb"] = slides * spots * (EMB_DIM * 2 + 2 * NUM_GENES * 2) / 2**20  # x and both y, on disk
     r.update(train_epochs(train, device=device, sampler=sampler, epochs=epochs, max_step_batches=max_step_batches,
-                          seed=seed, cfg=cfg, after=validation_pass(train, val, val_masks)))
+                          seed=seed, cfg=cfg, after=validation_pass(train, val, val_masks), cut_rest=cut_rest))
     return r
 
 
@@ -473,6 +487,23 @@ def format_validation(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_index(results: list[dict]) -> str:
+    """The cohort rows' host-sampler index: the batches cut in the epoch (stepped, and cut without a step
+    with ``--cut-rest``), what the training and validation samplers' per-slide indexes held at the end, and
+    the anonymous memory of the epoch."""
+    lines = ["| cohort | batches stepped + cut only | cutting the rest (s) | training sampler's index (MB) | "
+             "validation sampler's (MB) | anonymous RSS before the loader (MB) | peak anonymous RSS of the epoch (MB) |",
+             "|---" * 7 + "|"]
+    for r in results:
+        e = r["epochs"][-1]
+        val = f"{r['val_index_held_mb']:.1f}" if "val_index_held_mb" in r else "-"
+        lines.append(f"| {r['cohort_slides']:,} x {r['n'] // r['cohort_slides']:,} | "
+                     f"{e['stepped_batches']:,} + {e.get('cut_rest_batches', 0):,} of {e['batches']:,} | "
+                     f"{e.get('cut_rest_seconds', 0):.1f} | {r['index_held_mb']:.1f} | {val} | "
+                     f"{r.get('rss_anon_before_loader_mb', float('nan')):.0f} | {r['rss_anon_end_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def format_targets(results: list[dict]) -> str:
     """The cohort rows' target figures: the fold's two ``y`` copies on disk, the seconds to make them, the
     anonymous memory they added and the process's peak RSS while they were made (file pages included), its
@@ -506,6 +537,9 @@ def main(argv=None) -> int:
     p.add_argument("--cohort-caps", default="on", choices=["on", "off"],
                    help="the cohort's validation pass with the retrieval bank and the scored validation spots capped "
                         "(model.retrieval_bank_spots, train.val_spots: the defaults) or not (for comparison)")
+    p.add_argument("--cut-rest", action="store_true",
+                   help="cohort, host sampler: also cut (sample without a model step) the epoch's batches beyond "
+                        "--max-step-batches, so the sampler's memory over a whole epoch is measured")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="epochs per size (default: 3 below 100k spots, else 1)")
     p.add_argument("--max-step-batches", type=int, default=400,
@@ -526,7 +560,8 @@ def main(argv=None) -> int:
     if args.child_cohort is not None:
         print(json.dumps(cohort_child(*args.child_cohort, args.sampler, args.device, args.epochs or 1,
                                       args.max_step_batches, args.threads, args.cohort_dir,
-                                      targets_in=args.cohort_targets, caps=args.cohort_caps)), flush=True)
+                                      targets_in=args.cohort_targets, caps=args.cohort_caps, cut_rest=args.cut_rest)),
+              flush=True)
         return 0
 
     import shutil
@@ -553,7 +588,8 @@ def main(argv=None) -> int:
                 print(f"cohort {args.cohort[0]} x {args.cohort[1]}, sampler {sampler}: ...", flush=True)
                 results.append(run_child(["--child-cohort", *map(str, args.cohort), "--sampler", sampler,
                                           "--cohort-dir", folder, "--epochs", "1", "--cohort-targets",
-                                          args.cohort_targets, "--cohort-caps", args.cohort_caps, *common],
+                                          args.cohort_targets, "--cohort-caps", args.cohort_caps,
+                                          *(["--cut-rest"] if args.cut_rest else []), *common],
                                          f"cohort {sampler}"))
                 print(format_table(results[-1:]).splitlines()[-1], flush=True)
         finally:
@@ -586,6 +622,8 @@ def main(argv=None) -> int:
         text += "\n\n" + format_targets([r for r in results if "targets_file_mb" in r])
     if any("val_pass_seconds" in r for r in results):
         text += "\n\n" + format_validation([r for r in results if "val_pass_seconds" in r])
+    if any("index_held_mb" in r and "cohort_slides" in r for r in results):
+        text += "\n\n" + format_index([r for r in results if "index_held_mb" in r and "cohort_slides" in r])
     print(machine_info())
     print(text)
     if not args.no_write:

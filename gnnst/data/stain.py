@@ -53,6 +53,9 @@ ANGLE_PERCENTILE = 1.0  # Macenko's alpha: the stain vectors at the 1st and 99th
 MAX_C_PERCENTILE = 99.0  # the concentration taken as a stain's maximum
 MIN_TISSUE_PIXELS = 100  # fewer tissue pixels than this cannot estimate a stain
 SAMPLE_SIDE = 32  # a sampled crop contributes at most SAMPLE_SIDE x SAMPLE_SIDE pixels (strided)
+# most pixels a fold's reference stain is estimated on: each training slide gives at most its share (a seeded
+# uniform subsample of its sampled pixels), so a cohort's reference is bounded (her2st-6: 5 x ~350,000, all kept)
+REFERENCE_PIXELS = 4_000_000
 
 
 class TooLittleTissue(GnnstError):

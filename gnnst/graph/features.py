@@ -62,11 +62,29 @@ class SlideNorm:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, xs: Sequence[np.ndarray], min_spots: int) -> "SlideNorm":
-        """From the training slides' embeddings (each ``[N_i, D]``; float64 accumulation)."""
-        x = np.concatenate([np.asarray(v, dtype=np.float64) for v in xs])
-        return cls(min_spots=int(min_spots), mean=x.mean(0).astype(np.float32),
-                   std=np.maximum(x.std(0), SD_FLOOR).astype(np.float32))
+    def fit(cls, xs: Iterable[np.ndarray], min_spots: int) -> "SlideNorm":
+        """From the training slides' embeddings (each ``[N_i, D]``), read one at a time: float64 mean and sum
+        of squared deviations per slide, pooled exactly (Chan et al.), so a cohort's ``x`` is never held at
+        once; equal to the statistics of the slides concatenated up to float64 rounding."""
+        n, mean, m2 = 0, None, None
+        for v in xs:
+            v = np.asarray(v, dtype=np.float64)
+            if not len(v):
+                continue
+            mu = v.mean(0)
+            sq = ((v - mu) ** 2).sum(0)
+            if mean is None:
+                n, mean, m2 = len(v), mu, sq
+                continue
+            total = n + len(v)
+            delta = mu - mean
+            mean = mean + delta * (len(v) / total)
+            m2 = m2 + sq + delta**2 * (n * len(v) / total)
+            n = total
+        if mean is None:
+            raise ValueError("SlideNorm.fit: no training spots")
+        return cls(min_spots=int(min_spots), mean=mean.astype(np.float32),
+                   std=np.maximum(np.sqrt(m2 / n), SD_FLOOR).astype(np.float32))
 
     def apply(self, x: np.ndarray, *, slide: str = "slide", warn: bool = True) -> np.ndarray:
         """``x`` ``[N, D]`` standardised per dimension by its own statistics (by the training ones when
@@ -179,8 +197,21 @@ class FeatureState:
 
 
 # ---------------------------------------------------------------------------------------- per fold
-_PIXELS: dict = {}  # per process: (image, spots, patch) -> sampled pixels of a slide (a reference pools them)
+PIXEL_CACHE_BYTES = 256 << 20  # sampled pixels kept per process (her2st-6: 6 x ~1 MB)
+_PIXELS = None  # this process's CropCache of them: _pixel_cache()
 _ENCODERS: dict = {}  # per process: the encoder that re-embeds transformed patches
+
+
+def _pixel_cache():
+    """This process's sampled pixels of slides, (image, spots, patch) -> ``[P, 3]``, kept up to
+    :data:`PIXEL_CACHE_BYTES` (least recently used out first): a fold's reference and a slide's own stain
+    read the same pixels, and the next fold's too."""
+    global _PIXELS
+    if _PIXELS is None:
+        from gnnst.data.patches import CropCache
+
+        _PIXELS = CropCache(PIXEL_CACHE_BYTES)
+    return _PIXELS
 
 
 def _slide_name(adata: "AnnData") -> str:
@@ -188,15 +219,17 @@ def _slide_name(adata: "AnnData") -> str:
 
 
 def slide_pixels(adata: "AnnData", *, size_um: float, n_spots: int, pad_value: int = 255, image=None) -> np.ndarray:
-    """:func:`gnnst.data.stain.sample_pixels` of a slide, kept per process (a fold's reference and the
-    slide's own stain read the same pixels)."""
+    """:func:`gnnst.data.stain.sample_pixels` of a slide ``[P, 3]`` uint8, kept per process (:func:`_pixel_cache`)."""
     from gnnst.data.stain import sample_pixels
 
     key = (adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH], _slide_name(adata), adata.n_obs,
            float(np.asarray(adata.obsm[keys.SPATIAL]).sum()), float(size_um), int(n_spots), int(pad_value))
-    if key not in _PIXELS:
-        _PIXELS[key] = sample_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image)
-    return _PIXELS[key]
+    cache = _pixel_cache()
+    px = cache.get(key)
+    if px is None:
+        px = sample_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image)
+        cache.put(key, px)
+    return px
 
 
 def slide_stain(adata: "AnnData", method: str, *, size_um: float, n_spots: int, pad_value: int = 255,
@@ -210,11 +243,24 @@ def slide_stain(adata: "AnnData", method: str, *, size_um: float, n_spots: int, 
 
 def stain_reference(adatas: Sequence["AnnData"], method: str, *, size_um: float, n_spots: int,
                     pad_value: int = 255) -> "StainStats":
-    """The reference stain: estimated on the pooled pixels of ``adatas`` (the training slides)."""
-    from gnnst.data.stain import estimate
+    """The reference stain: estimated on the pooled pixels of ``adatas`` (the training slides), read one
+    slide at a time; each slide gives at most ``REFERENCE_PIXELS / len(adatas)`` of its sampled pixels
+    (:data:`gnnst.data.stain.REFERENCE_PIXELS`; above that a uniform subsample seeded by the slide's id), so
+    the estimate holds a bounded sample of a cohort, not every slide's."""
+    import zlib
 
-    px = np.concatenate([slide_pixels(a, size_um=size_um, n_spots=n_spots, pad_value=pad_value) for a in adatas])
-    return estimate(method, px, where=f"training slides {', '.join(_slide_name(a) for a in adatas)}")
+    from gnnst.data.stain import REFERENCE_PIXELS, estimate
+
+    share = max(REFERENCE_PIXELS // max(len(adatas), 1), 1)
+    parts = []
+    for a in adatas:
+        px = slide_pixels(a, size_um=size_um, n_spots=n_spots, pad_value=pad_value)
+        if len(px) > share:
+            rng = np.random.default_rng(zlib.crc32(_slide_name(a).encode()))
+            px = px[np.sort(rng.choice(len(px), share, replace=False))]
+        parts.append(px)
+    names = ", ".join(_slide_name(a) for a in adatas[:10]) + (f" and {len(adatas) - 10} more" if len(adatas) > 10 else "")
+    return estimate(method, np.concatenate(parts), where=f"training slides {names}")
 
 
 class LazyEmbeddings(Mapping):

@@ -3,8 +3,11 @@
 Each slide is cut into spatial tiles of at most ``batch_nodes`` centre spots (a k-d split along the
 longer side), each tile gets a ``num_hops`` halo of neighbours so that message passing at the centre
 sees its full receptive field, and small tiles of several slides are packed into one ``Batch``.
-Cost per batch is proportional to the subgraph, never to the slide: a CSR index over edge targets
-is built once per slide.
+Cost per batch is proportional to the subgraph, never to the slide. A slide's index over edge
+targets is built when a batch first needs it: the offsets of each node's incoming edges, 8 bytes a
+spot, since :func:`gnnst.graph.edges.spatial_edges` stores edges sorted by target (other edge orders
+add a sort permutation, 8 bytes an edge); nodes outside ``node_mask`` are left out per batch, so no
+slide's edges are copied.
 """
 
 from __future__ import annotations
@@ -44,14 +47,21 @@ def _widen(t):
 
 
 class _CSR:
-    """Incoming edges of each target node: ``edges[indptr[i]:indptr[i+1]]`` are the edge ids into ``i``."""
+    """Incoming edges of each target node ``i``: edge ids ``order[indptr[i]:indptr[i+1]]``, or the positions
+    ``indptr[i]:indptr[i+1]`` themselves when the edges are sorted by target (``order`` is then ``None``)."""
 
     def __init__(self, edge_index: np.ndarray, num_nodes: int):
         dst = edge_index[1]
-        self.order = np.argsort(dst, kind="stable")  # edge ids sorted by target
         self.indptr = np.zeros(num_nodes + 1, dtype=np.int64)
         np.cumsum(np.bincount(dst, minlength=num_nodes), out=self.indptr[1:])
+        by_target = bool(np.all(dst[1:] >= dst[:-1]))
+        self.order = None if by_target else np.argsort(dst, kind="stable")  # edge ids sorted by target
         self.src = edge_index[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this index owns (``src`` is a view of the edges)."""
+        return self.indptr.nbytes + (0 if self.order is None else self.order.nbytes)
 
     def in_edges(self, nodes: np.ndarray) -> np.ndarray:
         """Ids of all edges whose target is in ``nodes``."""
@@ -60,11 +70,12 @@ class _CSR:
         if lens.sum() == 0:
             return np.zeros(0, dtype=np.int64)
         offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-        return self.order[np.arange(lens.sum()) + offs]
+        at = np.arange(lens.sum()) + offs
+        return at if self.order is None else self.order[at]
 
 
 def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
-                  inside: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  inside: np.ndarray | None = None, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nodes within ``num_hops`` (along incoming edges) of ``centre`` and the edges among them.
 
     Returns ``(subset, edge_ids)``: ``subset`` starts with ``centre`` in order; ``edge_ids`` are the
@@ -72,6 +83,8 @@ def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
 
     ``inside``: an all-False ``[num_nodes]`` bool scratch array to reuse across calls (it is all-False
     again on return), so that a call costs in proportion to the subgraph, not to the slide.
+    ``present``: ``[num_nodes]`` bool, the nodes that belong to the graph (``centre`` among them); the
+    others are never reached, as if they and their edges were not there.
     """
     if inside is None:
         inside = np.zeros(num_nodes, dtype=bool)
@@ -81,7 +94,7 @@ def halo_subgraph(csr: _CSR, centre: np.ndarray, num_nodes: int, num_hops: int,
         frontier = centre
         for _ in range(num_hops):
             nb = np.unique(csr.src[csr.in_edges(frontier)])
-            nb = nb[~inside[nb]]
+            nb = nb[~inside[nb] if present is None else present[nb] & ~inside[nb]]
             if len(nb) == 0:
                 break
             inside[nb] = True
@@ -123,19 +136,9 @@ def present_rows(g: "Data", t):
 class _Slide:
     data: "Data"
     pos: np.ndarray
-    edge_index: np.ndarray  # [2, E'] the edges among the slide's present nodes
-    csr: _CSR
-    node_mask: np.ndarray | None  # nodes that may be centres: present (node_mask) and in centre_masks
-    edge_ids: np.ndarray | None = None  # [E'] ids of those edges in g.edge_index (None: all, in order)
-    inside: np.ndarray | None = None  # [N] bool scratch of halo_subgraph, all False between calls
-    remap: np.ndarray | None = None  # [N] int64 scratch: slide node -> batch node, all -1 between calls
-
-    def scratch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-slide scratch arrays, allocated once, so a batch costs O(subgraph), not O(slide)."""
-        if self.inside is None:
-            self.inside = np.zeros(self.data.num_nodes, dtype=bool)
-            self.remap = np.full(self.data.num_nodes, -1, dtype=np.int64)
-        return self.inside, self.remap
+    present: np.ndarray | None  # [N] the nodes that belong to the graph (node_mask); None = all
+    node_mask: np.ndarray | None  # nodes that may be centres: present and in centre_masks
+    csr: _CSR | None = None  # built when a batch first needs it
 
 
 class SubgraphLoader:
@@ -150,6 +153,9 @@ class SubgraphLoader:
         seed: base seed; epoch ``e`` uses ``seed + e``.
         centre_masks: optional ``[N]`` bool per slide: only these nodes are centres (loss-bearing).
 
+    Memory besides the slides' own arrays: per slide its masks (1 byte a spot each) and, once a batch
+    has used it, its index (8 bytes a spot: :class:`_CSR`); one scratch of the largest slide.
+
     ``x`` and ``y`` may be stored as float16/bfloat16 (half the memory of a large slide); each batch
     gets them as float32. Each batch is a ``torch_geometric.data.Batch`` with ``center_mask`` ``[N]`` (bool, the centre
     spots), ``node_id`` ``[N]`` (node number within its slide) and ``slide`` ``[N]`` (slide number in
@@ -161,19 +167,30 @@ class SubgraphLoader:
         self.slides = []
         for i, g in enumerate(graphs):
             keep = node_mask(g)
-            eids = kept_edges(g, keep)
-            ei = g.edge_index.cpu().numpy()
-            if eids is not None:
-                ei = ei[:, eids]
             mask = None if centre_masks is None or centre_masks[i] is None else np.asarray(centre_masks[i], dtype=bool)
             if keep is not None:
                 mask = keep if mask is None else keep & mask
-            self.slides.append(_Slide(g, g.pos.cpu().numpy(), ei, _CSR(ei, g.num_nodes), mask, eids))
+            self.slides.append(_Slide(g, g.pos.cpu().numpy(), keep, mask))
         self.batch_nodes = batch_nodes
         self.num_hops = num_hops
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        n = max((int(g.num_nodes) for g in graphs), default=0)  # scratch of every slide's batches, allocated once:
+        self._inside = np.zeros(n, dtype=bool)  # [N] halo_subgraph's, all False between calls
+        self._remap = np.full(n, -1, dtype=np.int64)  # [N] slide node -> batch node, all -1 between calls
+
+    def csr(self, si: int) -> _CSR:
+        """Slide ``si``'s index over edge targets, built the first time it is needed."""
+        s = self.slides[si]
+        if s.csr is None:
+            s.csr = _CSR(s.data.edge_index.cpu().numpy(), s.data.num_nodes)
+        return s.csr
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the slides' indexes built so far."""
+        return sum(s.csr.nbytes for s in self.slides if s.csr is not None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -213,13 +230,13 @@ class SubgraphLoader:
         for si, centre in group:
             s = self.slides[si]
             g = s.data
-            inside, remap = s.scratch()
-            subset, eids = halo_subgraph(s.csr, centre, g.num_nodes, self.num_hops, inside)
+            csr = self.csr(si)
+            subset, eids = halo_subgraph(csr, centre, g.num_nodes, self.num_hops, self._inside, s.present)
+            remap = self._remap
             remap[subset] = np.arange(len(subset))
-            sub_ei = remap[s.edge_index[:, eids]]
+            sub_ei = remap[g.edge_index.cpu().numpy()[:, eids]]  # a view of the slide's edges: no copy
             remap[subset] = -1
             sub_t = torch.from_numpy(subset)
-            eids = eids if s.edge_ids is None else s.edge_ids[eids]
             d = Data(x=_widen(g.x[sub_t]), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
                      edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
             if getattr(g, "y", None) is not None:

@@ -25,6 +25,30 @@ def test_slide_norm_uses_the_slides_own_statistics():
     np.testing.assert_allclose(norm.apply(shifted * 1.7 - 4.0), out, atol=1e-4)
 
 
+def test_slide_norm_pools_the_slides_one_at_a_time():
+    """The training statistics are read slide by slide (a generator, each slide once) and equal those of
+    the slides concatenated: slides of other means and spreads, so that a pooling without the between-slide
+    term would be far off."""
+    from gnnst.graph.features import SlideNorm
+
+    rng = np.random.default_rng(4)
+    slides = [rng.normal(m, sd, (n, 6)).astype(np.float16) for m, sd, n in ((0, 1, 90), (4, 0.5, 30), (-3, 2, 200),
+                                                                              (1, 1, 1))]
+    read = []
+
+    def one_at_a_time():
+        for i, x in enumerate(slides):
+            read.append(i)
+            yield x
+
+    norm = SlideNorm.fit(one_at_a_time(), min_spots=50)
+    assert read == [0, 1, 2, 3]
+    whole = np.concatenate([x.astype(np.float64) for x in slides])
+    np.testing.assert_allclose(norm.mean, whole.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(norm.std, whole.std(0), rtol=1e-6)
+    assert norm.mean.dtype == norm.std.dtype == np.float32
+
+
 def test_a_small_slide_falls_back_to_the_training_statistics_with_a_warning(caplog):
     from gnnst.graph.features import SlideNorm
 
@@ -107,3 +131,33 @@ def test_features_config_ranges(override, msg):
 
     with pytest.raises(GnnstError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+def test_stain_reference_estimates_on_a_bounded_sample_of_the_training_slides(monkeypatch):
+    """Up to data.stain.REFERENCE_PIXELS the reference pools every sampled pixel of every training slide (the
+    her2st reference is unchanged); above it each slide gives its share, a seeded subsample of its own pixels,
+    and the stain estimated on it is that of the whole pool within a few degrees."""
+    import anndata as ad
+    import pandas as pd
+
+    from gnnst import keys
+    from gnnst.data import stain as S
+    from gnnst.graph import features as F
+    from gnnst_testdata import he_concentrations, he_pixels
+
+    slides = {f"s{i}": he_pixels(he_concentrations((40, 50), i)).reshape(-1, 3) for i in range(4)}  # 2,000 px each
+    monkeypatch.setattr(F, "slide_pixels", lambda a, **kw: slides[F._slide_name(a)])
+    pooled, estimate = [], S.estimate
+    monkeypatch.setattr(S, "estimate", lambda m, px, where="": pooled.append(px) or estimate(m, px, where=where))
+    adatas = [ad.AnnData(obs=pd.DataFrame({keys.SLIDE_ID: [s]}, index=["spot"])) for s in slides]
+
+    whole = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
+    np.testing.assert_array_equal(pooled[-1], np.concatenate(list(slides.values())))
+    monkeypatch.setattr(S, "REFERENCE_PIXELS", 4000)
+    part = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
+    assert len(pooled[-1]) == 4000
+    for share, own in zip(np.split(pooled[-1], 4), slides.values(), strict=True):
+        assert {tuple(p) for p in share} <= {tuple(p) for p in own}
+    assert np.abs(part.a - whole.a).max() < 0.05
+    again = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
+    np.testing.assert_array_equal(again.a, part.a)  # seeded: the same reference every time

@@ -59,3 +59,50 @@ def test_centre_masks_restrict_centres():
     mask[:30] = True
     centres = torch.cat([b.node_id[b.center_mask] for b in SubgraphLoader([g], batch_nodes=16, centre_masks=[mask])])
     assert torch.equal(torch.sort(centres).values, torch.arange(30))
+
+
+
+def _edges_of(b):
+    """A batch's edges as (source, target, attributes) in slide node numbers: independent of edge order."""
+    src, dst = b.node_id[b.edge_index[0]], b.node_id[b.edge_index[1]]
+    return sorted(zip(src.tolist(), dst.tolist(), map(tuple, b.edge_attr.tolist())))
+
+
+def test_index_is_offsets_only_for_edges_sorted_by_target_and_any_order_gives_the_same_batches():
+    """spatial_edges sorts edges by target: the index is then 8 bytes a node (the offsets); edges in another
+    order need the sort permutation too and give the same halos and edges. Nodes outside node_mask are
+    never reached."""
+    g = _slide(200, seed=2, k=6)
+    g.node_mask = torch.from_numpy(np.random.default_rng(3).random(200) < 0.8)
+    perm = torch.from_numpy(np.random.default_rng(4).permutation(g.edge_index.shape[1]))
+    shuffled = g.clone()
+    shuffled.edge_index, shuffled.edge_attr = g.edge_index[:, perm], g.edge_attr[perm]
+    kw = dict(batch_nodes=32, num_hops=2, shuffle=True, seed=1)
+    a, b = SubgraphLoader([g], **kw), SubgraphLoader([shuffled], **kw)
+    assert a.index_nbytes == b.index_nbytes == 0  # built when a batch first needs it
+    present = set(np.where(g.node_mask.numpy())[0].tolist())
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.node_id, y.node_id) and torch.equal(x.center_mask, y.center_mask)
+        assert _edges_of(x) == _edges_of(y)
+        assert set(x.node_id.tolist()) <= present
+    assert a.index_nbytes == 8 * (200 + 1)
+    assert b.index_nbytes == 8 * (200 + 1) + 8 * g.edge_index.shape[1]
+
+
+def test_node_mask_batches_are_those_of_the_graph_without_the_masked_nodes():
+    """A node_mask graph (the training part of a slide) gives the batches of the same slide with the masked
+    nodes and their edges dropped (node_subgraph), up to the nodes' numbering."""
+    from gnnst.train.prepare import node_subgraph, with_node_mask
+
+    g = _slide(250, seed=6, k=6)
+    keep = np.random.default_rng(7).random(250) < 0.7
+    kept = torch.from_numpy(np.where(keep)[0])
+    kw = dict(batch_nodes=40, num_hops=2, shuffle=True, seed=2)
+    masked, dropped = SubgraphLoader([with_node_mask(g, keep)], **kw), SubgraphLoader([node_subgraph(g, keep)], **kw)
+    n = 0
+    for a, b in zip(masked, dropped, strict=True):
+        assert torch.equal(a.node_id, kept[b.node_id]) and torch.equal(a.center_mask, b.center_mask)
+        assert torch.equal(a.edge_index, b.edge_index) and torch.equal(a.edge_attr, b.edge_attr)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+        n += 1
+    assert n > 3
