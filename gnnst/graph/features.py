@@ -161,21 +161,27 @@ class FeatureState:
         x = x.float().cpu().numpy() if hasattr(x, "cpu") else np.asarray(x, dtype=np.float32)
         return x if self.slide_norm is None else self.slide_norm.apply(x, slide=slide, warn=warn)
 
-    def graph_inputs(self, g: "Data", *, warn: bool = True) -> "Data":
+    def graph_inputs(self, g: "Data", *, warn: bool = True, hold=None) -> "Data":
         """A shallow copy of ``g`` whose ``x`` (and ``x_views``, each view on its own) is the model's input,
-        in ``g.x``'s dtype; ``g`` itself is unchanged."""
+        in ``g.x``'s dtype; ``g`` itself is unchanged. ``hold``: array -> tensor of the same values where the
+        new arrays are kept (e.g. :meth:`gnnst.graph.targets.TargetFolder.hold`: file-backed, so a cohort's
+        standardised ``x`` is not in RAM); default in memory."""
         import torch
 
         d = copy.copy(g)
         if self.slide_norm is None:
             return d
+        keep = hold or torch.from_numpy
         slide = f"slide '{getattr(g, keys.DATA_SLIDE, None) or 'slide'}'"
         dt = g.x.dtype
-        d.x = torch.from_numpy(self.inputs(g.x, slide=slide, warn=warn)).to(dt)
+        x = torch.from_numpy(self.inputs(g.x, slide=slide, warn=warn)).to(dt)
         views = getattr(g, keys.DATA_X_VIEWS, None)
         if views is not None:
-            setattr(d, keys.DATA_X_VIEWS, torch.stack([d.x] + [
-                torch.from_numpy(self.inputs(v, slide=slide, warn=False)).to(dt) for v in views[1:]]))
+            x = torch.stack([x] + [torch.from_numpy(self.inputs(v, slide=slide, warn=False)).to(dt) for v in views[1:]])
+            setattr(d, keys.DATA_X_VIEWS, keep(x.numpy()))
+            d.x = getattr(d, keys.DATA_X_VIEWS)[0]
+        else:
+            d.x = keep(x.numpy())
         return d
 
     def stain_transform(self, adata: "AnnData", *, size_um: float, pad_value: int = 255, image=None

@@ -215,7 +215,7 @@ def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slide
         if s in ff.views:
             g = copy.copy(g)
             setattr(g, keys.DATA_X_VIEWS, _views_tensor(ff.views[s], g.x.dtype))
-        inputs[s] = features.graph_inputs(g)
+        inputs[s] = features.graph_inputs(g, hold=targets.hold)  # standardised x file-backed, as y
     train_full = [inputs[s] for s in train_slides]
     if leaky:
         val_graphs = [_without_views(inputs[s]) for s in test_slides]

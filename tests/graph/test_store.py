@@ -244,9 +244,10 @@ def test_file_backed_targets_give_batches_the_targets_of_in_memory_ones(built, s
         assert v.y is g.y  # one standardised array per slide, shared by the training part and validation
 
 
-def test_prepare_training_leaves_its_targets_file_backed_and_no_files(built, tmp_path, monkeypatch):
+@pytest.mark.parametrize("slide_norm", ["none", "standardize"])
+def test_prepare_training_leaves_its_targets_file_backed_and_no_files(built, tmp_path, monkeypatch, slide_norm):
     """Every y of a fold is a mapping of an unlinked file in the fold's folder (not process memory), and the
-    folder is gone once the fold is made."""
+    folder is gone once the fold is made; with features.slide_norm: standardize, so is every input x."""
     import sys
 
     from gnnst.train.prepare import prepare_training
@@ -257,7 +258,8 @@ def test_prepare_training_leaves_its_targets_file_backed_and_no_files(built, tmp
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
-    ts = prepare_training(_cfg(built, *built["extra"]), built["loaded"], ["S1", "S2"], ["S3"])
+    ts = prepare_training(_cfg(built, *built["extra"], f"features.slide_norm={slide_norm}"), built["loaded"],
+                          ["S1", "S2"], ["S3"])
     assert list(tmp_path.iterdir()) == []
     maps = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
     assert all(line.rstrip().endswith("(deleted)") for line in maps)
@@ -265,3 +267,6 @@ def test_prepare_training_leaves_its_targets_file_backed_and_no_files(built, tmp
     for g in [*ts.graphs.values(), *ts.train]:
         page = g.y.data_ptr() // 4096 * 4096
         assert page in mapped, "y is not file-backed"
+    if slide_norm == "standardize":  # the standardised x of every slide is held the same way, not in RAM
+        for g in [*ts.inputs.values(), *ts.train, *ts.val]:
+            assert g.x.data_ptr() // 4096 * 4096 in mapped, "the standardised x is not file-backed"
