@@ -50,6 +50,8 @@ def img_key(encoder: str) -> str:
 # slide_id   str
 # barcodes   list[str]
 # x_views    [V, N, D]  training only: view 0 = x, views 1.. stain-augmented embeddings (gnnst.graph.features)
+# x_pick     [N] int64  training only, during an epoch: the view of x_views each spot takes (gnnst.train.views);
+#                       a sampler reads a spot's row as x_views[x_pick[i], i], not x
 DATA_X = "x"
 DATA_Y = "y"
 DATA_POS = "pos"
@@ -57,3 +59,4 @@ DATA_PIXEL = "pixel"
 DATA_SLIDE = "slide_id"
 DATA_BARCODES = "barcodes"
 DATA_X_VIEWS = "x_views"
+DATA_X_PICK = "x_pick"

@@ -148,6 +148,20 @@ def test_a_held_out_slides_expression_never_reaches_features_or_model(he_data):
     assert not np.array_equal(ts1.graphs["S1"].y.numpy(), ts2.graphs["S1"].y.numpy())  # the counts did change
 
 
+def _in_fold_folder(t) -> bool:
+    """Whether tensor ``t``'s data lies in a mapping of a fold's TargetFolder file (gnnst.graph.targets)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True  # /proc/self/maps only
+    addr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            return "gnnst_targets_" in line
+    return False
+
+
 def test_augmented_views_reach_training_only(he_data):
     from gnnst import keys
 
@@ -158,6 +172,20 @@ def test_augmented_views_reach_training_only(he_data):
         views = getattr(g, keys.DATA_X_VIEWS)
         assert views.shape[:2] == (3, g.num_nodes) and np.array_equal(views[0].numpy(), g.x.numpy())
         assert not np.allclose(views[1].numpy(), views[0].numpy())  # the jitter changed the embeddings
+        assert _in_fold_folder(views), "the views are not file-backed"  # a cohort's views are not in RAM
     assert all(getattr(g, keys.DATA_X_VIEWS, None) is None for g in ts.val)  # validation: view 0 only
     assert getattr(ts.inputs["S1"], keys.DATA_X_VIEWS, None) is None  # a held-out slide has no views
     assert "augment" not in str(model.feature_norm.to_dict())
+
+
+def test_augmented_views_are_file_backed_without_slide_standardisation(he_data):
+    """With features.stain_augment and no slide standardisation the fold's [V, N, D] views are held in its
+    TargetFolder (file-backed like y), not in RAM."""
+    from gnnst import keys
+    from gnnst.train.prepare import prepare_training
+
+    cfg = _cfg(he_data, "features.stain_augment=1", "features.slide_norm=none")
+    ts = prepare_training(cfg, _loaded(he_data, cfg), ["S2", "S3"], ["S1"])
+    for g in ts.train:
+        views = getattr(g, keys.DATA_X_VIEWS)
+        assert views.shape[0] == 2 and _in_fold_folder(views), "the views are not file-backed"

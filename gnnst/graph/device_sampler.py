@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from gnnst.graph.sampler import SubgraphLoader, kept_edges, node_mask
+from gnnst.graph.sampler import SubgraphLoader, input_rows, kept_edges, node_mask
 
 if TYPE_CHECKING:
     import torch
@@ -117,14 +117,16 @@ class DeviceSubgraphLoader:
         self.edge_row = nb(torch.from_numpy(row))  # [E'] row of edge_attr of each kept edge
 
     def refresh_x(self, graphs: Sequence["Data"]) -> None:
-        """Copy the graphs' ``x`` to the device again (non-blocking), after it changed on the host (e.g. the
-        epoch's feature views, :mod:`gnnst.train.views`); the graphs are those the loader was made with."""
-        import torch
-
-        x = torch.cat([g.x for g in graphs])
-        if x.shape != self.x.shape:
-            raise ValueError(f"refresh_x: x of shape {list(x.shape)}, the loader holds {list(self.x.shape)}")
-        self.x.copy_(x.to(self.x.dtype), non_blocking=True)
+        """Copy the graphs' inputs (:func:`~gnnst.graph.sampler.input_rows`: the epoch's feature views,
+        :mod:`gnnst.train.views`) to the device again, one slide at a time (a slide's rows are the only host
+        copy made); the graphs are those the loader was made with."""
+        n = sum(int(g.num_nodes) for g in graphs)
+        if len(graphs) != len(self.offsets) - 1 or n != self.x.shape[0]:
+            raise ValueError(f"refresh_x: {len(graphs)} graphs of {n} spots, the loader holds "
+                             f"{len(self.offsets) - 1} of {self.x.shape[0]}")
+        for i, g in enumerate(graphs):
+            x = input_rows(g)
+            self.x[int(self.offsets[i]):int(self.offsets[i + 1])].copy_(x.to(self.x.dtype))
 
     # --- the epoch, planned on the host, as in SubgraphLoader
     def set_epoch(self, epoch: int) -> None:

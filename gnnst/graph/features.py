@@ -293,12 +293,13 @@ class FoldFeatures:
     Attributes:
         embs: slide id -> ``[N, D]`` (stain-normalised to the fold's reference when on), a
             :class:`LazyEmbeddings`: each lookup reads the slide again.
-        views: training slide id -> ``[V, N, D]`` (view 0 = ``embs``) when ``features.stain_augment`` > 0.
+        views: training slide id -> ``[V, N, D]`` (view 0 = ``embs``) when ``features.stain_augment`` > 0, a
+            :class:`LazyEmbeddings`: each lookup reads the slide's views from the embedding cache.
         stain_reference: the fold's reference stain, or ``None``.
     """
 
     embs: Mapping
-    views: dict = field(default_factory=dict)
+    views: Mapping = field(default_factory=dict)
     stain_reference: "StainStats | None" = None
 
 
@@ -365,10 +366,15 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
               for s, v in jobs]
         log.info("stain augmentation: %d HED-jittered view(s) of %d training slide(s)", fc.stain_augment,
                  len(train_slides))
-        got = _embed(cfg, [images[s] for s, _ in jobs], [ids[s] for s, _ in jobs], tf, size)
-        for s in train_slides:
-            views[s] = np.stack([embs[s]] + [e for (t, _), e in zip(jobs, got) if t == s])
+        got = _embed(cfg, [images[s] for s, _ in jobs], [ids[s] for s, _ in jobs], tf, size, keep=False)
+        views = LazyEmbeddings({s: functools.partial(_stack, [functools.partial(embs.__getitem__, s)] + [
+            e.load for (t, _), e in zip(jobs, got) if t == s]) for s in train_slides})  # read when a fit asks
     return FoldFeatures(embs=embs, views=views, stain_reference=ref)
+
+
+def _stack(readers) -> np.ndarray:
+    """``[V, N, D]``: the views ``readers`` (each ``() -> [N, D]``) read and stacked."""
+    return np.stack([r() for r in readers])
 
 
 def feature_state(cfg: "FeaturesConfig", train_x: Iterable[np.ndarray], stain_ref: "StainStats | None"

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from gnnst import keys
+
 if TYPE_CHECKING:
     from torch_geometric.data import Batch, Data
 
@@ -123,6 +125,20 @@ def kept_edges(g: "Data", keep: np.ndarray | None) -> np.ndarray | None:
         return None
     ei = g.edge_index.cpu().numpy()
     return np.where(keep[ei[0]] & keep[ei[1]])[0]
+
+
+def input_rows(g: "Data", rows=None):
+    """The model's input ``[n, D]`` of spots ``rows`` (a long tensor; all when ``None``) of ``g``, in its storage
+    dtype: ``x_views[x_pick[i], i]`` while ``g`` carries an epoch's ``x_pick`` (training-only stain
+    augmentation, :mod:`gnnst.train.views`), else ``x``."""
+    import torch
+
+    pick = getattr(g, keys.DATA_X_PICK, None)
+    if pick is None:
+        return g.x if rows is None else g.x[rows]
+    if rows is None:
+        rows = torch.arange(len(pick))
+    return getattr(g, keys.DATA_X_VIEWS)[pick[rows], rows]
 
 
 def present_rows(g: "Data", t):
@@ -237,7 +253,7 @@ class SubgraphLoader:
             sub_ei = remap[g.edge_index.cpu().numpy()[:, eids]]  # a view of the slide's edges: no copy
             remap[subset] = -1
             sub_t = torch.from_numpy(subset)
-            d = Data(x=_widen(g.x[sub_t]), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
+            d = Data(x=_widen(input_rows(g, sub_t)), pos=g.pos[sub_t], edge_index=torch.from_numpy(sub_ei),
                      edge_attr=g.edge_attr[torch.from_numpy(eids)], num_nodes=len(subset))
             if getattr(g, "y", None) is not None:
                 d.y = _widen(g.y[sub_t])

@@ -212,9 +212,9 @@ def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slide
     features = feature_state(cfg.features, (ff.embs[s] for s in train_slides), ff.stain_reference)
     inputs = {}
     for s, g in graphs.items():
-        if s in ff.views:
+        if s in ff.views:  # [V, N, D] file-backed like y: a cohort's views are not in RAM
             g = copy.copy(g)
-            setattr(g, keys.DATA_X_VIEWS, _views_tensor(ff.views[s], g.x.dtype))
+            setattr(g, keys.DATA_X_VIEWS, targets.hold(_views_tensor(ff.views[s], g.x.dtype).numpy()))
         inputs[s] = features.graph_inputs(g, hold=targets.hold)  # standardised x file-backed, as y
     train_full = [inputs[s] for s in train_slides]
     if leaky:

@@ -125,3 +125,29 @@ def test_predictions_at_masked_nodes_only(sampler):
         assert [p.shape for p in part[mode]] == [(int(m.sum()), 3) for m in masks]
         for w, p, m in zip(whole[mode], part[mode], masks):
             np.testing.assert_allclose(p, w[m], rtol=1e-5, atol=1e-6)
+
+
+def test_the_epochs_picked_views_reach_the_device_batches():
+    """Under an epoch's view pick (gnnst.train.views) refresh_x sends each spot's drawn view, slide by slide:
+    the device batches equal host batches of copies whose x is that epoch's materialised features."""
+    import copy
+
+    from gnnst import keys
+    from gnnst.train.views import epoch_features, set_views
+
+    graphs = [_slide(200, 0), _slide(100, 1)]
+    gen = torch.Generator().manual_seed(3)
+    for g in graphs:
+        setattr(g, keys.DATA_X_VIEWS, torch.stack([g.x, torch.randn(g.x.shape, generator=gen)]))
+    dev = DeviceSubgraphLoader(graphs, batch_nodes=64, num_hops=2, device="cpu")
+    set_views(graphs, 2, seed=9)
+    dev.refresh_x(graphs)
+    want = []
+    for i, g in enumerate(graphs):
+        w = copy.copy(g)
+        del w[keys.DATA_X_PICK]
+        w.x = epoch_features(g, 2, seed=9, index=i)
+        assert not torch.equal(w.x, g.x)  # some spots took view 1
+        want.append(w)
+    for a, b in zip(SubgraphLoader(want, batch_nodes=64, num_hops=2), dev, strict=True):
+        _same(a, b)
