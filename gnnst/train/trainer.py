@@ -233,7 +233,7 @@ def fit(
             break
         torch.manual_seed(cfg.seed * 1000 + epoch)  # per-epoch seed: resume replays the same randomness
         loader.set_epoch(epoch)
-        set_views(train_graphs, epoch, cfg.seed)  # x: one stain-augmented view per spot (features.stain_augment)
+        set_views(train_graphs, epoch, cfg.seed)  # x_pick: one stain-augmented view per spot (features.stain_augment)
         if views and hasattr(loader, "refresh_x"):  # the epoch's views to the device, slide by slide
             loader.refresh_x(train_graphs)
         groups = loader.batches_of_parts()
