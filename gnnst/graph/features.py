@@ -27,6 +27,7 @@ import functools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -184,18 +185,19 @@ class FeatureState:
             d.x = keep(x.numpy())
         return d
 
-    def stain_transform(self, adata: "AnnData", *, size_um: float, pad_value: int = 255, image=None
-                        ) -> "StainNormalizer | None":
+    def stain_transform(self, adata: "AnnData", *, size_um: float, pad_value: int = 255, image=None,
+                        cache_dir: Path | None = None, image_id: str | None = None) -> "StainNormalizer | None":
         """The map of ``adata``'s slide (its own pixels) to :attr:`stain_reference`, or ``None`` when stain
         normalisation is off, or when the slide's sampled patches hold too little tissue to estimate its
-        stain (its patches then keep their colours, with a warning naming the slide)."""
+        stain (its patches then keep their colours, with a warning naming the slide). ``cache_dir``,
+        ``image_id``: see :func:`slide_pixels`."""
         if self.stain_norm == "none":
             return None
         from gnnst.data.stain import StainNormalizer, TooLittleTissue
 
         try:
             own = slide_stain(adata, self.stain_norm, size_um=size_um, n_spots=self.stain_sample_spots,
-                              pad_value=pad_value, image=image)
+                              pad_value=pad_value, image=image, cache_dir=cache_dir, image_id=image_id)
         except TooLittleTissue as e:
             log.warning("%s; its patches are not stain-normalised", e)
             return None
@@ -204,6 +206,7 @@ class FeatureState:
 
 # ---------------------------------------------------------------------------------------- per fold
 PIXEL_CACHE_BYTES = 256 << 20  # sampled pixels kept per process (her2st-6: 6 x ~1 MB)
+PIXEL_SAMPLE_VERSION = "1"  # in the key of sampled pixels cached on disk: change it when sample_pixels changes
 _PIXELS = None  # this process's CropCache of them: _pixel_cache()
 _ENCODERS: dict = {}  # per process: the encoder that re-embeds transformed patches
 
@@ -224,43 +227,85 @@ def _slide_name(adata: "AnnData") -> str:
     return str(adata.obs[keys.SLIDE_ID].iloc[0])
 
 
-def slide_pixels(adata: "AnnData", *, size_um: float, n_spots: int, pad_value: int = 255, image=None) -> np.ndarray:
-    """:func:`gnnst.data.stain.sample_pixels` of a slide ``[P, 3]`` uint8, kept per process (:func:`_pixel_cache`)."""
+def slide_pixels(adata: "AnnData", *, size_um: float, n_spots: int, pad_value: int = 255, image=None,
+                 cache_dir: Path | None = None, image_id: str | None = None) -> np.ndarray:
+    """:func:`gnnst.data.stain.sample_pixels` of a slide ``[P, 3]`` uint8, kept per process (:func:`_pixel_cache`)
+    and, with ``cache_dir``, in a file there (keyed by the image's identity ``image_id``, by default its
+    path, size and time, the spots and the sampling), so a later run estimates the slide's stain without
+    decoding its image; a damaged file is sampled again."""
     from gnnst.data.stain import sample_pixels
 
     key = (adata.uns[keys.UNS_GNNST][keys.IMAGE_PATH], _slide_name(adata), adata.n_obs,
            float(np.asarray(adata.obsm[keys.SPATIAL]).sum()), float(size_um), int(n_spots), int(pad_value))
     cache = _pixel_cache()
     px = cache.get(key)
+    if px is not None:
+        return px
+    path = None if cache_dir is None else _pixel_path(adata, Path(cache_dir), size_um, n_spots, pad_value, image_id)
+    px = _read_pixels(path)
     if px is None:
         px = sample_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image)
-        cache.put(key, px)
+        if path is not None:
+            from gnnst.io import atomic_path
+
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, px)
+    cache.put(key, px)
     return px
 
 
+def _pixel_path(adata: "AnnData", cache_dir: Path, size_um: float, n_spots: int, pad_value: int,
+                image_id: str | None) -> Path:
+    """The file of a slide's sampled pixels under ``cache_dir``: a digest of the image's identity, the spots
+    (as the embedding cache keys them: :func:`gnnst.data.embeddings.cache_key`) and the sampling."""
+    from gnnst.data.embeddings import cache_key, default_image_id
+    from gnnst.data.stain import SAMPLE_SIDE
+
+    sampling = f"stain-pixels:{PIXEL_SAMPLE_VERSION}:{int(n_spots)}:{int(pad_value)}:{SAMPLE_SIDE}"
+    key = cache_key(adata, encoder_identity=sampling, input_size=0, size_um=float(size_um),
+                    image_id=image_id or default_image_id(adata))
+    return cache_dir / f"{_slide_name(adata)}-{key}.npy"
+
+
+def _read_pixels(path: Path | None) -> np.ndarray | None:
+    """Sampled pixels ``[P, 3]`` uint8 from ``path``, or ``None`` when absent or not such an array."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        px = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return px if px.dtype == np.uint8 and px.ndim == 2 and px.shape[1] == 3 else None
+
+
 def slide_stain(adata: "AnnData", method: str, *, size_um: float, n_spots: int, pad_value: int = 255,
-                image=None) -> "StainStats":
-    """The stain of one slide, estimated on its own pixels."""
+                image=None, cache_dir: Path | None = None, image_id: str | None = None) -> "StainStats":
+    """The stain of one slide, estimated on its own pixels (``cache_dir``, ``image_id``: :func:`slide_pixels`)."""
     from gnnst.data.stain import estimate
 
-    px = slide_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image)
+    px = slide_pixels(adata, size_um=size_um, n_spots=n_spots, pad_value=pad_value, image=image,
+                      cache_dir=cache_dir, image_id=image_id)
     return estimate(method, px, where=f"slide '{_slide_name(adata)}'")
 
 
 def stain_reference(adatas: Sequence["AnnData"], method: str, *, size_um: float, n_spots: int,
-                    pad_value: int = 255) -> "StainStats":
+                    pad_value: int = 255, cache_dir: Path | None = None,
+                    image_ids: Sequence[str | None] | None = None) -> "StainStats":
     """The reference stain: estimated on the pooled pixels of ``adatas`` (the training slides), read one
     slide at a time; each slide gives at most ``REFERENCE_PIXELS / len(adatas)`` of its sampled pixels
     (:data:`gnnst.data.stain.REFERENCE_PIXELS`; above that a uniform subsample seeded by the slide's id), so
-    the estimate holds a bounded sample of a cohort, not every slide's."""
+    the estimate holds a bounded sample of a cohort, not every slide's. ``cache_dir``, ``image_ids`` (one per
+    slide): see :func:`slide_pixels`."""
     import zlib
 
     from gnnst.data.stain import REFERENCE_PIXELS, estimate
 
     share = max(REFERENCE_PIXELS // max(len(adatas), 1), 1)
     parts = []
-    for a in adatas:
-        px = slide_pixels(a, size_um=size_um, n_spots=n_spots, pad_value=pad_value)
+    for a, image_id in zip(adatas, image_ids or [None] * len(adatas), strict=True):
+        px = slide_pixels(a, size_um=size_um, n_spots=n_spots, pad_value=pad_value, cache_dir=cache_dir,
+                          image_id=image_id)
         if len(px) > share:
             rng = np.random.default_rng(zlib.crc32(_slide_name(a).encode()))
             px = px[np.sort(rng.choice(len(px), share, replace=False))]
@@ -338,6 +383,7 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
     slides' pixels; with ``features.stain_augment``, the training slides' augmented views. Everything is
     cached; only the slides' images are read (:meth:`~gnnst.graph.store.SlideSource.image_slide`)."""
     from gnnst.data.encoders import default_patch_um
+    from gnnst.data.manifest import cache_root
 
     fc = cfg.features
     size = cfg.patch.size_um if cfg.patch.size_um is not None else default_patch_um(cfg.encoder.name)
@@ -349,10 +395,12 @@ def fold_features(cfg: "Config", source, train_slides: Sequence[str], slides: Se
         images = {s: source.image_slide(s) for s in slides}  # checks every image is at hand, before any work
         ids = {s: source.image_id(s) for s in slides}  # the same image identity as the build's cache
     if fc.stain_norm != "none":
+        pixels = cache_root(cfg.data.cache_dir) / "stain_pixels"  # a warm run decodes no image for its stains
         ref = stain_reference([images[s] for s in train_slides], fc.stain_norm, size_um=size, n_spots=n_spots,
-                              pad_value=pad)
+                              pad_value=pad, cache_dir=pixels, image_ids=[ids[s] for s in train_slides])
         state = FeatureState(stain_norm=fc.stain_norm, stain_reference=ref, stain_sample_spots=n_spots)
-        normalizers = {s: state.stain_transform(images[s], size_um=size, pad_value=pad) for s in slides}
+        normalizers = {s: state.stain_transform(images[s], size_um=size, pad_value=pad, cache_dir=pixels,
+                                                image_id=ids[s]) for s in slides}
         log.info("stain normalisation (%s) to the reference of %s", fc.stain_norm, ", ".join(train_slides))
         got = _embed(cfg, [images[s] for s in slides], [ids[s] for s in slides], [normalizers[s] for s in slides],
                      size, keep=False)  # the cache's files, read slide by slide when needed

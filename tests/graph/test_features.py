@@ -161,3 +161,45 @@ def test_stain_reference_estimates_on_a_bounded_sample_of_the_training_slides(mo
     assert np.abs(part.a - whole.a).max() < 0.05
     again = F.stain_reference(adatas, "macenko", size_um=100.0, n_spots=10)
     np.testing.assert_array_equal(again.a, part.a)  # seeded: the same reference every time
+
+
+def test_sampled_pixels_are_kept_on_disk_for_the_next_run(tmp_path, monkeypatch):
+    """With a cache folder a slide's sampled pixels are written once and read back by a later process (the
+    per-process cache emptied), so a warm run decodes no image for its stain; another sampling is another
+    file, and a damaged file is sampled again."""
+    import anndata as ad
+    import pandas as pd
+
+    from gnnst import keys
+    from gnnst.data import stain as S
+    from gnnst.graph import features as F
+
+    image = tmp_path / "slide.jpg"
+    image.write_bytes(b"not decoded here")
+    a = ad.AnnData(obs=pd.DataFrame({keys.SLIDE_ID: ["s1"] * 3}, index=["a", "b", "c"]))
+    a.obsm[keys.SPATIAL] = np.array([[10.0, 10.0], [50.0, 10.0], [10.0, 50.0]])
+    a.uns[keys.UNS_GNNST] = {keys.MPP: 0.5, keys.IMAGE_PATH: str(image)}
+    calls = []
+
+    def sample(adata, *, size_um, n_spots, pad_value=255, image=None):
+        calls.append(n_spots)
+        return np.random.default_rng(n_spots).integers(0, 256, (40, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(S, "sample_pixels", sample)
+    monkeypatch.setattr(F, "_PIXELS", None)  # a new process's empty cache
+    cache = tmp_path / "pixels"
+    first = F.slide_pixels(a, size_um=100.0, n_spots=8, cache_dir=cache)
+    assert calls == [8] and len(list(cache.iterdir())) == 1
+    monkeypatch.setattr(F, "_PIXELS", None)
+    np.testing.assert_array_equal(F.slide_pixels(a, size_um=100.0, n_spots=8, cache_dir=cache), first)
+    assert calls == [8]  # read from the file, not sampled again
+    F.slide_pixels(a, size_um=100.0, n_spots=9, cache_dir=cache)
+    assert calls == [8, 9] and len(list(cache.iterdir())) == 2
+    for f in cache.iterdir():
+        f.write_bytes(b"cut")
+    monkeypatch.setattr(F, "_PIXELS", None)
+    np.testing.assert_array_equal(F.slide_pixels(a, size_um=100.0, n_spots=8, cache_dir=cache), first)
+    assert calls == [8, 9, 8]
+    monkeypatch.setattr(F, "_PIXELS", None)
+    F.slide_pixels(a, size_um=100.0, n_spots=8, cache_dir=None, image_id="sha-x")
+    assert calls == [8, 9, 8, 8]  # no cache folder: sampled, nothing written
