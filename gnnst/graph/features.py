@@ -324,6 +324,9 @@ class LazyEmbeddings(Mapping):
     def __getitem__(self, slide_id: str) -> np.ndarray:
         return self._readers[slide_id]()
 
+    def __contains__(self, slide_id) -> bool:  # Mapping's would read the slide to answer
+        return slide_id in self._readers
+
     def __iter__(self):
         return iter(self._readers)
 

@@ -203,3 +203,14 @@ def test_sampled_pixels_are_kept_on_disk_for_the_next_run(tmp_path, monkeypatch)
     monkeypatch.setattr(F, "_PIXELS", None)
     F.slide_pixels(a, size_um=100.0, n_spots=8, cache_dir=None, image_id="sha-x")
     assert calls == [8, 9, 8, 8]  # no cache folder: sampled, nothing written
+
+
+def test_lazy_embeddings_read_a_slide_only_when_it_is_looked_up():
+    """Membership (make_graphs, _fit_inputs ask "s in embs" before reading it) reads nothing; a lookup reads
+    the slide each time."""
+    from gnnst.graph.features import LazyEmbeddings
+
+    reads = []
+    embs = LazyEmbeddings({"a": lambda: reads.append("a") or np.zeros((2, 3), np.float32)})
+    assert "a" in embs and "b" not in embs and reads == []
+    assert embs["a"].shape == (2, 3) and reads == ["a"]
