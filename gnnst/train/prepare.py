@@ -214,7 +214,8 @@ def _fit_inputs(cfg: "Config", panel: "GenePanel", graphs: dict, ff, train_slide
     for s, g in graphs.items():
         if s in ff.views:  # [V, N, D] file-backed like y: a cohort's views are not in RAM
             g = copy.copy(g)
-            setattr(g, keys.DATA_X_VIEWS, targets.hold(_views_tensor(ff.views[s], g.x.dtype).numpy()))
+            views = _views_tensor(ff.views[s], g.x.dtype)  # one slide's; slide_norm holds its standardised copy
+            setattr(g, keys.DATA_X_VIEWS, views if features.slide_norm is not None else targets.hold(views.numpy()))
         inputs[s] = features.graph_inputs(g, hold=targets.hold)  # standardised x file-backed, as y
     train_full = [inputs[s] for s in train_slides]
     if leaky:
