@@ -279,6 +279,10 @@ class TrainConfig(_Section):
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores
     ensemble: int = num(3, ge=1)  # models trained per fold with seeds seed..seed+ensemble-1; predictions averaged
+    # on a CPU outside torchrun: ensemble members trained side by side in forked processes that share the
+    # training threads (at least one each; gnnst.train.ensemble.member_processes); null = every member at
+    # once when training has 2 threads or more, else one at a time; 1 = one at a time with every thread
+    member_procs: int | None = num(None, ge=1)
     select_blend: bool = True  # choose the head/retrieval blend weight on the validation spots (per fold)
     # mini-batch sampling: "host" (numpy on the CPU, each batch copied to the device), "device" (the
     # slides resident on the training device, halo subgraphs cut there for a whole epoch at once, no host
@@ -393,6 +397,8 @@ RESULT_NEUTRAL: dict[str, str] = {
                           "depend on its batch, up to float rounding)",
     "encoder.num_threads": "CPU threads of the encoder (equal up to float rounding)",
     "train.num_threads": "CPU threads of training (equal up to float rounding)",
+    "train.member_procs": "how many ensemble members train side by side, sharing the CPU threads (equal up to "
+                          "float rounding: each member's threads)",
     "train.checkpoint_every_s": "how often resume checkpoints are written (a resumed run replays the epochs "
                                 "after its checkpoint with the same per-epoch seeds)",
     "num_workers": "reserved for data-loading processes (nothing reads it yet)",

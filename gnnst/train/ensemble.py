@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,12 +36,16 @@ class EnsembleFit:
         fits: each member's :class:`~gnnst.train.trainer.FitResult`.
         val_score: validation score of the ensemble at the chosen blend weight.
         blend_scores: validation score per blend weight tried (empty when none was chosen).
+        train_wall_seconds: wall time from the first member's start to the last one's end (training and
+            validation predictions, one after the other or side by side); ``None`` when the members were
+            trained elsewhere (read from files).
     """
 
     model: "TrainedModel"
     fits: list["FitResult"]
     val_score: float
     blend_scores: dict[float, float] = field(default_factory=dict)
+    train_wall_seconds: float | None = None
 
 
 def choose_blend(cfg: "Config", modes: tuple[str, ...], val_preds: dict, val_y: list[np.ndarray]
@@ -155,6 +160,89 @@ def load_member(path: Path) -> tuple:
         raise GnnstError(f"{path}: a damaged trained member ({type(e).__name__}: {e})") from None
 
 
+def member_processes(cfg: "Config", n: int, device) -> tuple[int, int]:
+    """How ``n`` members are trained here: ``(processes side by side, torch threads each)``. On a CPU,
+    outside torchrun, ``train.member_procs`` processes (null: one per member when training has two threads
+    or more) share this process's threads, at least one each: a small model's step scales poorly over
+    threads, so members side by side at one thread each finish sooner than one after the other at all
+    of them. Else ``(1, this process's threads)``: one at a time (on CUDA, under torchrun, one member, or a
+    platform without ``fork``)."""
+    import multiprocessing
+
+    import torch
+
+    from gnnst.train.distributed import current
+
+    threads = torch.get_num_threads()
+    if (getattr(device, "type", str(device)) != "cpu" or current().world_size > 1 or n < 2
+            or "fork" not in multiprocessing.get_all_start_methods()):
+        return 1, threads
+    want = cfg.train.member_procs
+    procs = min(n, want if want is not None else (n if threads >= 2 else 1))
+    return procs, max(1, threads // procs) if procs > 1 else threads
+
+
+_FORKED: dict = {}  # what a forked member process trains on: set by fit_members_forked around its pool
+
+
+def _forked_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _forked_member(i: int) -> str:
+    """In a forked process: train member ``i`` on the parent's training set and write it to its file."""
+    cfg, ts, fdir, resume, device = (_FORKED[k] for k in ("cfg", "ts", "fdir", "resume", "device"))
+    path = fdir / f"member{i}" / MEMBER_FILE
+    save_member(path, fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=False))
+    return str(path)
+
+
+def fit_members_forked(cfg: "Config", ts: "TrainingSet", fdir: Path, members: list[int], *, procs: int,
+                       threads: int, resume: bool, device, progress: bool) -> dict[int, tuple]:
+    """:func:`fit_member` for each of ``members``, ``procs`` at a time in forked processes of ``threads``
+    torch threads (:func:`member_processes`). They share ``ts`` with this process (forked: nothing is
+    copied or pickled; its file-backed arrays stay mapped) and hand their result back through
+    ``fdir/member<i>/member.pt`` (:func:`save_member`, as torchrun's ranks do). Each member's result is
+    the one it gets trained alone at ``threads`` threads (its seed is its own). ``{member: fit_member's
+    tuple}``; a member that fails raises here, a process that dies is a one-line error."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    from gnnst.errors import GnnstError
+
+    log.info("members %s: %d side by side (forked processes, %d torch thread%s each; train.member_procs)",
+             members, procs, threads, "" if threads == 1 else "s")
+    for i in members:
+        (fdir / f"member{i}").mkdir(parents=True, exist_ok=True)
+    _FORKED.update(cfg=cfg, ts=ts, fdir=fdir, resume=resume, device=device)
+    try:
+        with ProcessPoolExecutor(max_workers=procs, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_forked_init, initargs=(threads,)) as pool:
+            jobs = {pool.submit(_forked_member, i): i for i in members}
+            bar = tqdm(total=len(members), desc="members", unit="model", disable=not progress, leave=False)
+            try:
+                for job in as_completed(jobs):
+                    job.result()
+                    bar.update()
+            finally:
+                bar.close()
+    except BrokenProcessPool:
+        raise GnnstError(f"{fdir}: a process training an ensemble member died (killed, out of memory?); "
+                         f"train.member_procs=1 trains them one at a time in this process") from None
+    finally:
+        _FORKED.clear()
+    got = {}
+    for i in members:  # a hand-over only: the fold's model.pt holds the states
+        got[i] = load_member(fdir / f"member{i}" / MEMBER_FILE)
+        (fdir / f"member{i}" / MEMBER_FILE).unlink()
+    return got
+
+
 def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, encoder: "EncoderInfo",
                  resume: bool, device, progress: bool, from_files: bool = False) -> EnsembleFit:
     """Train ``cfg.train.ensemble`` models ``cfg.model.name`` (seeds ``cfg.seed + i``) on ``ts`` through
@@ -174,12 +262,19 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
 
     tc = cfg.train
     batch_nodes = tc.batch_nodes or default_batch_nodes(device)
+    t0 = time.perf_counter()
     if from_files:
         members = [load_member(fdir / f"member{i}" / MEMBER_FILE) for i in range(tc.ensemble)]
     else:
-        local = {i: fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress)
-                 for i in my_share(tc.ensemble, tc.distributed)}  # under torchrun "folds": this rank's members only
+        share = my_share(tc.ensemble, tc.distributed)  # under torchrun "folds": this rank's members only
+        procs, threads = member_processes(cfg, len(share), device)
+        if procs > 1:
+            local = fit_members_forked(cfg, ts, fdir, share, procs=procs, threads=threads, resume=resume,
+                                       device=device, progress=progress)
+        else:
+            local = {i: fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress) for i in share}
         members = gather(local, tc.ensemble, tc.distributed)  # member order, as in one process
+    wall = None if from_files else time.perf_counter() - t0
     fits, states, modes, val_sum, val_members = [], [], None, None, []
     for res, state, member_modes, v in members:
         fits.append(res)
@@ -210,4 +305,4 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
              f"{tm.calibration.scale:.3f}", "no" if tm.calibration is None else tm.calibration.n_values,
              len(tm.ood_reference.features), tm.ood_reference.n_train, tm.ood_reference.nbytes / 1e6,
              tm.ood_reference.threshold)
-    return EnsembleFit(model=tm, fits=fits, val_score=val_score, blend_scores=scores)
+    return EnsembleFit(model=tm, fits=fits, val_score=val_score, blend_scores=scores, train_wall_seconds=wall)
