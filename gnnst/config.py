@@ -279,9 +279,10 @@ class TrainConfig(_Section):
     device: str = "auto"  # "auto", "cpu" or "cuda[:i]"
     num_threads: int | None = num(None, ge=1)  # torch CPU threads; None = all cores
     ensemble: int = num(3, ge=1)  # models trained per fold with seeds seed..seed+ensemble-1; predictions averaged
-    # on a CPU outside torchrun: ensemble members trained side by side in forked processes that share the
-    # training threads (at least one each; gnnst.train.ensemble.member_processes); null = every member at
-    # once when training has 2 threads or more, else one at a time; 1 = one at a time with every thread
+    # on a CPU outside torchrun, on Linux: ensemble members trained side by side in forked processes that
+    # share the training threads (at least one each; gnnst.train.ensemble.member_processes); null = every
+    # member at once when training has 2 threads or more, else one at a time; 1 = one at a time with every
+    # thread
     member_procs: int | None = num(None, ge=1)
     select_blend: bool = True  # choose the head/retrieval blend weight on the validation spots (per fold)
     # mini-batch sampling: "host" (numpy on the CPU, each batch copied to the device), "device" (the

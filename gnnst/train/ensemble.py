@@ -165,9 +165,9 @@ def member_processes(cfg: "Config", n: int, device) -> tuple[int, int]:
     outside torchrun, ``train.member_procs`` processes (null: one per member when training has two threads
     or more) share this process's threads, at least one each: a small model's step scales poorly over
     threads, so members side by side at one thread each finish sooner than one after the other at all
-    of them. Else ``(1, this process's threads)``: one at a time (on CUDA, under torchrun, one member, or a
-    platform without ``fork``)."""
-    import multiprocessing
+    of them. Else ``(1, this process's threads)``: one at a time (on CUDA, under torchrun, one member, or off
+    Linux: the members are forked, and ``fork`` is unsafe on macOS and absent on Windows)."""
+    import sys
 
     import torch
 
@@ -175,7 +175,7 @@ def member_processes(cfg: "Config", n: int, device) -> tuple[int, int]:
 
     threads = torch.get_num_threads()
     if (getattr(device, "type", str(device)) != "cpu" or current().world_size > 1 or n < 2
-            or "fork" not in multiprocessing.get_all_start_methods()):
+            or not sys.platform.startswith("linux")):
         return 1, threads
     want = cfg.train.member_procs
     procs = min(n, want if want is not None else (n if threads >= 2 else 1))

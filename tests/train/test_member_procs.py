@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 from gnnst_testdata import untimed
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="members are forked on Linux only")
 
 
 def test_members_side_by_side_equal_one_at_a_time(tmp_path):
@@ -97,3 +98,6 @@ def test_member_processes_rule(monkeypatch):
                                           (16, auto, 3, cuda, (1, 16)), (1, two, 3, cpu, (2, 1))]:
         monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
         assert member_processes(cfg, n, device) == want, (threads, n, device)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    monkeypatch.setattr(sys, "platform", "darwin")  # fork is unsafe there
+    assert member_processes(two, 3, cpu) == (1, 16)
