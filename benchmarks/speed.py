@@ -21,10 +21,10 @@ two alternate (this, baseline, this, ...), so a drift of the machine's speed dur
 both alike.
 
 Peak memory of each part is the child's ``ru_maxrss`` (``os.wait4``): the largest single process of its
-tree, so with ensemble members side by side (``train.member_procs``) one of them, not their sum. Targets on this 2-core machine:
-cold build <= 30 s, one fold with the default ensemble <= 45 s (issue 13's "no regression" target; it was
-60 s before), inference >= 50 spots/s. Prints its table and writes the section
-``speed`` of ``benchmarks/RESULTS.md``.
+tree, so with ensemble members side by side (``train.member_procs``) one of them, not their sum.
+Targets on this 2-core machine: cold build <= 30 s, one fold with the default ensemble <= 45 s (issue
+13's "no regression" target; it was 60 s before), inference >= 50 spots/s. Prints its table and writes
+the section ``speed`` of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def format_report(r: dict) -> str:
         f"| warm graph build (cached embeddings) | {w['total']:.2f} s in the build, {w['process']:.1f} s with "
         f"process start ({stage(w)}) | – | – | {w['peak_rss_mb']:.0f} |",
         f"| one fold of `gnnst train` (ensemble of {t['ensemble']}, ridge included) | median {fold_med:.1f} s "
-        f"(range {min(t['fold_seconds']):.1f}–{max(t['fold_seconds']):.1f}); training the members {train_med:.1f} s (wall) | "
+        f"(range {min(t['fold_seconds']):.1f}–{max(t['fold_seconds']):.1f}); training the members "
+        f"{train_med:.1f} s (wall) | "
         f"<= {TARGETS['fold_s']:.0f} s | {_ok(fold_med <= TARGETS['fold_s'])} | {t['peak_rss_mb']:.0f} (whole run) |",
         f"| training throughput of one member (its own process's, side by side with the others) | median "
         f"{nps:.0f} centre spots/s (range {min(t['nodes_per_second']):.0f}–"
