@@ -5,9 +5,10 @@
 #
 #   bash .devwork/gpu-env.sh && . /tmp/gnnst-env.sh && bash benchmarks/gpu_visit.sh [STEP ...]
 #
-# STEP (default: build train scale embed, in that order; the most wanted figures first):
+# STEP (default: build train spread scale embed, in that order; the most wanted figures first):
 #   build  cold then warm `gnnst build-graphs` of her2st-6 with the encoder on the GPU (issue 12's < 10 s)
 #   train  `gnnst train --graphs` on those graphs, 6 folds x the default ensemble, final model off (issue 13's < 45 s)
+#   spread the same under torchrun, GNNST_VISIT_RANKS (3) ranks sharing the GPU (train.distributed: folds, gloo)
 #   scale  benchmarks/scale.py on the GPU: one epoch at 10k / 100k / 1M spots, both samplers (issue 13's < 9 s at 1M)
 #   embed  benchmarks/embed.py on the GPU: the encoder alone vs the whole build, bfloat16 drift, a foundation model
 # Every step's output is in $OUT (default runs/gpu_visit): <step>.log, <step>.smi.csv (nvidia-smi samples of
@@ -17,7 +18,7 @@
 #
 # Knobs (environment): GNNST_VISIT_DEVICE (default cuda; cpu rehearses the script on a machine without a
 # GPU), GNNST_VISIT_QUICK=1 (one fold, two epochs, 10k spots only, few batches, RESULTS.md left as it is:
-# a rehearsal, its figures mean nothing), GNNST_VISIT_LIMITS="build=120 train=240 scale=240 embed=180" (seconds per step), PYTHON.
+# a rehearsal, its figures mean nothing), GNNST_VISIT_LIMITS="build=120 train=240 spread=180 scale=240 embed=180" (seconds per step), PYTHON.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_visit}
@@ -25,10 +26,10 @@ WORK=${WORK:-/tmp/gnnst_visit}
 PY=${PYTHON:-python3}
 DEV=${GNNST_VISIT_DEVICE:-cuda}
 QUICK=${GNNST_VISIT_QUICK:-0}
-declare -A LIMIT=([build]=120 [train]=240 [scale]=240 [embed]=180)
+declare -A LIMIT=([build]=120 [train]=240 [spread]=180 [scale]=240 [embed]=180)
 for kv in ${GNNST_VISIT_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build train scale embed)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build train spread scale embed)
 mkdir -p "$OUT" "$WORK"
 NOTE="one visit (benchmarks/gpu_visit.sh) on $(hostname), device $DEV$([ "$QUICK" = 1 ] && echo ', QUICK rehearsal: figures not meaningful')"
 
@@ -67,21 +68,28 @@ step_build() {
       --quiet --overwrite encoder.device=$DEV && echo '-- warm build done' && tail -n 3 $WORK/graphs/build.log"
 }
 
-step_train() {
-  [ -f "$WORK/graphs/dataset.json" ] || { echo "train: no graphs in $WORK/graphs (run the build step first)" \
-    | tee -a "$OUT/train.log"; printf 'train\tskipped\t0\n' >> "$OUT/steps.tsv"; return 0; }
+train_step() {  # name, launcher words: her2st-6 cross-validation on the built graphs, final model off
+  local name=$1; shift
+  [ -f "$WORK/graphs/dataset.json" ] || { echo "$name: no graphs in $WORK/graphs (run the build step first)" \
+    | tee -a "$OUT/$name.log"; printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"; return 0; }
   local extra=()
   [ "$QUICK" = 1 ] && extra=("eval.only_folds=[B4]" "train.epochs=2" "train.ensemble=2")
-  rm -rf "$WORK/train"
-  run_step train bash -c "
-    /usr/bin/time -v $PY -m gnnst train --graphs $WORK/graphs --config configs/her2st.yaml --out $WORK/train \
+  [ "$DEV" = cpu ] && [ "$name" = spread ] && extra+=("train.num_threads=1")
+  rm -rf "$WORK/$name"
+  run_step "$name" bash -c "
+    /usr/bin/time -v $* -m gnnst train --graphs $WORK/graphs --config configs/her2st.yaml --out $WORK/$name \
       --cache-dir $WORK/cache --quiet train.device=$DEV encoder.device=$DEV eval.final_model=false ${extra[*]} &&
-    grep -E 'fold .*: PCC|INFO (train|sampler)' $WORK/train/train.log | cut -c1-220 &&
-    $PY -c \"import json; m = json.load(open('$WORK/train/metrics.json')); \
+    grep -E 'fold .*: PCC|INFO (train|sampler|rank)' $WORK/$name/train.log | cut -c1-220 &&
+    $PY -c \"import json; m = json.load(open('$WORK/$name/metrics.json')); \
 print('summary', json.dumps(m['summary'])); print('seconds_total', m['seconds_total']); \
 print('fold_seconds', [round(f['fold_seconds'], 1) for f in m['folds']]); \
 print('train_seconds', [round(f['train_seconds'], 1) for f in m['folds']])\""
 }
+
+step_train() { train_step train "$PY"; }
+
+# the same, its folds and members spread over RANKS torchrun processes sharing the one GPU (folds mode, gloo)
+step_spread() { train_step spread "$PY" -m torch.distributed.run --standalone --nproc_per_node "${GNNST_VISIT_RANKS:-3}"; }
 
 step_scale() {
   local sizes=(10000 100000 1000000) steps=()
@@ -100,8 +108,8 @@ echo "gnnst GPU visit: steps ${STEPS[*]}, device $DEV, quick $QUICK, out $OUT, w
   nvidia-smi 2>/dev/null | head -15; nproc; free -g | head -2; } >> "$OUT/visit.txt" 2>&1
 for s in "${STEPS[@]}"; do
   case $s in
-    build|train|scale|embed) "step_$s" ;;
-    *) echo "unknown step '$s' (known: build train scale embed)"; exit 2 ;;
+    build|train|spread|scale|embed) "step_$s" ;;
+    *) echo "unknown step '$s' (known: build train spread scale embed)"; exit 2 ;;
   esac
 done
 cat "$OUT/steps.tsv"

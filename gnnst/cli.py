@@ -131,7 +131,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
             cfg = _load(args, base=GraphDataset(cfg.data.graphs).config_base())
         out = check_output_dir(args.out)  # before torch is imported; the run folder's rules: run_crossval
-        dist = init_distributed(cfg.train.device)  # DDP when started by torchrun, else a no-op
+        dist = init_distributed(cfg.train.device, cfg.train.distributed)  # under torchrun, else a no-op
         setup_logging(out if dist.is_main else None, "train")
         try:
             metrics = run_crossval(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)

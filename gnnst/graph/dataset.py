@@ -230,8 +230,8 @@ def load_and_embed(cfg: "Config", *, progress: bool = True, use_cache: bool = Tr
         raise GnnstError("under torchrun the ranks pass embeddings through the cache: drop --no-cache")
     set_cpu_threads(cfg.encoder.num_threads)
     device = resolve_device(cfg.encoder.device)
-    if shard.world > 1 and device.type == "cuda" and device.index is None:
-        device = resolve_device(f"cuda:{shard.local_rank}")
+    if shard.world > 1 and device.type == "cuda" and device.index is None:  # ranks may share a GPU
+        device = resolve_device(f"cuda:{shard.local_rank % torch.cuda.device_count()}")
     batch_size = cfg.encoder.batch_size or default_batch_size(device)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # on CUDA the encoder is built and warmed up while the slides are read (the device set-up

@@ -1,4 +1,4 @@
-"""Distributed set-up when launched by ``torchrun`` (NCCL on CUDA, gloo on CPU), a no-op otherwise.
+"""Distributed set-up when launched by ``torchrun`` (gloo; NCCL for ``ddp`` on CUDA), a no-op otherwise.
 
 Two ways to use the ranks (``train.distributed``):
 
@@ -38,20 +38,34 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_spec: str = "auto") -> DistInfo:
-    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1), else do nothing."""
+def init_distributed(device_spec: str = "auto", mode: str = "folds") -> DistInfo:
+    """Join the process group described by torchrun's environment (``WORLD_SIZE`` > 1), else do nothing.
+
+    ``mode`` (``train.distributed``): ``folds`` exchanges only barriers and pickled results, so it uses
+    gloo on every device, and ranks may share a GPU (rank ``LOCAL_RANK`` takes GPU ``LOCAL_RANK % GPUs``:
+    several small models side by side keep one GPU busier than one); ``ddp`` all-reduces gradients with
+    NCCL on CUDA and needs a GPU per rank on the machine (else a one-line error before joining)."""
     import torch
     import torch.distributed as dist
+
+    from gnnst.errors import GnnstError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+    gpus = torch.cuda.device_count() if use_cuda else 0
+    nccl = use_cuda and mode == "ddp"
+    if nccl and local >= gpus:
+        raise GnnstError(f"config key 'train.distributed': ddp needs one GPU per rank, but local rank {local} "
+                         f"has none ({gpus} GPU(s) here): start at most {gpus} ranks per machine "
+                         f"(torchrun --nproc_per_node {gpus}), or use train.distributed=folds, whose ranks may "
+                         f"share a GPU")
     if not dist.is_initialized():  # a rank done with its folds waits for the others: hours, not minutes
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
+        dist.init_process_group(backend="nccl" if nccl else "gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
     if use_cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local % gpus)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
 
 

@@ -234,3 +234,36 @@ def test_a_missing_or_foreign_member_file_is_a_one_line_error(tmp_path):
     res, state, modes, val = load_member(tmp_path / "m.pt")
     assert res == member[0] and torch.equal(state["w"], member[1]["w"]) and modes == ("head",)
     assert np.array_equal(val["head"][0], member[3]["head"][0])
+
+
+def test_folds_ranks_share_a_gpu_over_gloo_and_ddp_needs_a_gpu_per_rank(monkeypatch):
+    """Three ranks on a one-GPU machine (CUDA faked: what the process group and the device would be): in
+    ``folds`` mode they join over gloo and all take GPU 0; ``ddp`` joins over NCCL, and a rank without a
+    GPU of its own is a one-line error before it joins."""
+    import torch.distributed as dist
+
+    import gnnst.train.distributed as d
+    from gnnst.errors import GnnstError
+
+    calls: dict = {}
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.__setitem__("device", i))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.__setitem__("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 3)
+    info = d.init_distributed("auto", "folds")
+    assert calls == {"backend": "gloo", "device": 0} and (info.rank, info.world_size, info.local_rank) == (2, 3, 2)
+    calls.clear()
+    with pytest.raises(GnnstError, match=r"ddp needs one GPU per rank, but local rank 2 has none \(1 GPU"):
+        d.init_distributed("auto", "ddp")
+    assert calls == {}
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    d.init_distributed("cuda", "ddp")
+    assert calls == {"backend": "nccl", "device": 0}
+    calls.clear()
+    d.init_distributed("cpu", "ddp")  # training on the CPU of a GPU machine
+    assert calls == {"backend": "gloo"}
