@@ -193,3 +193,15 @@ def untimed(x):
     if isinstance(x, list):
         return [untimed(v) for v in x]
     return x
+
+
+def epoch_features(g, epoch: int, seed: int, index: int = 0):
+    """``[N, D]``: the views :func:`gnnst.train.views.epoch_pick` draws for each spot of ``g``, materialised
+    (what a sampler should read through ``x_pick``; the oracle of the view tests)."""
+    import torch
+
+    from gnnst import keys
+    from gnnst.train.views import epoch_pick
+
+    views = getattr(g, keys.DATA_X_VIEWS)
+    return views[epoch_pick(g, epoch, seed, index), torch.arange(views.shape[1])]

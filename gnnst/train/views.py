@@ -32,14 +32,6 @@ def epoch_pick(g: "Data", epoch: int, seed: int, index: int = 0) -> "torch.Tenso
     return torch.randint(views.shape[0], (views.shape[1],), generator=gen)
 
 
-def epoch_features(g: "Data", epoch: int, seed: int, index: int = 0) -> "torch.Tensor":
-    """``[N, D]``: for each spot of ``g``, the view :func:`epoch_pick` draws, materialised."""
-    import torch
-
-    views = getattr(g, keys.DATA_X_VIEWS)
-    return views[epoch_pick(g, epoch, seed, index), torch.arange(views.shape[1])]
-
-
 def set_views(graphs: Sequence["Data"], epoch: int | None, seed: int) -> None:
     """Give each graph the ``x_pick`` of ``epoch`` (:func:`epoch_pick`), or none and ``x`` = view 0 when
     ``epoch`` is ``None`` (in place; graphs without ``x_views`` are untouched). A spot's input is then

@@ -133,7 +133,8 @@ def test_the_epochs_picked_views_reach_the_device_batches():
     import copy
 
     from gnnst import keys
-    from gnnst.train.views import epoch_features, set_views
+    from gnnst.train.views import set_views
+    from gnnst_testdata import epoch_features
 
     graphs = [_slide(200, 0), _slide(100, 1)]
     gen = torch.Generator().manual_seed(3)

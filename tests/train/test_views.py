@@ -6,7 +6,8 @@ import torch
 from torch_geometric.data import Data
 
 from gnnst import keys
-from gnnst.train.views import epoch_features, set_views
+from gnnst.train.views import set_views
+from gnnst_testdata import epoch_features
 
 
 def _graph(n=200, d=3, v=4):
