@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import TransformerConv
+from torch_geometric.utils import scatter, softmax
 
 
 class MLP(nn.Module):
@@ -77,8 +81,9 @@ class ProjectionHead(nn.Module):
 
 class EdgeAttentionBlock(nn.Module):
     r"""Pre-norm transformer block on a graph: each target node attends over its incoming edges
-    (PyG :class:`~torch_geometric.nn.conv.TransformerConv` with edge features in keys and values),
-    then a feed-forward layer; both with residual connections.
+    (the attention of PyG's :class:`~torch_geometric.nn.conv.TransformerConv` with edge features in keys
+    and values; ``attn`` holds its weights, :func:`edge_attention` computes it), then a feed-forward layer;
+    both with residual connections.
 
     The attention layer is ``W_1 x_i + sum_j alpha_ij (W_v x_j + W_e e_ij)`` (PyG's
     ``root_weight=True``; PyG builds ``W_1`` in any case, so it is used rather than left dead).
@@ -118,7 +123,13 @@ class EdgeAttentionBlock(nn.Module):
         self.ffn.reset_parameters()
 
     def forward(self, x_src: Tensor, x_dst: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
-        m = self.attn((self.norm(x_src), self.norm(x_dst)), edge_index, edge_attr)  # [N_dst, dim]
+        return self.forward_projected(x_src, x_dst, edge_index, self.attn.lin_edge(edge_attr))
+
+    def forward_projected(self, x_src: Tensor, x_dst: Tensor, edge_index: Tensor, edge_proj: Tensor) -> Tensor:
+        """:meth:`forward` with the edge features already projected by the attention's ``lin_edge``:
+        ``edge_proj [E, dim] = attn.lin_edge(edge_attr)`` (:class:`~gnnst.models.neighbour.NeighborBranch`
+        projects the edges of all its layers in one product)."""
+        m = edge_attention(self.attn, self.norm(x_src), self.norm(x_dst), edge_index, edge_proj)  # [N_dst, dim]
         h = x_dst + self.drop(m) if self.residual else m
         return h + self.drop(self.ffn(self.ffn_norm(h)))
 
@@ -127,3 +138,32 @@ class EdgeAttentionBlock(nn.Module):
             f"{self.__class__.__name__}({self.dim}, edge_dim={self.edge_dim}, heads={self.heads}, "
             f"residual={self.residual})"
         )
+
+
+def edge_attention(conv: TransformerConv, x_src: Tensor, x_dst: Tensor, edge_index: Tensor, edge_proj: Tensor
+                   ) -> Tensor:
+    r"""The attention of PyG's :class:`~torch_geometric.nn.conv.TransformerConv` (``concat=True``,
+    ``root_weight=True``, no ``beta``; its weights ``conv.lin_*``), with the edge features given already
+    projected by ``conv.lin_edge``: ``W_1 x_i + sum_j alpha_ij (W_v x_j + e_ij)``, ``alpha_ij = softmax_j(
+    (W_q x_i) . (W_k x_j + e_ij) / sqrt(C))`` per head, dropout on ``alpha`` as PyG (the same random draws).
+    Equal to ``conv((x_src, x_dst), edge_index, edge_attr)`` with ``edge_proj = conv.lin_edge(edge_attr)``
+    up to float rounding (tested); a target without incoming edges gets ``W_1 x_i``.
+
+    Shapes:
+        - **input:** x_src ``[N_src, F]``, x_dst ``[N_dst, F]``, edge_index ``[2, E]`` (row 0 source, row 1
+          target), edge_proj ``[E, H * C]``
+        - **output:** ``[N_dst, H * C]``
+    """
+    H, C = conv.heads, conv.out_channels
+    src, dst = edge_index[0], edge_index[1]
+    n = x_dst.size(0)
+    e = edge_proj.view(-1, H, C)
+    query = conv.lin_query(x_dst).view(-1, H, C)
+    key = conv.lin_key(x_src).view(-1, H, C)
+    value = conv.lin_value(x_src).view(-1, H, C)
+    alpha = (query.index_select(0, dst) * (key.index_select(0, src) + e)).sum(dim=-1) / math.sqrt(C)  # [E, H]
+    alpha = softmax(alpha, dst, None, n)
+    alpha = F.dropout(alpha, p=conv.dropout, training=conv.training)
+    msg = (value.index_select(0, src) + e) * alpha.unsqueeze(-1)  # [E, H, C]
+    out = scatter(msg, dst, 0, dim_size=n, reduce="sum").view(n, H * C)
+    return out + conv.lin_skip(x_dst)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from gnnst.errors import GnnstError
@@ -12,7 +13,9 @@ class NeighborBranch(nn.Module):
     r"""Attention message passing over the spot graph, read out by each centre spot.
 
     The edge features (already dimensionless, e.g. ``(dx, dy, distance) / edge_scale_um``) are
-    encoded by an MLP and enter the keys and values of every attention layer.
+    encoded by an MLP and enter the keys and values of every attention layer (through its own
+    linear map; the MLP's last layer and these maps are applied as one product,
+    :meth:`edge_projections`).
     ``num_layers - 1`` rounds of self-attention message passing (residual, pre-norm) let each
     neighbour gather its own context; a last round of cross-attention, with the centre's input
     embedding as the query and its neighbours' states as keys and values, summarises the
@@ -59,11 +62,22 @@ class NeighborBranch(nn.Module):
         self.out_norm.reset_parameters()
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
-        e = self.edge_encoder(edge_attr)  # [E, dim]
+        e = self.edge_projections(edge_attr)  # [E, dim] per layer
         h = x
-        for layer in self.layers:
-            h = layer(h, h, edge_index, e)  # [N, dim]
-        return self.out_norm(self.readout(h, x, edge_index, e))  # [N, dim]
+        for layer, e_l in zip(self.layers, e):
+            h = layer.forward_projected(h, h, edge_index, e_l)  # [N, dim]
+        return self.out_norm(self.readout.forward_projected(h, x, edge_index, e[-1]))  # [N, dim]
+
+    def edge_projections(self, edge_attr: Tensor) -> tuple[Tensor, ...]:
+        """Each layer's projection of the encoded edges, ``attn.lin_edge(edge_encoder(edge_attr))`` ``[E, dim]``
+        (layers in order, the read-out last), in one product: the encoder's last linear layer is composed
+        with every layer's ``lin_edge`` (no bias), ``[L * dim, dim]``, so the ``[E, dim]`` edge encoding is
+        never formed: two ``E x dim x dim`` products a layer become one (float rounding aside, the same)."""
+        enc = self.edge_encoder
+        hidden = enc.drop(enc.act(enc.fc1(edge_attr)))  # [E, dim]
+        w_edge = torch.cat([b.attn.lin_edge.weight for b in (*self.layers, self.readout)])  # [L * dim, dim]
+        proj = torch.addmm(w_edge @ enc.fc2.bias, hidden, (w_edge @ enc.fc2.weight).T)  # [E, L * dim]
+        return proj.split(self.dim, dim=1)
 
     def __repr__(self) -> str:
         return (

@@ -127,13 +127,15 @@ def batches(loader, groups: list, device) -> "Iterator[Data]":
 
 def make_optimizer(model: "ExpressionModel", tc) -> "torch.optim.Optimizer":
     """AdamW over ``model``'s parameters with ``train.lr`` and ``train.weight_decay`` (``tc``: the train config).
-    The multi-tensor (``foreach``) update on every device: the default on CUDA; on a CPU the same updates as
-    the per-parameter loop, bit for bit (tested), 3.70 against 3.93 s for 24 her2st-sized synthetic steps of
-    the default model on 2 cores (median of 3), within noise on a whole her2st fold (44.8-45.4 against
-    44.6-45.3 s of training)."""
+    The fused update (one kernel over every parameter) on a CPU or CUDA, else the multi-tensor (``foreach``)
+    one: the same updates as the per-parameter loop up to float rounding (tested). On 2 CPU cores, with the
+    her2st-sized default model, 7 against 30 ms a step for the ``foreach`` update (torch profiler, 6 steps)."""
     import torch
 
-    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
+    params = list(model.parameters())
+    fused = bool(params) and params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def lr_factor(epoch_float: float, warmup: int, total: int) -> float:
