@@ -398,7 +398,11 @@ def run_and_exit(command: Callable[[Sequence[str] | None], int] = main) -> None:
     call the ``*_main`` functions, which return an exit status instead.
     """
     import os
+    import warnings
 
+    # PyG still decorates functions with torch.jit.script, which torch flags as deprecated when PyG is
+    # imported: a notice to PyG, printed at every command, that a gnnst user can do nothing about
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     try:
         code = command(sys.argv[1:])
     except SystemExit as e:  # argparse: --help, usage errors

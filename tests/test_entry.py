@@ -43,3 +43,16 @@ def test_tune_malloc_once_and_respects_the_user(monkeypatch):
     monkeypatch.setattr(rt, "_applied", None)
     applied = rt.tune_malloc()
     assert applied is (sys.platform.startswith("linux"))  # glibc here; other C libraries are left alone
+
+
+def test_pyg_jit_notice_is_silenced_and_other_warnings_are_not():
+    # the notice torch prints when PyG is imported (PyG's use of torch.jit.script), raised as torch raises it
+    code = ("import warnings\nfrom gnnst.cli import run_and_exit\n"
+            "def command(argv):\n"
+            "    warnings.warn('`torch.jit.script` is deprecated. Please switch to `torch.compile`', FutureWarning)\n"
+            "    warnings.warn('a notice that still shows', FutureWarning)\n"
+            "    return 0\n"
+            "run_and_exit(command)\n")
+    r = _run("-c", code)
+    assert r.returncode == 0
+    assert "torch.jit.script" not in r.stderr and "a notice that still shows" in r.stderr
