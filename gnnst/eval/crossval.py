@@ -189,7 +189,7 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
     as ``--resume`` does). Returns ``{fold name: (result, {method: FoldPredictions})}``, the same as one
     process."""
     from gnnst.train.distributed import barrier, current, spread_units
-    from gnnst.train.ensemble import MEMBER_FILE, fit_member, save_member
+    from gnnst.train.ensemble import fit_member, member_file, save_member
     from gnnst.train.prepare import prepare_training
 
     info = current()
@@ -208,7 +208,7 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
     kept = {}
     for fi in dict.fromkeys(f for f, _ in mine):  # the folds this rank prepares, in order
         fold, fdir = todo[fi], out / "folds" / todo[fi].name
-        train = [i for f, i in mine if f == fi and not (resume and (fdir / f"member{i}" / MEMBER_FILE).is_file())]
+        train = [i for f, i in mine if f == fi and not (resume and member_file(fdir, i).is_file())]
         if not train and owner[fi] != info.rank:
             continue  # its members here are trained already (--resume) and another rank scores it
         log.info("fold %s: train %s, test %s%s (rank %d)", fold.name, fold.train_slides, fold.test_slides,
@@ -216,7 +216,7 @@ def _spread_folds(cfg: "Config", source, folds: list["Fold"], *, ms: "MetricSet"
         ts = prepare_training(cfg, source, fold.train_slides, fold.test_slides,
                               select_on_heldout=cfg.eval.select_on_heldout)
         for i in train:
-            save_member(fdir / f"member{i}" / MEMBER_FILE,
+            save_member(member_file(fdir, i),
                         fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=progress))
         if owner[fi] == info.rank:
             if all((fi, i) in mine for i in range(cfg.train.ensemble)):  # all its members are here: score it now

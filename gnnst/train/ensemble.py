@@ -98,6 +98,17 @@ MEMBER_FILE = "member.pt"  # a trained member handed from the rank that trained 
 MEMBER_FORMAT = "gnnst-member-1"
 
 
+def member_dir(fdir: Path, i: int) -> Path:
+    """Member ``i``'s folder in the fold folder ``fdir``: its checkpoints, and its hand-over file
+    (:func:`member_file`)."""
+    return fdir / f"member{i}"
+
+
+def member_file(fdir: Path, i: int) -> Path:
+    """Where member ``i`` of the fold folder ``fdir`` is handed over (:func:`save_member`, :func:`load_member`)."""
+    return member_dir(fdir, i) / MEMBER_FILE
+
+
 def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: bool, device, progress: bool
                ) -> tuple:
     """Train member ``i`` (seed ``cfg.seed + i``) on ``ts`` (checkpoints in ``fdir/member<i>``):
@@ -113,7 +124,7 @@ def fit_member(cfg: "Config", ts: "TrainingSet", fdir: Path, i: int, *, resume: 
     mcfg = dataclasses.replace(cfg, seed=cfg.seed + i)
     torch.manual_seed(mcfg.seed)
     model = create_model(cfg.model.name, in_dim=ts.in_dim, num_genes=len(ts.panel.genes), cfg=cfg.model)
-    res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=fdir / f"member{i}", resume=resume,
+    res = fit(model, ts.train, ts.val, ts.val_masks, mcfg, ckpt_dir=member_dir(fdir, i), resume=resume,
               device=device, progress=progress)
     modes = tuple(model.prediction_modes)
     val = predict_graphs(model, ts.val, modes=modes, batch_nodes=tc.batch_nodes or default_batch_nodes(device),
@@ -194,7 +205,7 @@ def _forked_init(threads: int) -> None:
 def _forked_member(i: int) -> str:
     """In a forked process: train member ``i`` on the parent's training set and write it to its file."""
     cfg, ts, fdir, resume, device = (_FORKED[k] for k in ("cfg", "ts", "fdir", "resume", "device"))
-    path = fdir / f"member{i}" / MEMBER_FILE
+    path = member_file(fdir, i)
     save_member(path, fit_member(cfg, ts, fdir, i, resume=resume, device=device, progress=False))
     return str(path)
 
@@ -218,7 +229,7 @@ def fit_members_forked(cfg: "Config", ts: "TrainingSet", fdir: Path, members: li
     log.info("members %s: %d side by side (forked processes, %d torch thread%s each; train.member_procs)",
              members, procs, threads, "" if threads == 1 else "s")
     for i in members:
-        (fdir / f"member{i}").mkdir(parents=True, exist_ok=True)
+        member_dir(fdir, i).mkdir(parents=True, exist_ok=True)
     _FORKED.update(cfg=cfg, ts=ts, fdir=fdir, resume=resume, device=device)
     try:
         with ProcessPoolExecutor(max_workers=procs, mp_context=multiprocessing.get_context("fork"),
@@ -238,8 +249,8 @@ def fit_members_forked(cfg: "Config", ts: "TrainingSet", fdir: Path, members: li
         _FORKED.clear()
     got = {}
     for i in members:  # a hand-over only: the fold's model.pt holds the states
-        got[i] = load_member(fdir / f"member{i}" / MEMBER_FILE)
-        (fdir / f"member{i}" / MEMBER_FILE).unlink()
+        got[i] = load_member(member_file(fdir, i))
+        member_file(fdir, i).unlink()
     return got
 
 
@@ -264,7 +275,7 @@ def fit_ensemble(cfg: "Config", ts: "TrainingSet", fdir: Path, *, fold: dict, en
     batch_nodes = tc.batch_nodes or default_batch_nodes(device)
     t0 = time.perf_counter()
     if from_files:
-        members = [load_member(fdir / f"member{i}" / MEMBER_FILE) for i in range(tc.ensemble)]
+        members = [load_member(member_file(fdir, i)) for i in range(tc.ensemble)]
     else:
         share = my_share(tc.ensemble, tc.distributed)  # under torchrun "folds": this rank's members only
         procs, threads = member_processes(cfg, len(share), device)
